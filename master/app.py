@@ -1,0 +1,105 @@
+"""Builds the registry's web application. Nothing happens at import time."""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apiflask import APIFlask
+from flask import g, request
+
+from master import blobs, researcher_api, site_api, store
+from master.wakeup import WorkAnnouncements
+
+log = logging.getLogger("pht.registry")
+
+API_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str = ""  # empty: SQLite in data_dir
+    lease_seconds: int = 60
+    max_input_bytes: int = 4 * 1024 * 1024
+    max_result_bytes: int = 2 * 1024 ** 3
+    # A site counts as online while its last poll is this recent.
+    online_window_seconds: int = 120
+
+    def resolved_database_url(self):
+        return self.database_url or f"sqlite:///{Path(self.data_dir) / 'registry.sqlite'}"
+
+
+@dataclass
+class Registry:
+    """What every request handler shares: settings, database, result files, long-poll wake-ups."""
+    settings: Settings
+    engine: object
+    blobs: blobs.BlobStore
+    announcements: WorkAnnouncements
+
+
+def create_app(settings):
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = APIFlask("pht-registry", title="Personal Health Train registry", version=API_VERSION,
+                   spec_path="/openapi.json", docs_path="/docs")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_input_bytes * 2,  # base64 input and JSON framing
+        SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer"}},
+        INFO={"description": "Tasks for sites to run, and their results. See docs/api.md."},
+    )
+    app.extensions["pht"] = Registry(
+        settings=settings,
+        engine=store.open_database(settings.resolved_database_url()),
+        blobs=blobs.BlobStore(data_dir / "blobs"),
+        announcements=WorkAnnouncements(),
+    )
+    app.register_blueprint(researcher_api.bp)
+    app.register_blueprint(site_api.bp)
+    _register_health(app)
+    _register_error_mapping(app)
+    _register_request_log(app)
+    app.spec_processor(_document_raw_bodies)
+    return app
+
+
+def _register_health(app):
+    @app.get("/health")
+    @app.doc(tags=["Health"], responses={200: "The registry is up and its database answers."})
+    def health():
+        """Liveness check; needs no token."""
+        with app.extensions["pht"].engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return {"status": "ok"}
+
+
+def _register_error_mapping(app):
+    for exception, status in ((store.NotFound, 404), (store.Conflict, 409), (store.LeaseLost, 409)):
+        app.register_error_handler(
+            exception, lambda error, status=status: ({"message": str(error), "detail": {}}, status))
+
+
+def _register_request_log(app):
+    @app.before_request
+    def _start_clock():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _log_request(response):
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        log.info("%s %s -> %s (%.1f ms)", request.method, request.full_path.rstrip("?"),
+                 response.status_code, elapsed_ms)
+        return response
+
+
+def _document_raw_bodies(spec):
+    """Turn our x-raw-body marker into the requestBody of endpoints that take a streamed file."""
+    for path in spec["paths"].values():
+        for operation in path.values():
+            raw = operation.pop("x-raw-body", None)
+            if raw:
+                operation["requestBody"] = {"required": True, "content": {
+                    media: {"schema": {"type": "string", "format": "binary", "description": text}}
+                    for media, text in raw.items()}}
+    return spec

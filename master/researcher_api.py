@@ -1,0 +1,126 @@
+"""What researchers do: post tasks, follow their runs, fetch results, cancel.
+
+A researcher sees and changes only their own tasks; anything else answers 404,
+so the API does not even reveal which task numbers exist.
+"""
+
+import base64
+import logging
+import time
+
+from apiflask import APIBlueprint, abort
+from flask import current_app, send_file
+
+from master import auth, store
+from master.schemas import RunEventOut, SiteOut, TaskIn, TaskOut
+
+log = logging.getLogger("pht.registry")
+
+bp = APIBlueprint("researchers", __name__, url_prefix="/api", tag="Researchers")
+
+
+def _registry():
+    return current_app.extensions["pht"]
+
+
+@bp.post("/tasks")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.input(TaskIn)
+@bp.output(TaskOut, status_code=201)
+@bp.doc(responses={404: "An unknown site or session was named."})
+def create_task(json_data):
+    """Post a task: an image for the given sites to run, with its configuration file."""
+    registry = _registry()
+    if "input" in json_data:
+        input_bytes = json_data["input"].encode("utf-8")
+    else:
+        input_bytes = base64.b64decode(json_data["input_base64"])
+    if len(input_bytes) > registry.settings.max_input_bytes:
+        abort(413, f"the input is {len(input_bytes)} bytes; the limit is {registry.settings.max_input_bytes}")
+    researcher = auth.caller()
+    task_id, site_ids = store.create_task(
+        registry.engine, researcher.id, json_data["image"], input_bytes, json_data.get("sites"),
+        session_id=json_data.get("session_id"), name=json_data.get("name"),
+        description=json_data.get("description"), timeout_seconds=json_data.get("timeout_seconds"))
+    log.info("task %s created by researcher %s for %d site(s), image %s",
+             task_id, researcher.name, len(site_ids), json_data["image"])
+    registry.announcements.announce(site_ids)
+    return store.get_task(registry.engine, task_id, researcher.id)
+
+
+@bp.get("/tasks/<int:task_id>")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(TaskOut)
+@bp.doc(responses=[404])
+def get_task(task_id):
+    """A task with the state of each of its runs."""
+    return store.get_task(_registry().engine, task_id, auth.caller().id)
+
+
+@bp.post("/tasks/<int:task_id>/cancel")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(TaskOut)
+@bp.doc(responses=[404])
+def cancel_task(task_id):
+    """Cancel a task: pending runs stop at once, running ones at their next heartbeat."""
+    engine = _registry().engine
+    cancelled = store.cancel_task(engine, task_id, auth.caller().id)
+    log.info("task %s cancelled; runs %s", task_id, cancelled)
+    return store.get_task(engine, task_id, auth.caller().id)
+
+
+@bp.get("/runs/<int:run_id>/history")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(RunEventOut(many=True))
+@bp.doc(responses=[404])
+def get_run_history(run_id):
+    """Every state a run has been in, with its time."""
+    engine = _registry().engine
+    store.get_researcher_run(engine, run_id, auth.caller().id)
+    return store.run_history(engine, run_id)
+
+
+def _send_blob(run_id, kind, mimetype, filename):
+    registry = _registry()
+    run = store.get_researcher_run(registry.engine, run_id, auth.caller().id)
+    sha256 = run[f"{kind}_sha256"]
+    if sha256 is None:
+        abort(404, f"run {run_id} has no {kind} yet (it is {run['status']})")
+    response = send_file(registry.blobs.path_of(sha256), mimetype=mimetype,
+                         as_attachment=True, download_name=filename)
+    response.headers["X-Content-SHA256"] = sha256
+    return response
+
+
+@bp.get("/runs/<int:run_id>/output")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.doc(responses={200: {"description": "The run's output folder as a gzipped tar archive.",
+                         "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+                   404: "No such run, or no output yet."})
+def get_run_output(run_id):
+    """Download a run's output archive (streamed)."""
+    return _send_blob(run_id, "output", "application/gzip", f"run-{run_id}-output.tar.gz")
+
+
+@bp.get("/runs/<int:run_id>/log")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.doc(responses={200: {"description": "The container's stdout and stderr.",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                   404: "No such run, or no log yet."})
+def get_run_log(run_id):
+    """Download a run's container log."""
+    return _send_blob(run_id, "log", "text/plain", f"run-{run_id}.log")
+
+
+@bp.get("/sites")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(SiteOut(many=True))
+def list_sites():
+    """The sites, whether they are online, and whether their SPARQL endpoint answers."""
+    registry = _registry()
+    now = time.time()
+    sites = [s for s in store.list_sites(registry.engine) if s["revoked_at"] is None]
+    for site in sites:
+        last_seen = site["last_seen_at"]
+        site["online"] = last_seen is not None and now - last_seen < registry.settings.online_window_seconds
+    return sites

@@ -1,0 +1,153 @@
+"""Request and response shapes of the REST API, declared once.
+
+apiflask derives both the validation of requests and the OpenAPI document
+(served at /openapi.json) from these, so the document cannot drift from the code.
+"""
+
+import base64
+import binascii
+import re
+from datetime import datetime, timezone
+
+from apiflask import Schema
+from apiflask.fields import Boolean, DateTime, Integer, List, Nested, String
+from apiflask.validators import Length, OneOf, Range
+from marshmallow import ValidationError, validates_schema
+
+from master import lifecycle
+
+# An image reference as Docker parses it: [registry[:port]/]path[:tag][@sha256:digest].
+# The site runner checks it again against its whitelist; this only rejects nonsense early.
+IMAGE_REFERENCE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+
+RUN_STATES = (lifecycle.PENDING, lifecycle.CLAIMED, lifecycle.RUNNING) + lifecycle.TERMINAL_STATES
+
+
+class Timestamp(DateTime):
+    """Stored as UNIX seconds, shown as ISO 8601 in UTC."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return super()._serialize(datetime.fromtimestamp(value, timezone.utc), attr, obj, **kwargs)
+
+
+def validate_image_reference(value):
+    if not IMAGE_REFERENCE.match(value):
+        raise ValidationError(
+            f"{value!r} is not a Docker image reference such as registry.example.org/group/image:tag")
+
+
+class TaskIn(Schema):
+    image = String(required=True, validate=[Length(1, 512), validate_image_reference],
+                   metadata={"description": "Docker image reference the sites pull and run."})
+    input = String(metadata={"description": "The configuration file as text (UTF-8). Give this or input_base64."})
+    input_base64 = String(metadata={"description": "The configuration file as base64, for binary input."})
+    sites = List(String(validate=Length(1, 128)), validate=Length(min=1), allow_none=True,
+                 metadata={"description": "Names of the sites that must run the task; omit or null for all sites."})
+    session_id = Integer(allow_none=True, validate=Range(min=1),
+                         metadata={"description": "Session to add the task to; omit to start a new session."})
+    name = String(allow_none=True, validate=Length(max=256))
+    description = String(allow_none=True, validate=Length(max=10000))
+    timeout_seconds = Integer(allow_none=True, validate=Range(min=1, max=7 * 24 * 3600),
+                              metadata={"description": "Wall-clock limit for the algorithm at each site."})
+
+    @validates_schema
+    def _exactly_one_input(self, data, **kwargs):
+        if ("input" in data) == ("input_base64" in data):
+            raise ValidationError("give exactly one of 'input' and 'input_base64'", "input")
+        if "input_base64" in data:
+            try:
+                base64.b64decode(data["input_base64"], validate=True)
+            except binascii.Error as error:
+                raise ValidationError(f"not valid base64: {error}", "input_base64") from None
+
+
+class RunOut(Schema):
+    id = Integer()
+    site = String(metadata={"description": "Name of the site that runs it."})
+    status = String(validate=OneOf(RUN_STATES))
+    reason = String(allow_none=True, metadata={"description": "Why it failed or was refused."})
+    attempts = Integer()
+    exit_code = Integer(allow_none=True)
+    image_digest = String(allow_none=True, metadata={"description": "Digest of the image the site ran."})
+    output_sha256 = String(allow_none=True)
+    output_size = Integer(allow_none=True)
+    log_sha256 = String(allow_none=True)
+    log_size = Integer(allow_none=True)
+    updated_at = Timestamp()
+
+
+class TaskOut(Schema):
+    id = Integer()
+    session_id = Integer()
+    image = String()
+    name = String(allow_none=True)
+    description = String(allow_none=True)
+    timeout_seconds = Integer(allow_none=True)
+    created_at = Timestamp()
+    status = String(metadata={"description": "active, completed, cancelled or finished_with_errors"})
+    runs = List(Nested(RunOut))
+
+
+class RunEventOut(Schema):
+    status = String()
+    at = Timestamp()
+    reason = String(allow_none=True)
+
+
+class SiteOut(Schema):
+    name = String()
+    online = Boolean(metadata={"description": "Whether the site polled the registry recently."})
+    last_seen_at = Timestamp(allow_none=True)
+    runner_version = String(allow_none=True)
+    sparql_ok = Boolean(allow_none=True, metadata={"description": "Whether its SPARQL endpoint answered at its last poll."})
+
+
+class ClaimIn(Schema):
+    wait_seconds = Integer(load_default=0, validate=Range(min=0, max=120),
+                           metadata={"description": "How long to wait for a run before answering 204."})
+    runner_version = String(allow_none=True, validate=Length(max=64))
+    sparql_ok = Boolean(allow_none=True)
+
+
+class ClaimedRunOut(Schema):
+    id = Integer()
+    task_id = Integer()
+    session_id = Integer()
+    image = String()
+    name = String(allow_none=True)
+    timeout_seconds = Integer(allow_none=True)
+    lease_id = String(metadata={"description": "Send with every report on this run."})
+    lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
+
+
+class LeaseIn(Schema):
+    lease_id = String(required=True, validate=Length(1, 64))
+
+
+class StartIn(LeaseIn):
+    image_digest = String(required=True, validate=Length(1, 256))
+
+
+class RefuseIn(LeaseIn):
+    reason = String(required=True, validate=Length(1, 2000))
+
+
+class FinishIn(LeaseIn):
+    exit_code = Integer(allow_none=True, load_default=None,
+                        metadata={"description": "The container's exit code; null if it did not run to its end."})
+    failure_reason = String(allow_none=True, load_default=None, validate=Length(1, 2000),
+                            metadata={"description": "Set when the runner, not the algorithm, failed the run."})
+
+
+class HeartbeatOut(Schema):
+    status = String(metadata={"description": "The run's status; 'cancelled' tells the runner to stop it."})
+
+
+class BlobStoredOut(Schema):
+    sha256 = String()
+    size = Integer()

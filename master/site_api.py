@@ -1,0 +1,169 @@
+"""What site runners do: claim runs (long-poll), heartbeat, report, upload results.
+
+A site sees only runs assigned to it and may report only on runs it holds the
+lease for; every request below /api/site/ needs a site token.
+"""
+
+import logging
+import time
+
+from apiflask import APIBlueprint, Schema, abort
+from apiflask.fields import String
+from apiflask.validators import Length, Regexp
+from flask import current_app, request
+
+from master import auth, blobs, lifecycle, store
+from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, FinishIn, HeartbeatOut, LeaseIn,
+                            RefuseIn, StartIn)
+
+log = logging.getLogger("pht.registry")
+
+bp = APIBlueprint("sites", __name__, url_prefix="/api/site", tag="Sites")
+
+# Several registry processes may share one PostgreSQL database; work posted through
+# another process is not announced here, so a waiting claim looks again this often.
+RECHECK_SECONDS = 5
+
+
+def _registry():
+    return current_app.extensions["pht"]
+
+
+class UploadHeaders(Schema):
+    lease_id = String(required=True, data_key="X-Lease-Id", validate=Length(1, 64))
+    sha256 = String(required=True, data_key="X-Content-SHA256",
+                    validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+
+
+@bp.post("/claim")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(ClaimIn)
+@bp.output(ClaimedRunOut)
+@bp.doc(responses={204: "No run became available within wait_seconds."})
+def claim_run(json_data):
+    """Claim the site's next pending run, waiting up to wait_seconds for one (long-poll)."""
+    registry = _registry()
+    site = auth.caller()
+    store.record_site_seen(registry.engine, site.id, json_data.get("runner_version"), json_data.get("sparql_ok"))
+    deadline = time.monotonic() + json_data["wait_seconds"]
+    while True:
+        seen = registry.announcements.generation(site.id)
+        requeued = store.expire_overdue_leases(registry.engine)
+        if requeued:
+            registry.announcements.announce(requeued)
+        run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
+        if run is not None:
+            log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)
+            return {**run, "lease_seconds": registry.settings.lease_seconds}
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "", 204
+        registry.announcements.wait_for_news(site.id, seen, min(remaining, RECHECK_SECONDS))
+
+
+@bp.get("/runs/<int:run_id>/input")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.doc(responses={200: {"description": "The task's configuration file, byte-exact.",
+                         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                   404: "No such run at this site."})
+def get_run_input(run_id):
+    """The configuration file of the task this run belongs to."""
+    engine = _registry().engine
+    run = store.get_site_run(engine, run_id, auth.caller().id)
+    return store.get_task_input(engine, run["task_id"]), 200, {"Content-Type": "application/octet-stream"}
+
+
+@bp.post("/runs/<int:run_id>/start")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(StartIn)
+@bp.output({}, status_code=204)
+@bp.doc(responses=[404, 409])
+def start_run(run_id, json_data):
+    """The image is pulled and the container starts; records the digest that runs."""
+    store.mark_run_started(_registry().engine, run_id, auth.caller().id, json_data["lease_id"],
+                           json_data["image_digest"])
+    log.info("run %s running image %s", run_id, json_data["image_digest"])
+    return ""
+
+
+@bp.post("/runs/<int:run_id>/heartbeat")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(LeaseIn)
+@bp.output(HeartbeatOut)
+@bp.doc(responses=[404, 409])
+def heartbeat(run_id, json_data):
+    """Extend the lease on a run; the answer says whether it was cancelled meanwhile."""
+    registry = _registry()
+    status = store.extend_lease(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
+                                registry.settings.lease_seconds)
+    return {"status": status}
+
+
+@bp.post("/runs/<int:run_id>/refuse")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(RefuseIn)
+@bp.output({}, status_code=204)
+@bp.doc(responses=[404, 409])
+def refuse_run(run_id, json_data):
+    """The site will not run this task (e.g. its image is not on the whitelist)."""
+    store.refuse_run(_registry().engine, run_id, auth.caller().id, json_data["lease_id"], json_data["reason"])
+    log.info("run %s refused by site %s: %s", run_id, auth.caller().name, json_data["reason"])
+    return ""
+
+
+def _receive_blob(run_id, kind, headers_data):
+    registry = _registry()
+    site = auth.caller()
+    # Fail before reading the body when the run is not this runner's to report on.
+    run = store.get_site_run(registry.engine, run_id, site.id)
+    if run["lease_id"] != headers_data["lease_id"]:
+        abort(409, f"run {run_id} is not leased to this runner")
+    limit = registry.settings.max_result_bytes
+    request.max_content_length = limit
+    try:
+        size = registry.blobs.store_stream(request.stream, headers_data["sha256"], limit)
+    except blobs.TooLarge as error:
+        abort(413, str(error))
+    except blobs.ChecksumMismatch as error:
+        abort(400, str(error))
+    store.attach_blob(registry.engine, run_id, site.id, headers_data["lease_id"], kind, headers_data["sha256"], size)
+    log.info("run %s %s stored: %d bytes, sha256 %s", run_id, kind, size, headers_data["sha256"])
+    return {"sha256": headers_data["sha256"], "size": size}
+
+
+_RAW_BODY = {"x-raw-body": {"application/octet-stream": "the file's bytes, streamed"}}
+
+
+@bp.put("/runs/<int:run_id>/output")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(UploadHeaders, location="headers")
+@bp.output(BlobStoredOut)
+@bp.doc(responses=[400, 404, 409, 413], extensions=_RAW_BODY)
+def upload_output(run_id, headers_data):
+    """Upload the run's output folder as a gzipped tar archive (streamed; body checked against its sha256)."""
+    return _receive_blob(run_id, "output", headers_data)
+
+
+@bp.put("/runs/<int:run_id>/log")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(UploadHeaders, location="headers")
+@bp.output(BlobStoredOut)
+@bp.doc(responses=[400, 404, 409, 413], extensions=_RAW_BODY)
+def upload_log(run_id, headers_data):
+    """Upload the container's log (streamed; body checked against its sha256)."""
+    return _receive_blob(run_id, "log", headers_data)
+
+
+@bp.post("/runs/<int:run_id>/finish")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(FinishIn)
+@bp.output(HeartbeatOut)
+@bp.doc(responses=[404, 409])
+def finish_run(run_id, json_data):
+    """Report how the run ended, after its output and log are uploaded."""
+    status = store.finish_run(_registry().engine, run_id, auth.caller().id, json_data["lease_id"],
+                              json_data["exit_code"], json_data["failure_reason"])
+    log.info("run %s %s (exit code %s)", run_id, status, json_data["exit_code"])
+    if status == lifecycle.FAILED and json_data["failure_reason"]:
+        log.info("run %s failure reason: %s", run_id, json_data["failure_reason"])
+    return {"status": status}

@@ -1,0 +1,429 @@
+"""All of the registry's database access: the schema and every query, in SQLAlchemy Core.
+
+The same code runs on SQLite (the embedded default) and PostgreSQL (give a URL).
+Every function that writes does so in one transaction, so no request leaves a
+half-written record. Times are stored as UNIX seconds (floats) so both databases
+compare them the same way.
+"""
+
+import secrets
+import time
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from master import lifecycle
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+sites = sa.Table(
+    "sites", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("last_seen_at", sa.Float),
+    sa.Column("runner_version", sa.String(64)),
+    sa.Column("sparql_ok", sa.Boolean),
+)
+
+researchers = sa.Table(
+    "researchers", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+tasks = sa.Table(
+    "tasks", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+    sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
+    sa.Column("image", sa.String(512), nullable=False),
+    # The configuration file exactly as posted: algorithms may depend on every byte.
+    sa.Column("input", sa.LargeBinary, nullable=False),
+    sa.Column("name", sa.String(256)),
+    sa.Column("description", sa.Text),
+    sa.Column("timeout_seconds", sa.Integer),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id"), nullable=False),
+    sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id"), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    # A claim is a lease: only the holder of lease_id may report on the run, and
+    # only until lease_expires_at, which heartbeats push forward.
+    sa.Column("lease_id", sa.String(64)),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("image_digest", sa.String(256)),
+    sa.Column("output_sha256", sa.String(64)),
+    sa.Column("output_size", sa.BigInteger),
+    sa.Column("log_sha256", sa.String(64)),
+    sa.Column("log_size", sa.BigInteger),
+    sa.UniqueConstraint("task_id", "site_id"),
+    sa.Index("ix_runs_site_status", "site_id", "status"),
+)
+
+run_events = sa.Table(
+    "run_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text),
+)
+
+
+class NotFound(Exception):
+    """The record does not exist, or is not visible to the caller."""
+
+
+class Conflict(Exception):
+    """The request contradicts what is already stored."""
+
+
+class LeaseLost(Exception):
+    """The caller no longer holds the lease on the run (it expired, was cancelled or is another's)."""
+
+
+def open_database(url):
+    engine = sa.create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _tune_sqlite)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        found = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+        if found is None:
+            conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(found) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version is {found}, this registry expects {SCHEMA_VERSION}: "
+                "use a registry release that matches the database")
+    return engine
+
+
+def _tune_sqlite(dbapi_connection, _record):
+    # WAL lets readers proceed while a writer commits; the busy timeout makes
+    # concurrent writers wait for each other instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+# --- principals -------------------------------------------------------------
+
+def create_principal(engine, table, name, token_hash):
+    with engine.begin() as conn:
+        exists = conn.execute(sa.select(table.c.id).where(table.c.name == name)).first()
+        if exists:
+            raise Conflict(f"{name!r} already exists")
+        conn.execute(table.insert().values(name=name, token_hash=token_hash, created_at=time.time()))
+
+
+def find_principal(engine, token_hash):
+    """(role, id, name) of the holder of a token that is not revoked, else None."""
+    with engine.connect() as conn:
+        for role, table in (("site", sites), ("researcher", researchers)):
+            row = conn.execute(
+                sa.select(table.c.id, table.c.name).where(
+                    table.c.token_hash == token_hash, table.c.revoked_at.is_(None))).first()
+            if row:
+                return role, row.id, row.name
+    return None
+
+
+def revoke_principal(engine, name_or_hash):
+    """Revoke the site or researcher with this name or token hash; returns what was revoked."""
+    revoked = []
+    with engine.begin() as conn:
+        for role, table in (("site", sites), ("researcher", researchers)):
+            result = conn.execute(
+                table.update()
+                .where(sa.or_(table.c.name == name_or_hash, table.c.token_hash == name_or_hash),
+                       table.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+                .returning(table.c.name))
+            revoked += [(role, name) for (name,) in result]
+    return revoked
+
+
+def list_sites(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(sites).order_by(sites.c.name)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def site_ids_by_name(conn, names):
+    rows = conn.execute(
+        sa.select(sites.c.name, sites.c.id).where(sites.c.name.in_(names), sites.c.revoked_at.is_(None))
+    ).all()
+    found = {name: site_id for name, site_id in rows}
+    unknown = sorted(set(names) - set(found))
+    if unknown:
+        raise NotFound(f"unknown site(s): {', '.join(unknown)}")
+    return [found[n] for n in names]
+
+
+def record_site_seen(engine, site_id, runner_version, sparql_ok):
+    with engine.begin() as conn:
+        conn.execute(sites.update().where(sites.c.id == site_id).values(
+            last_seen_at=time.time(), runner_version=runner_version, sparql_ok=sparql_ok))
+
+
+# --- tasks ------------------------------------------------------------------
+
+def create_task(engine, researcher_id, image, input_bytes, site_names, session_id=None,
+                name=None, description=None, timeout_seconds=None):
+    """Store a task and one pending run per target site; returns (task_id, site_ids)."""
+    now = time.time()
+    with engine.begin() as conn:
+        if site_names is None:
+            site_ids = list(conn.execute(
+                sa.select(sites.c.id).where(sites.c.revoked_at.is_(None)).order_by(sites.c.id)).scalars())
+            if not site_ids:
+                raise NotFound("no sites are registered yet")
+        else:
+            site_ids = site_ids_by_name(conn, site_names)
+        if session_id is None:
+            session_id = conn.execute(
+                sessions.insert().values(researcher_id=researcher_id, created_at=now)
+            ).inserted_primary_key[0]
+        else:
+            owner = conn.execute(
+                sa.select(sessions.c.researcher_id).where(sessions.c.id == session_id)).scalar()
+            if owner != researcher_id:
+                raise NotFound(f"session {session_id} does not exist")
+        task_id = conn.execute(tasks.insert().values(
+            session_id=session_id, researcher_id=researcher_id, image=image, input=input_bytes,
+            name=name, description=description, timeout_seconds=timeout_seconds, created_at=now,
+        )).inserted_primary_key[0]
+        for site_id in site_ids:
+            run_id = conn.execute(runs.insert().values(
+                task_id=task_id, site_id=site_id, status=lifecycle.PENDING, attempts=0, updated_at=now,
+            )).inserted_primary_key[0]
+            _record_event(conn, run_id, lifecycle.PENDING, now)
+    return task_id, site_ids
+
+
+def get_task(engine, task_id, researcher_id):
+    with engine.connect() as conn:
+        task = conn.execute(sa.select(tasks).where(
+            tasks.c.id == task_id, tasks.c.researcher_id == researcher_id)).mappings().first()
+        if task is None:
+            raise NotFound(f"task {task_id} does not exist")
+        task_runs = conn.execute(
+            sa.select(runs, sites.c.name.label("site"))
+            .join(sites, sites.c.id == runs.c.site_id)
+            .where(runs.c.task_id == task_id).order_by(runs.c.id)).mappings().all()
+    task = dict(task)
+    task["runs"] = [dict(r) for r in task_runs]
+    task["status"] = lifecycle.task_status([r["status"] for r in task_runs])
+    return task
+
+
+def get_task_input(engine, task_id):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(tasks.c.input).where(tasks.c.id == task_id)).scalar_one()
+
+
+def cancel_task(engine, task_id, researcher_id):
+    now = time.time()
+    with engine.begin() as conn:
+        owner = conn.execute(sa.select(tasks.c.researcher_id).where(tasks.c.id == task_id)).scalar()
+        if owner != researcher_id:
+            raise NotFound(f"task {task_id} does not exist")
+        cancelled = conn.execute(
+            runs.update()
+            .where(runs.c.task_id == task_id, runs.c.status.in_(lifecycle.CANCELLABLE_STATES))
+            .values(status=lifecycle.CANCELLED, reason="cancelled by the researcher", updated_at=now)
+            .returning(runs.c.id)).scalars().all()
+        for run_id in cancelled:
+            _record_event(conn, run_id, lifecycle.CANCELLED, now, "cancelled by the researcher")
+    return cancelled
+
+
+# --- runs, as seen by sites -------------------------------------------------
+
+def claim_next_run(engine, site_id, lease_seconds):
+    """Lease the site's oldest pending run to the caller, in one atomic statement; None if none."""
+    now = time.time()
+    lease_id = secrets.token_hex(16)
+    oldest_pending = (
+        sa.select(runs.c.id)
+        .where(runs.c.site_id == site_id, runs.c.status == lifecycle.PENDING)
+        .order_by(runs.c.id).limit(1)
+        # On PostgreSQL two registries claiming at once skip each other's row
+        # instead of both taking it; SQLite serialises writers anyway.
+        .with_for_update(skip_locked=True)
+        .scalar_subquery())
+    with engine.begin() as conn:
+        run_id = conn.execute(
+            runs.update()
+            .where(runs.c.id == oldest_pending, runs.c.status == lifecycle.PENDING)
+            .values(status=lifecycle.CLAIMED, lease_id=lease_id, lease_expires_at=now + lease_seconds,
+                    attempts=runs.c.attempts + 1, updated_at=now)
+            .returning(runs.c.id)).scalar()
+        if run_id is None:
+            return None
+        _record_event(conn, run_id, lifecycle.CLAIMED, now)
+        row = conn.execute(
+            sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
+                      tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name)
+            .join(tasks, tasks.c.id == runs.c.task_id)
+            .where(runs.c.id == run_id)).mappings().one()
+    return dict(row)
+
+
+def get_site_run(engine, run_id, site_id):
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return dict(row)
+
+
+def _leased_run(conn, run_id, site_id, lease_id, allowed_states):
+    row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"run {run_id} does not exist")
+    if row["lease_id"] != lease_id or row["status"] not in allowed_states:
+        raise LeaseLost(f"run {run_id} is {row['status']} and no longer leased to this runner")
+    return row
+
+
+def mark_run_started(engine, run_id, site_id, lease_id, image_digest):
+    now = time.time()
+    with engine.begin() as conn:
+        _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
+        conn.execute(runs.update().where(runs.c.id == run_id).values(
+            status=lifecycle.RUNNING, image_digest=image_digest, updated_at=now))
+        _record_event(conn, run_id, lifecycle.RUNNING, now)
+
+
+def extend_lease(engine, run_id, site_id, lease_id, lease_seconds):
+    """Push the lease forward; returns the run's status (the runner stops work on 'cancelled')."""
+    now = time.time()
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"run {run_id} does not exist")
+        if row["status"] == lifecycle.CANCELLED:
+            return lifecycle.CANCELLED
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
+        return row["status"]
+
+
+def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
+    """Record a stored output or log for a run. The same blob twice is fine; another is a conflict."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"run {run_id} does not exist")
+        existing = row[f"{kind}_sha256"]
+        if existing == sha256:
+            return
+        if existing is not None or row["status"] in lifecycle.TERMINAL_STATES:
+            raise Conflict(f"run {run_id} already has a different {kind}")
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        conn.execute(runs.update().where(runs.c.id == run_id).values(
+            {f"{kind}_sha256": sha256, f"{kind}_size": size}))
+
+
+def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason):
+    """Record how a run ended. Repeating the same report is fine; a different one is a conflict."""
+    now = time.time()
+    status = lifecycle.status_after_finish(exit_code, failure_reason)
+    reason = lifecycle.failure_reason_for(exit_code, failure_reason)
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"run {run_id} does not exist")
+        if row["status"] in (lifecycle.COMPLETED, lifecycle.FAILED) and row["lease_id"] == lease_id:
+            if (row["status"], row["exit_code"], row["reason"]) == (status, exit_code, reason):
+                return status
+            raise Conflict(f"run {run_id} was already reported as {row['status']}")
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        conn.execute(runs.update().where(runs.c.id == run_id).values(
+            status=status, exit_code=exit_code, reason=reason, updated_at=now, lease_expires_at=None))
+        _record_event(conn, run_id, status, now, reason)
+    return status
+
+
+def refuse_run(engine, run_id, site_id, lease_id, reason):
+    now = time.time()
+    with engine.begin() as conn:
+        _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
+        conn.execute(runs.update().where(runs.c.id == run_id).values(
+            status=lifecycle.REFUSED, reason=reason, updated_at=now, lease_expires_at=None))
+        _record_event(conn, run_id, lifecycle.REFUSED, now, reason)
+
+
+def expire_overdue_leases(engine):
+    """Return runs whose lease ran out to the queue (or fail them); returns the affected site ids."""
+    now = time.time()
+    requeued_sites = set()
+    with engine.begin() as conn:
+        overdue = conn.execute(
+            sa.select(runs.c.id, runs.c.site_id, runs.c.attempts)
+            .where(runs.c.status.in_(lifecycle.ACTIVE_STATES), runs.c.lease_expires_at < now)
+            .with_for_update(skip_locked=True)).all()
+        for run_id, site_id, attempts in overdue:
+            _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")
+            status = lifecycle.status_after_expiry(attempts)
+            reason = None if status == lifecycle.PENDING else f"lease ran out {attempts} times"
+            conn.execute(runs.update().where(runs.c.id == run_id).values(
+                status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now))
+            _record_event(conn, run_id, status, now, reason)
+            if status == lifecycle.PENDING:
+                requeued_sites.add(site_id)
+    return requeued_sites
+
+
+def get_researcher_run(engine, run_id, researcher_id):
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(runs).join(tasks, tasks.c.id == runs.c.task_id)
+            .where(runs.c.id == run_id, tasks.c.researcher_id == researcher_id)).mappings().first()
+    if row is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return dict(row)
+
+
+def run_history(engine, run_id):
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(run_events.c.status, run_events.c.at, run_events.c.reason)
+            .where(run_events.c.run_id == run_id).order_by(run_events.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def _record_event(conn, run_id, status, at, reason=None):
+    conn.execute(run_events.insert().values(run_id=run_id, status=status, at=at, reason=reason))

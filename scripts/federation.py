@@ -1,0 +1,174 @@
+"""A whole federation on this machine: the registry, and per site a SPARQL endpoint with its
+own synthetic cohort and a site runner, each a real process on loopback.
+
+Used by the demo and by the tests. Everything started here is stopped by stop()
+(or by leaving the `with` block); infrastructure shared across runs (the Docker
+engine, the image registry) is started by scripts/setup.sh instead.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.generate_cohort import generate_cohort, write_ntriples  # noqa: E402
+from researcher import Registry  # noqa: E402
+
+PYTHON = sys.executable
+OXIGRAPH = str(Path(sys.executable).parent / "oxigraph")
+IMAGE_REGISTRY = os.environ.get("PHT_IMAGE_REGISTRY", "127.0.0.1:5050")
+DEFAULT_WHITELIST = [IMAGE_REGISTRY.replace(".", r"\.") + r"/pht/.*"]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_answers(url, process, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} before answering at {url}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout} s")
+
+
+@dataclass
+class Site:
+    name: str
+    token: str
+    patients: list
+    sparql_endpoint: str
+    config_path: Path
+    runner: subprocess.Popen | None = None
+
+
+@dataclass
+class LocalFederation:
+    site_names: tuple = ("hospital-a", "hospital-b")
+    patients_per_site: int = 50
+    seed: int = 2026
+    lease_seconds: int = 60
+    whitelist: list = field(default_factory=lambda: list(DEFAULT_WHITELIST))
+    start_runners: bool = True
+    container_network: str = "host"  # the algorithm must reach the site's SPARQL endpoint on loopback
+    folder: Path | None = None
+
+    def __post_init__(self):
+        self._processes = []
+        self._own_folder = self.folder is None
+        self.folder = Path(self.folder or tempfile.mkdtemp(prefix="pht-federation-"))
+        self.sites = {}
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        self.registry_data = self.folder / "registry"
+        port = free_port()
+        self.registry_url = f"http://127.0.0.1:{port}"
+        self.registry_process = self._spawn(
+            "registry", [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
+                         "serve", "--host", "127.0.0.1", "--port", str(port),
+                         "--lease-seconds", str(self.lease_seconds)])
+        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry")
+        self.researcher_token = self.admin("create-researcher", "researcher")
+        for index, name in enumerate(self.site_names):
+            self.sites[name] = self._start_site(name, self.seed + index)
+        if self.start_runners:
+            for name in self.site_names:
+                self.start_runner(name)
+
+    def admin(self, *command):
+        """Run one of the registry's operator commands; returns what it printed."""
+        done = subprocess.run(
+            [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data), *command],
+            capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    def researcher(self):
+        return Registry(self.registry_url, self.researcher_token)
+
+    def _start_site(self, name, seed):
+        folder = self.folder / name
+        store = folder / "oxigraph"
+        patients = generate_cohort(name, self.patients_per_site, seed)
+        cohort_file = folder / "cohort.nt"
+        folder.mkdir(parents=True)
+        write_ntriples(patients, name, cohort_file)
+        subprocess.run([OXIGRAPH, "load", "--location", str(store), "--file", str(cohort_file)],
+                       check=True, capture_output=True)
+        port = free_port()
+        endpoint_process = self._spawn(
+            f"{name}-sparql", [OXIGRAPH, "serve-read-only", "--location", str(store), "--bind", f"127.0.0.1:{port}"])
+        sparql_endpoint = f"http://127.0.0.1:{port}/query"
+        wait_until_answers(f"http://127.0.0.1:{port}/", endpoint_process, f"{name}'s SPARQL endpoint")
+        config_path = folder / "config.json"
+        config_path.write_text(json.dumps({
+            "registry_url": self.registry_url,
+            "site_token": self.admin("create-site", name),
+            "sparql_endpoint": sparql_endpoint,
+            "whitelist": self.whitelist,
+            "work_dir": str(folder / "work"),
+            "long_poll_seconds": 10,
+            "container": {"network": self.container_network, "timeout_seconds": 300},
+        }, indent=2))
+        return Site(name, json.loads(config_path.read_text())["site_token"], patients, sparql_endpoint, config_path)
+
+    def start_runner(self, name, *extra_args):
+        site = self.sites[name]
+        site.runner = self._spawn(f"{name}-runner", [PYTHON, str(ROOT / "client" / "runScript.py"),
+                                                     "--config", str(site.config_path), *extra_args])
+        return site.runner
+
+    def log_of(self, what):
+        return (self.folder / "logs" / f"{what}.log").read_text(errors="replace")
+
+    def _spawn(self, what, command):
+        logs = self.folder / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_file = open(logs / f"{what}.log", "ab")
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        log_file.close()
+        self._processes.append(process)
+        return process
+
+    def stop(self):
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self._processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._processes.clear()
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
