@@ -1,0 +1,60 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from master import auth, store  # noqa: E402
+from master.app import Settings, create_app  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each registry test runs on the embedded SQLite store and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.sqlite'}"
+        return
+    url = os.environ.get("PHT_TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("PHT_TEST_DATABASE_URL is not set: no PostgreSQL server (scripts/test.sh starts one)")
+    _drop_all_tables(url)
+    yield url
+    _drop_all_tables(url)
+
+
+def _drop_all_tables(url):
+    engine = sa.create_engine(url)
+    store.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def app(tmp_path, database_url):
+    app = create_app(Settings(data_dir=tmp_path / "registry", database_url=database_url, lease_seconds=30))
+    yield app
+    app.extensions["pht"].engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def _bearer_for(app, table, name):
+    token = auth.new_token()
+    store.create_principal(app.extensions["pht"].engine, table, name, auth.hash_token(token))
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def make_researcher(app):
+    return lambda name="alice": _bearer_for(app, store.researchers, name)
+
+
+@pytest.fixture
+def make_site(app):
+    return lambda name="hospital-a": _bearer_for(app, store.sites, name)

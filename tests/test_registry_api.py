@@ -1,0 +1,254 @@
+"""The registry's REST API through Flask's test client, on a fresh database per test."""
+
+import base64
+import hashlib
+import threading
+import time
+
+import pytest
+
+from master import store
+
+IMAGE = "127.0.0.1:5050/pht/patient-count:latest"
+
+
+@pytest.fixture
+def alice(make_researcher):
+    return make_researcher("alice")
+
+
+@pytest.fixture
+def hospital(make_site):
+    return make_site("hospital-a")
+
+
+def post_task(client, researcher, **fields):
+    body = {"image": IMAGE, "input": '{"label": "x"}', "sites": ["hospital-a"], **fields}
+    return client.post("/api/tasks", json={k: v for k, v in body.items() if v is not None}, headers=researcher)
+
+
+def claim(client, site, wait_seconds=0):
+    return client.post("/api/site/claim", json={"wait_seconds": wait_seconds}, headers=site)
+
+
+def upload(client, site, run, kind, body, sha256=None):
+    return client.put(f"/api/site/runs/{run['id']}/{kind}", data=body, headers={
+        **site, "X-Lease-Id": run["lease_id"], "X-Content-SHA256": sha256 or hashlib.sha256(body).hexdigest(),
+        "Content-Type": "application/octet-stream"})
+
+
+def finish(client, site, run, exit_code=0, failure_reason=None):
+    return client.post(f"/api/site/runs/{run['id']}/finish", headers=site, json={
+        "lease_id": run["lease_id"], "exit_code": exit_code, "failure_reason": failure_reason})
+
+
+def test_health_needs_no_token(client):
+    assert client.get("/health").json == {"status": "ok"}
+
+
+def test_posted_task_creates_one_pending_run_per_site(client, alice, make_site):
+    make_site("hospital-a")
+    make_site("hospital-b")
+    response = post_task(client, alice, sites=None)
+    assert response.status_code == 201
+    task = response.json
+    assert [(r["site"], r["status"]) for r in task["runs"]] == [("hospital-a", "pending"), ("hospital-b", "pending")]
+    assert task["status"] == "active"
+
+
+def test_input_is_stored_byte_exact(client, alice, hospital):
+    odd_bytes = b"\x00\xff weird \r\n bytes"
+    post_task(client, alice, input=None, input_base64=base64.b64encode(odd_bytes).decode())
+    run = claim(client, hospital).json
+    assert client.get(f"/api/site/runs/{run['id']}/input", headers=hospital).data == odd_bytes
+
+
+@pytest.mark.parametrize("fields, complaint", [
+    ({"image": "Not An Image!"}, "image"),
+    ({"sites": ["nowhere"]}, "unknown site"),
+    ({"surprise": 1}, "surprise"),
+    ({"input": None}, "input"),
+    ({"timeout_seconds": 0}, "timeout_seconds"),
+    ({"session_id": 999}, "session 999"),
+])
+def test_bad_task_input_is_rejected_with_a_message(client, alice, hospital, fields, complaint):
+    body = {"image": IMAGE, "input": "{}", "sites": ["hospital-a"], **fields}
+    body = {k: v for k, v in body.items() if v is not None}
+    response = client.post("/api/tasks", json=body, headers=alice)
+    assert 400 <= response.status_code < 500
+    assert complaint in response.get_data(as_text=True)
+    assert client.get("/api/tasks/1", headers=alice).status_code == 404  # nothing half-stored
+
+
+def test_malformed_json_is_a_client_error(client, alice, hospital):
+    response = client.post("/api/tasks", data="{not json", headers={**alice, "Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+
+
+def test_tokens_and_roles_are_enforced(client, alice, hospital, make_researcher):
+    assert client.get("/api/sites").status_code == 401
+    assert client.get("/api/sites", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/sites", headers=hospital).status_code == 403  # a site may not list sites
+    assert claim(client, alice).status_code == 403  # a researcher may not claim runs
+    task_id = post_task(client, alice).json["id"]
+    bob = make_researcher("bob")
+    assert client.get(f"/api/tasks/{task_id}", headers=bob).status_code == 404  # not bob's
+
+
+def test_revoked_token_is_refused(app, client, alice, hospital):
+    store.revoke_principal(app.extensions["pht"].engine, "hospital-a")
+    assert claim(client, hospital).status_code == 401
+
+
+def test_a_run_goes_from_claim_to_completed_with_its_results(client, alice, hospital):
+    task_id = post_task(client, alice).json["id"]
+    run = claim(client, hospital).json
+    assert run["image"] == IMAGE and run["lease_id"]
+    assert claim(client, hospital).status_code == 204  # the only run is taken
+    started = client.post(f"/api/site/runs/{run['id']}/start", headers=hospital,
+                          json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "d" * 64})
+    assert started.status_code == 204
+    assert upload(client, hospital, run, "output", b"archive bytes").status_code == 200
+    assert upload(client, hospital, run, "log", b"hello\n").status_code == 200
+    assert finish(client, hospital, run).json == {"status": "completed"}
+
+    task = client.get(f"/api/tasks/{task_id}", headers=alice).json
+    assert task["status"] == "completed"
+    assert task["runs"][0]["image_digest"] == "sha256:" + "d" * 64
+    output = client.get(f"/api/runs/{run['id']}/output", headers=alice)
+    assert output.data == b"archive bytes"
+    assert output.headers["X-Content-SHA256"] == hashlib.sha256(b"archive bytes").hexdigest()
+    assert client.get(f"/api/runs/{run['id']}/log", headers=alice).data == b"hello\n"
+    history = [e["status"] for e in client.get(f"/api/runs/{run['id']}/history", headers=alice).json]
+    assert history == ["pending", "claimed", "running", "completed"]
+
+
+def test_non_zero_exit_fails_the_run_with_reason(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert finish(client, hospital, run, exit_code=2).json == {"status": "failed"}
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["reason"] == "algorithm exited with code 2"
+
+
+def test_same_upload_twice_is_idempotent_and_a_different_one_conflicts(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert upload(client, hospital, run, "output", b"first").status_code == 200
+    assert upload(client, hospital, run, "output", b"first").status_code == 200
+    assert upload(client, hospital, run, "output", b"second").status_code == 409
+    finish(client, hospital, run)
+    assert finish(client, hospital, run).status_code == 200  # same report again
+    assert finish(client, hospital, run, exit_code=1).status_code == 409
+
+
+def test_upload_with_wrong_checksum_is_rejected_and_not_stored(app, client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    response = upload(client, hospital, run, "output", b"payload", sha256="0" * 64)
+    assert response.status_code == 400
+    assert "sha256" in response.json["message"]
+    blobs_root = app.extensions["pht"].blobs.root
+    assert [p for p in blobs_root.rglob("*") if p.is_file()] == []
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["output_sha256"] is None
+
+
+def test_a_site_sees_only_its_own_runs(client, alice, hospital, make_site):
+    other = make_site("hospital-b")
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert client.get(f"/api/site/runs/{run['id']}/input", headers=other).status_code == 404
+    forged = {**run}
+    assert finish(client, other, forged).status_code == 404
+
+
+def test_refused_run_records_the_reason(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    response = client.post(f"/api/site/runs/{run['id']}/refuse", headers=hospital,
+                           json={"lease_id": run["lease_id"], "reason": "not on the whitelist"})
+    assert response.status_code == 204
+    stored = client.get("/api/tasks/1", headers=alice).json["runs"][0]
+    assert (stored["status"], stored["reason"]) == ("refused", "not on the whitelist")
+
+
+def test_cancel_reaches_pending_and_running_runs(client, alice, make_site):
+    site_a, site_b = make_site("hospital-a"), make_site("hospital-b")
+    post_task(client, alice, sites=["hospital-a", "hospital-b"])
+    run = claim(client, site_a).json
+    cancelled = client.post("/api/tasks/1/cancel", headers=alice).json
+    assert [r["status"] for r in cancelled["runs"]] == ["cancelled", "cancelled"]
+    beat = client.post(f"/api/site/runs/{run['id']}/heartbeat", headers=site_a, json={"lease_id": run["lease_id"]})
+    assert beat.json == {"status": "cancelled"}
+    assert claim(client, site_b).status_code == 204
+
+
+def test_expired_lease_returns_the_run_to_the_queue(app, client, alice, hospital):
+    post_task(client, alice)
+    first = claim(client, hospital).json
+    _expire_leases(app)
+    second = claim(client, hospital).json
+    assert second["id"] == first["id"] and second["lease_id"] != first["lease_id"]
+    # The runner that lost the lease may no longer report.
+    assert finish(client, hospital, first).status_code == 409
+    history = [e["status"] for e in client.get(f"/api/runs/{first['id']}/history", headers=alice).json]
+    assert history == ["pending", "claimed", "expired", "pending", "claimed"]
+
+
+def test_run_fails_after_too_many_expired_leases(app, client, alice, hospital):
+    post_task(client, alice)
+    for _ in range(3):
+        assert claim(client, hospital).status_code == 200
+        _expire_leases(app)
+    assert claim(client, hospital).status_code == 204
+    run = client.get("/api/tasks/1", headers=alice).json["runs"][0]
+    assert run["status"] == "failed" and "lease ran out 3 times" in run["reason"]
+
+
+def _expire_leases(app):
+    engine = app.extensions["pht"].engine
+    with engine.begin() as conn:
+        conn.execute(store.runs.update().values(lease_expires_at=time.time() - 1))
+
+
+def test_long_poll_wakes_when_a_task_is_posted(app, alice, hospital):
+    claimed = {}
+
+    def wait_for_run():
+        started = time.monotonic()
+        response = app.test_client().post("/api/site/claim", json={"wait_seconds": 20}, headers=hospital)
+        claimed["status"], claimed["after"] = response.status_code, time.monotonic() - started
+
+    waiter = threading.Thread(target=wait_for_run)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # it is waiting, not answering "nothing yet"
+    post_task(app.test_client(), alice)
+    waiter.join(timeout=10)
+    assert claimed["status"] == 200
+    assert claimed["after"] < 10  # woken by the post, not by the 20 s timeout
+
+
+def test_long_poll_answers_204_when_nothing_comes(client, hospital):
+    assert claim(client, hospital, wait_seconds=1).status_code == 204
+
+
+def test_sites_report_liveness_and_sparql_state(client, alice, hospital, make_site):
+    make_site("hospital-b")
+    client.post("/api/site/claim", json={"wait_seconds": 0, "sparql_ok": True, "runner_version": "t/1"},
+                headers=hospital)
+    sites = {s["name"]: s for s in client.get("/api/sites", headers=alice).json}
+    assert sites["hospital-a"]["online"] is True and sites["hospital-a"]["sparql_ok"] is True
+    assert sites["hospital-b"]["online"] is False
+
+
+def test_openapi_document_describes_every_route(app, client):
+    document = client.get("/openapi.json").json
+    documented = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in ("static", "openapi.spec", "openapi.docs") or rule.rule.startswith("/docs"):
+            continue
+        path = rule.rule.replace("<int:", "{").replace(">", "}")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (path, method) in documented, f"{method} {path} is not in the OpenAPI document"
+    upload_body = document["paths"]["/api/site/runs/{run_id}/output"]["put"]["requestBody"]
+    assert "application/octet-stream" in upload_body["content"]
