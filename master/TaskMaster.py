@@ -96,7 +96,7 @@ def create_researcher(settings, name):
 @click.pass_obj
 def list_sites(settings):
     """The sites, when each was last seen and whether it is revoked."""
-    for site in store.list_sites(_engine(settings)):
+    for site in store.list_sites(_engine(settings))[0]:
         seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(site["last_seen_at"])) if site["last_seen_at"] else "never"
         state = "revoked" if site["revoked_at"] else "active"
         click.echo(f"{site['name']}\t{state}\tlast seen {seen}\tsparql_ok={site['sparql_ok']}")

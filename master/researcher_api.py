@@ -12,7 +12,7 @@ from apiflask import APIBlueprint, abort
 from flask import current_app, send_file
 
 from master import auth, store
-from master.schemas import RunEventOut, SiteOut, TaskIn, TaskOut
+from master.schemas import PageIn, RunEventOut, SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn
 
 log = logging.getLogger("pht.registry")
 
@@ -46,6 +46,16 @@ def create_task(json_data):
              task_id, researcher.name, len(site_ids), json_data["image"])
     registry.announcements.announce(site_ids)
     return store.get_task(registry.engine, task_id, researcher.id)
+
+
+@bp.get("/tasks")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.input(TaskQueryIn, location="query")
+@bp.output(TaskPageOut)
+def list_tasks(query_data):
+    """The caller's tasks, oldest first; filter by session and status, one page at a time."""
+    items, total = store.list_tasks(_registry().engine, auth.caller().id, **query_data)
+    return {"items": items, "total": total, "page": query_data["page"], "per_page": query_data["per_page"]}
 
 
 @bp.get("/tasks/<int:task_id>")
@@ -114,13 +124,14 @@ def get_run_log(run_id):
 
 @bp.get("/sites")
 @bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
-@bp.output(SiteOut(many=True))
-def list_sites():
+@bp.input(PageIn, location="query")
+@bp.output(SitePageOut)
+def list_sites(query_data):
     """The sites, whether they are online, and whether their SPARQL endpoint answers."""
     registry = _registry()
     now = time.time()
-    sites = [s for s in store.list_sites(registry.engine) if s["revoked_at"] is None]
+    sites, total = store.list_sites(registry.engine, include_revoked=False, **query_data)
     for site in sites:
         last_seen = site["last_seen_at"]
         site["online"] = last_seen is not None and now - last_seen < registry.settings.online_window_seconds
-    return sites
+    return {"items": sites, "total": total, **query_data}

@@ -24,6 +24,7 @@ IMAGE_REFERENCE = re.compile(
     r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 
 RUN_STATES = (lifecycle.PENDING, lifecycle.CLAIMED, lifecycle.RUNNING) + lifecycle.TERMINAL_STATES
+TASK_STATES = ("active", "completed", "cancelled", "finished_with_errors")
 
 
 class Timestamp(DateTime):
@@ -89,8 +90,28 @@ class TaskOut(Schema):
     description = String(allow_none=True)
     timeout_seconds = Integer(allow_none=True)
     created_at = Timestamp()
-    status = String(metadata={"description": "active, completed, cancelled or finished_with_errors"})
+    status = String(validate=OneOf(TASK_STATES), metadata={"description": "Derived from the runs."})
     runs = List(Nested(RunOut))
+
+
+class PageIn(Schema):
+    page = Integer(load_default=1, validate=Range(min=1))
+    per_page = Integer(load_default=50, validate=Range(min=1, max=200))
+
+
+class TaskQueryIn(PageIn):
+    session_id = Integer(validate=Range(min=1))
+    status = String(validate=OneOf(TASK_STATES))
+
+
+class PageOut(Schema):
+    page = Integer()
+    per_page = Integer()
+    total = Integer(metadata={"description": "How many items match, on all pages."})
+
+
+class TaskPageOut(PageOut):
+    items = List(Nested(TaskOut))
 
 
 class RunEventOut(Schema):
@@ -105,6 +126,10 @@ class SiteOut(Schema):
     last_seen_at = Timestamp(allow_none=True)
     runner_version = String(allow_none=True)
     sparql_ok = Boolean(allow_none=True, metadata={"description": "Whether its SPARQL endpoint answered at its last poll."})
+
+
+class SitePageOut(PageOut):
+    items = List(Nested(SiteOut))
 
 
 class ClaimIn(Schema):

@@ -174,10 +174,16 @@ def revoke_principal(engine, name_or_hash):
     return revoked
 
 
-def list_sites(engine):
+def list_sites(engine, include_revoked=True, page=1, per_page=None):
+    """Sites by name (one page of them when per_page is given), and how many there are in all."""
+    where = [] if include_revoked else [sites.c.revoked_at.is_(None)]
+    query = sa.select(sites).where(*where).order_by(sites.c.name)
+    if per_page is not None:
+        query = query.limit(per_page).offset((page - 1) * per_page)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(sites).order_by(sites.c.name)).mappings().all()
-    return [dict(r) for r in rows]
+        total = conn.execute(sa.select(sa.func.count()).select_from(sites).where(*where)).scalar_one()
+        rows = conn.execute(query).mappings().all()
+    return [dict(r) for r in rows], total
 
 
 def site_ids_by_name(conn, names):
@@ -232,20 +238,64 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
     return task_id, site_ids
 
 
+_TASK_COLUMNS = [c for c in tasks.c if c.name != "input"]
+
+
 def get_task(engine, task_id, researcher_id):
     with engine.connect() as conn:
-        task = conn.execute(sa.select(tasks).where(
+        task = conn.execute(sa.select(*_TASK_COLUMNS).where(
             tasks.c.id == task_id, tasks.c.researcher_id == researcher_id)).mappings().first()
         if task is None:
             raise NotFound(f"task {task_id} does not exist")
-        task_runs = conn.execute(
+        return _with_runs(conn, [task])[0]
+
+
+def list_tasks(engine, researcher_id, session_id=None, status=None, page=1, per_page=50):
+    """One page of the researcher's tasks, oldest first, and how many match in all."""
+    where = [tasks.c.researcher_id == researcher_id]
+    if session_id is not None:
+        where.append(tasks.c.session_id == session_id)
+    if status is not None:
+        where.append(_task_status_condition(status))
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(tasks).where(*where)).scalar_one()
+        page_rows = conn.execute(
+            sa.select(*_TASK_COLUMNS).where(*where).order_by(tasks.c.id)
+            .limit(per_page).offset((page - 1) * per_page)).mappings().all()
+        return _with_runs(conn, page_rows), total
+
+
+def _task_status_condition(status):
+    """SQL for lifecycle.task_status: a task's status is derived from its runs, never stored."""
+    def any_run(condition):
+        return sa.exists().where(runs.c.task_id == tasks.c.id, condition)
+
+    active = any_run(runs.c.status.notin_(lifecycle.TERMINAL_STATES))
+    all_completed = ~any_run(runs.c.status != lifecycle.COMPLETED)
+    all_cancelled = ~any_run(runs.c.status != lifecycle.CANCELLED)
+    return {
+        "active": active,
+        "completed": all_completed,
+        "cancelled": all_cancelled,
+        "finished_with_errors": sa.and_(~active, ~all_completed, ~all_cancelled),
+    }[status]
+
+
+def _with_runs(conn, task_rows):
+    ids = [t["id"] for t in task_rows]
+    runs_by_task = {task_id: [] for task_id in ids}
+    for run in conn.execute(
             sa.select(runs, sites.c.name.label("site"))
             .join(sites, sites.c.id == runs.c.site_id)
-            .where(runs.c.task_id == task_id).order_by(runs.c.id)).mappings().all()
-    task = dict(task)
-    task["runs"] = [dict(r) for r in task_runs]
-    task["status"] = lifecycle.task_status([r["status"] for r in task_runs])
-    return task
+            .where(runs.c.task_id.in_(ids)).order_by(runs.c.id)).mappings():
+        runs_by_task[run["task_id"]].append(dict(run))
+    result = []
+    for row in task_rows:
+        task = dict(row)
+        task["runs"] = runs_by_task[task["id"]]
+        task["status"] = lifecycle.task_status([r["status"] for r in task["runs"]])
+        result.append(task)
+    return result
 
 
 def get_task_input(engine, task_id):

@@ -70,6 +70,8 @@ class LocalFederation:
     whitelist: list = field(default_factory=lambda: list(DEFAULT_WHITELIST))
     start_runners: bool = True
     container_network: str = "host"  # the algorithm must reach the site's SPARQL endpoint on loopback
+    # Extra site config fields for every site; "container" entries are merged into the container limits.
+    site_settings: dict = field(default_factory=dict)
     folder: Path | None = None
 
     def __post_init__(self):
@@ -130,16 +132,20 @@ class LocalFederation:
         sparql_endpoint = f"http://127.0.0.1:{port}/query"
         wait_until_answers(f"http://127.0.0.1:{port}/", endpoint_process, f"{name}'s SPARQL endpoint")
         config_path = folder / "config.json"
-        config_path.write_text(json.dumps({
+        token = self.admin("create-site", name)
+        extra = dict(self.site_settings)
+        config = {
             "registry_url": self.registry_url,
-            "site_token": self.admin("create-site", name),
+            "site_token": token,
             "sparql_endpoint": sparql_endpoint,
             "whitelist": self.whitelist,
             "work_dir": str(folder / "work"),
             "long_poll_seconds": 10,
-            "container": {"network": self.container_network, "timeout_seconds": 300},
-        }, indent=2))
-        return Site(name, json.loads(config_path.read_text())["site_token"], patients, sparql_endpoint, config_path)
+            "container": {"network": self.container_network, "timeout_seconds": 300, **extra.pop("container", {})},
+            **extra,
+        }
+        config_path.write_text(json.dumps(config, indent=2))
+        return Site(name, token, patients, sparql_endpoint, config_path)
 
     def start_runner(self, name, *extra_args):
         site = self.sites[name]

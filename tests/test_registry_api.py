@@ -236,9 +236,31 @@ def test_sites_report_liveness_and_sparql_state(client, alice, hospital, make_si
     make_site("hospital-b")
     client.post("/api/site/claim", json={"wait_seconds": 0, "sparql_ok": True, "runner_version": "t/1"},
                 headers=hospital)
-    sites = {s["name"]: s for s in client.get("/api/sites", headers=alice).json}
+    sites = {s["name"]: s for s in client.get("/api/sites", headers=alice).json["items"]}
     assert sites["hospital-a"]["online"] is True and sites["hospital-a"]["sparql_ok"] is True
     assert sites["hospital-b"]["online"] is False
+
+
+def test_tasks_list_by_session_and_status_one_page_at_a_time(client, alice, hospital, make_researcher):
+    first = post_task(client, alice).json
+    post_task(client, alice, session_id=first["session_id"])
+    other_session = post_task(client, alice).json
+    post_task(client, make_researcher("bob"))  # never visible to alice
+    run = claim(client, hospital).json
+    finish(client, hospital, run)
+
+    def listed(**query):
+        page = client.get("/api/tasks", query_string=query, headers=alice).json
+        return [t["id"] for t in page["items"]], page["total"]
+
+    assert listed() == ([1, 2, 3], 3)
+    assert listed(session_id=first["session_id"]) == ([1, 2], 2)
+    assert listed(status="completed") == ([1], 1)
+    assert listed(status="active") == ([2, 3], 2)
+    assert listed(per_page=2, page=2) == ([3], 3)
+    assert listed(session_id=other_session["session_id"], status="completed") == ([], 0)
+    assert client.get("/api/tasks", query_string={"status": "odd"}, headers=alice).status_code == 422
+    assert client.get("/api/tasks", query_string={"per_page": 0}, headers=alice).status_code == 422
 
 
 def test_openapi_document_describes_every_route(app, client):
