@@ -27,7 +27,7 @@ import time  # noqa: E402
 import click  # noqa: E402
 
 from master import auth, store  # noqa: E402
-from master.app import Settings, create_app  # noqa: E402
+from master.app import Settings, create_app, expire_leases_periodically  # noqa: E402
 
 
 @click.group(invoke_without_command=True)
@@ -45,17 +45,26 @@ def cli(context, data_dir, database_url):
 @cli.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--lease-seconds", default=60, show_default=True, type=click.IntRange(5, 3600),
+@click.option("--lease-seconds", default=60, show_default=True, type=click.IntRange(2, 3600),
               help="How long a claimed run stays a site's without a heartbeat.")
+@click.option("--max-input-bytes", default=4 * 1024 ** 2, show_default=True, type=click.IntRange(1),
+              help="Largest task configuration file accepted.")
+@click.option("--max-result-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
+              help="Largest output archive or log a site may upload.")
 @click.pass_obj
-def serve(settings, host, port, lease_seconds):
+def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
+    import threading
+
     from gevent.pywsgi import WSGIServer
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds})
+    settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
+                           "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes})
     app = create_app(settings)
+    threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
+                     name="lease-sweeper", daemon=True).start()
     server = WSGIServer((host, port), app, log=None, error_log=logging.getLogger("pht.wsgi"))
     logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s)",
                                            host, port, settings.data_dir)

@@ -5,10 +5,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apiflask import APIFlask
+from apiflask import APIFlask, abort
 from flask import g, request
 
 from master import blobs, researcher_api, site_api, store
+from master.schemas import INT_MAX
 from master.wakeup import WorkAnnouncements
 
 log = logging.getLogger("pht.registry")
@@ -38,6 +39,13 @@ class Registry:
     blobs: blobs.BlobStore
     announcements: WorkAnnouncements
 
+    def expire_lapsed_leases(self):
+        """Requeue (or fail) runs whose lease ran out, and wake the sites that got them back."""
+        expired = store.expire_overdue_leases(self.engine)
+        for run_id, site_id, status in expired:
+            log.info("run %s lease expired; run is now %s", run_id, status)
+        self.announcements.announce({site_id for _, site_id, status in expired if status == "pending"})
+
 
 def create_app(settings):
     data_dir = Path(settings.data_dir)
@@ -64,6 +72,20 @@ def create_app(settings):
     return app
 
 
+def expire_leases_periodically(app, stop, interval_seconds):
+    """Return runs with a lapsed lease to the queue even when no site polls to notice it.
+
+    Claims also expire leases on their way, so this only matters for a site that went quiet;
+    run it in a background thread (a greenlet under gevent) until stop is set.
+    """
+    registry = app.extensions["pht"]
+    while not stop.wait(interval_seconds):
+        try:
+            registry.expire_lapsed_leases()
+        except Exception:  # a database hiccup must not end the sweeping for good
+            log.exception("expiring overdue leases failed; trying again in %s s", interval_seconds)
+
+
 def _register_health(app):
     @app.get("/health")
     @app.doc(tags=["Health"], responses={200: "The registry is up and its database answers."})
@@ -84,6 +106,13 @@ def _register_request_log(app):
     @app.before_request
     def _start_clock():
         g.started = time.perf_counter()
+
+    @app.before_request
+    def _reject_impossible_ids():
+        # /api/tasks/99999999999999999999 names nothing: the database's ids are 32-bit.
+        for name, value in (request.view_args or {}).items():
+            if isinstance(value, int) and value > INT_MAX:
+                abort(404, f"{name} {value} does not exist")
 
     @app.after_request
     def _log_request(response):

@@ -23,6 +23,10 @@ IMAGE_REFERENCE = re.compile(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
     r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 
+# Ids and counts are 32-bit integers in the database (PostgreSQL's integer); larger numbers
+# cannot name anything stored, so they are rejected up front instead of failing in SQL.
+INT_MAX = 2 ** 31 - 1
+
 RUN_STATES = (lifecycle.PENDING, lifecycle.CLAIMED, lifecycle.RUNNING) + lifecycle.TERMINAL_STATES
 TASK_STATES = ("active", "completed", "cancelled", "finished_with_errors")
 
@@ -36,6 +40,23 @@ class Timestamp(DateTime):
         return super()._serialize(datetime.fromtimestamp(value, timezone.utc), attr, obj, **kwargs)
 
 
+class Text(String):
+    """A string the database can store: JSON allows lone UTF-16 surrogates ("\\ud800"), UTF-8 does not."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("must be valid Unicode text (no lone surrogates); "
+                                  "send binary data base64-encoded") from None
+        return text
+
+
+def Id(**kwargs):
+    return Integer(validate=Range(min=1, max=INT_MAX), **kwargs)
+
+
 def validate_image_reference(value):
     if not IMAGE_REFERENCE.match(value):
         raise ValidationError(
@@ -43,16 +64,16 @@ def validate_image_reference(value):
 
 
 class TaskIn(Schema):
-    image = String(required=True, validate=[Length(1, 512), validate_image_reference],
+    image = Text(required=True, validate=[Length(1, 512), validate_image_reference],
                    metadata={"description": "Docker image reference the sites pull and run."})
-    input = String(metadata={"description": "The configuration file as text (UTF-8). Give this or input_base64."})
-    input_base64 = String(metadata={"description": "The configuration file as base64, for binary input."})
-    sites = List(String(validate=Length(1, 128)), validate=Length(min=1), allow_none=True,
+    input = Text(metadata={"description": "The configuration file as text (UTF-8). Give this or input_base64."})
+    input_base64 = Text(metadata={"description": "The configuration file as base64, for binary input."})
+    sites = List(Text(validate=Length(1, 128)), validate=Length(min=1), allow_none=True,
                  metadata={"description": "Names of the sites that must run the task; omit or null for all sites."})
-    session_id = Integer(allow_none=True, validate=Range(min=1),
-                         metadata={"description": "Session to add the task to; omit to start a new session."})
-    name = String(allow_none=True, validate=Length(max=256))
-    description = String(allow_none=True, validate=Length(max=10000))
+    session_id = Id(allow_none=True,
+                    metadata={"description": "Session to add the task to; omit to start a new session."})
+    name = Text(allow_none=True, validate=Length(max=256))
+    description = Text(allow_none=True, validate=Length(max=10000))
     timeout_seconds = Integer(allow_none=True, validate=Range(min=1, max=7 * 24 * 3600),
                               metadata={"description": "Wall-clock limit for the algorithm at each site."})
 
@@ -95,13 +116,13 @@ class TaskOut(Schema):
 
 
 class PageIn(Schema):
-    page = Integer(load_default=1, validate=Range(min=1))
+    page = Integer(load_default=1, validate=Range(min=1, max=1_000_000))
     per_page = Integer(load_default=50, validate=Range(min=1, max=200))
 
 
 class TaskQueryIn(PageIn):
-    session_id = Integer(validate=Range(min=1))
-    status = String(validate=OneOf(TASK_STATES))
+    session_id = Id()
+    status = Text(validate=OneOf(TASK_STATES))
 
 
 class PageOut(Schema):
@@ -135,7 +156,7 @@ class SitePageOut(PageOut):
 class ClaimIn(Schema):
     wait_seconds = Integer(load_default=0, validate=Range(min=0, max=120),
                            metadata={"description": "How long to wait for a run before answering 204."})
-    runner_version = String(allow_none=True, validate=Length(max=64))
+    runner_version = Text(allow_none=True, validate=Length(max=64))
     sparql_ok = Boolean(allow_none=True)
 
 
@@ -151,21 +172,21 @@ class ClaimedRunOut(Schema):
 
 
 class LeaseIn(Schema):
-    lease_id = String(required=True, validate=Length(1, 64))
+    lease_id = Text(required=True, validate=Length(1, 64))
 
 
 class StartIn(LeaseIn):
-    image_digest = String(required=True, validate=Length(1, 256))
+    image_digest = Text(required=True, validate=Length(1, 256))
 
 
 class RefuseIn(LeaseIn):
-    reason = String(required=True, validate=Length(1, 2000))
+    reason = Text(required=True, validate=Length(1, 2000))
 
 
 class FinishIn(LeaseIn):
-    exit_code = Integer(allow_none=True, load_default=None,
+    exit_code = Integer(allow_none=True, load_default=None, validate=Range(min=-INT_MAX - 1, max=INT_MAX),
                         metadata={"description": "The container's exit code; null if it did not run to its end."})
-    failure_reason = String(allow_none=True, load_default=None, validate=Length(1, 2000),
+    failure_reason = Text(allow_none=True, load_default=None, validate=Length(1, 2000),
                             metadata={"description": "Set when the runner, not the algorithm, failed the run."})
 
 

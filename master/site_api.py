@@ -48,9 +48,7 @@ def claim_run(json_data):
     deadline = time.monotonic() + json_data["wait_seconds"]
     while True:
         seen = registry.announcements.generation(site.id)
-        requeued = store.expire_overdue_leases(registry.engine)
-        if requeued:
-            registry.announcements.announce(requeued)
+        registry.expire_lapsed_leases()
         run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
         if run is not None:
             log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)

@@ -437,9 +437,9 @@ def refuse_run(engine, run_id, site_id, lease_id, reason):
 
 
 def expire_overdue_leases(engine):
-    """Return runs whose lease ran out to the queue (or fail them); returns the affected site ids."""
+    """Return runs whose lease ran out to the queue (or fail them); returns (run id, site id, new status)s."""
     now = time.time()
-    requeued_sites = set()
+    expired = []
     with engine.begin() as conn:
         overdue = conn.execute(
             sa.select(runs.c.id, runs.c.site_id, runs.c.attempts)
@@ -452,9 +452,8 @@ def expire_overdue_leases(engine):
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now))
             _record_event(conn, run_id, status, now, reason)
-            if status == lifecycle.PENDING:
-                requeued_sites.add(site_id)
-    return requeued_sites
+            expired.append((run_id, site_id, status))
+    return expired
 
 
 def get_researcher_run(engine, run_id, researcher_id):

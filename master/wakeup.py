@@ -21,6 +21,8 @@ class WorkAnnouncements:
             return self._generation[site_id]
 
     def announce(self, site_ids):
+        if not site_ids:
+            return
         with self._changed:
             for site_id in site_ids:
                 self._generation[site_id] += 1

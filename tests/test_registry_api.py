@@ -70,6 +70,11 @@ def test_input_is_stored_byte_exact(client, alice, hospital):
     ({"input": None}, "input"),
     ({"timeout_seconds": 0}, "timeout_seconds"),
     ({"session_id": 999}, "session 999"),
+    ({"session_id": 2 ** 70}, "session_id"),         # beyond the database's integers
+    ({"input": "\ud800"}, "lone surrogates"),        # valid JSON, not storable text
+    ({"name": "\udfff"}, "lone surrogates"),
+    ({"input": None, "input_base64": "!!"}, "base64"),
+    ({"sites": []}, "sites"),
 ])
 def test_bad_task_input_is_rejected_with_a_message(client, alice, hospital, fields, complaint):
     body = {"image": IMAGE, "input": "{}", "sites": ["hospital-a"], **fields}
@@ -78,6 +83,22 @@ def test_bad_task_input_is_rejected_with_a_message(client, alice, hospital, fiel
     assert 400 <= response.status_code < 500
     assert complaint in response.get_data(as_text=True)
     assert client.get("/api/tasks/1", headers=alice).status_code == 404  # nothing half-stored
+
+
+def test_impossible_ids_and_numbers_are_client_errors(client, alice, hospital):
+    assert client.get("/api/tasks/99999999999999999999", headers=alice).status_code == 404
+    assert client.get("/api/tasks", query_string={"page": 10 ** 12}, headers=alice).status_code == 422
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert finish(client, hospital, run, exit_code=2 ** 40).status_code == 422
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "claimed"
+
+
+def test_oversized_input_is_rejected(app, client, alice, hospital):
+    limit = app.extensions["pht"].settings.max_input_bytes
+    response = post_task(client, alice, input="x" * (limit + 1))
+    assert response.status_code == 413
+    assert client.get("/api/tasks", headers=alice).json["total"] == 0
 
 
 def test_malformed_json_is_a_client_error(client, alice, hospital):
