@@ -295,3 +295,26 @@ def test_openapi_document_describes_every_route(app, client):
             assert (path, method) in documented, f"{method} {path} is not in the OpenAPI document"
     upload_body = document["paths"]["/api/site/runs/{run_id}/output"]["put"]["requestBody"]
     assert "application/octet-stream" in upload_body["content"]
+
+
+def _operations(client):
+    document = client.get("/openapi.json").json
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            yield path.replace("{run_id}", "1").replace("{task_id}", "1"), method, operation
+
+
+def test_every_endpoint_but_health_needs_a_token(client):
+    for path, method, _ in _operations(client):
+        status = client.open(path, method=method.upper()).status_code
+        expected = 200 if path == "/health" else 401
+        assert status == expected, f"{method.upper()} {path} answered {status} without a token"
+
+
+def test_each_role_is_refused_the_other_roles_endpoints(client, alice, hospital):
+    for path, method, operation in _operations(client):
+        if path == "/health":
+            continue
+        wrong_role = alice if path.startswith("/api/site/") else hospital
+        status = client.open(path, method=method.upper(), headers=wrong_role, json={}).status_code
+        assert status == 403, f"{method.upper()} {path} answered {status} to the wrong role"
