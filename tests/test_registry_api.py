@@ -151,6 +151,30 @@ def test_non_zero_exit_fails_the_run_with_reason(client, alice, hospital):
     assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["reason"] == "algorithm exited with code 2"
 
 
+def test_runner_side_failure_is_recorded_with_its_reason(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert finish(client, hospital, run, exit_code=None, failure_reason="timeout: still running after 5 s").json == {
+        "status": "failed"}
+    stored = client.get("/api/tasks/1", headers=alice).json["runs"][0]
+    assert (stored["exit_code"], stored["reason"]) == (None, "timeout: still running after 5 s")
+
+
+def test_a_running_run_learns_of_its_cancel_at_the_next_heartbeat(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    client.post(f"/api/site/runs/{run['id']}/start", headers=hospital,
+                json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "e" * 64})
+    beat = lambda: client.post(f"/api/site/runs/{run['id']}/heartbeat", headers=hospital,
+                               json={"lease_id": run["lease_id"]}).json
+    assert beat() == {"status": "running"}
+    client.post("/api/tasks/1/cancel", headers=alice)
+    assert beat() == {"status": "cancelled"}
+    assert upload(client, hospital, run, "output", b"late").status_code == 409  # nothing lands after a cancel
+    history = [e["status"] for e in client.get(f"/api/runs/{run['id']}/history", headers=alice).json]
+    assert history == ["pending", "claimed", "running", "cancelled"]
+
+
 def test_same_upload_twice_is_idempotent_and_a_different_one_conflicts(client, alice, hospital):
     post_task(client, alice)
     run = claim(client, hospital).json
