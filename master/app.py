@@ -68,7 +68,7 @@ def create_app(settings):
     _register_health(app)
     _register_error_mapping(app)
     _register_request_log(app)
-    app.spec_processor(_document_raw_bodies)
+    app.spec_processor(_complete_request_bodies)
     return app
 
 
@@ -122,8 +122,13 @@ def _register_request_log(app):
         return response
 
 
-def _document_raw_bodies(spec):
-    """Turn our x-raw-body marker into the requestBody of endpoints that take a streamed file."""
+def _complete_request_bodies(spec):
+    """Say in the document what the code enforces about request bodies.
+
+    Streamed-file endpoints carry our x-raw-body marker, turned into their requestBody here; and a
+    JSON body whose schema has required fields is itself required (apiflask leaves it optional).
+    """
+    schemas = spec.get("components", {}).get("schemas", {})
     for path in spec["paths"].values():
         for operation in path.values():
             raw = operation.pop("x-raw-body", None)
@@ -131,4 +136,8 @@ def _document_raw_bodies(spec):
                 operation["requestBody"] = {"required": True, "content": {
                     media: {"schema": {"type": "string", "format": "binary", "description": text}}
                     for media, text in raw.items()}}
+            body_schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            referenced = schemas.get(body_schema.get("$ref", "").rpartition("/")[2], body_schema)
+            if referenced.get("required"):
+                operation["requestBody"]["required"] = True
     return spec

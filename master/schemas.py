@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from apiflask import Schema
 from apiflask.fields import Boolean, DateTime, Integer, List, Nested, String
-from apiflask.validators import Length, OneOf, Range
+from apiflask.validators import Length, OneOf, Range, Regexp
 from marshmallow import ValidationError, validates_schema
 
 from master import lifecycle
@@ -57,14 +57,10 @@ def Id(**kwargs):
     return Integer(validate=Range(min=1, max=INT_MAX), **kwargs)
 
 
-def validate_image_reference(value):
-    if not IMAGE_REFERENCE.match(value):
-        raise ValidationError(
-            f"{value!r} is not a Docker image reference such as registry.example.org/group/image:tag")
-
-
 class TaskIn(Schema):
-    image = Text(required=True, validate=[Length(1, 512), validate_image_reference],
+    image = Text(required=True, validate=[Length(1, 512), Regexp(
+                     IMAGE_REFERENCE, error="{input!r} is not a Docker image reference such as "
+                                            "registry.example.org/group/image:tag")],
                    metadata={"description": "Docker image reference the sites pull and run."})
     input = Text(metadata={"description": "The configuration file as text (UTF-8). Give this or input_base64."})
     input_base64 = Text(metadata={"description": "The configuration file as base64, for binary input."})
@@ -77,6 +73,8 @@ class TaskIn(Schema):
     timeout_seconds = Integer(allow_none=True, validate=Range(min=1, max=7 * 24 * 3600),
                               metadata={"description": "Wall-clock limit for the algorithm at each site."})
 
+    # Not expressible in the OpenAPI document (OpenAPI 3.0 from these schemas); said in the
+    # field descriptions instead.
     @validates_schema
     def _exactly_one_input(self, data, **kwargs):
         if ("input" in data) == ("input_base64" in data):
@@ -84,7 +82,7 @@ class TaskIn(Schema):
         if "input_base64" in data:
             try:
                 base64.b64decode(data["input_base64"], validate=True)
-            except binascii.Error as error:
+            except (binascii.Error, ValueError) as error:  # ValueError: non-ASCII characters
                 raise ValidationError(f"not valid base64: {error}", "input_base64") from None
 
 

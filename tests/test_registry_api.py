@@ -74,6 +74,7 @@ def test_input_is_stored_byte_exact(client, alice, hospital):
     ({"input": "\ud800"}, "lone surrogates"),        # valid JSON, not storable text
     ({"name": "\udfff"}, "lone surrogates"),
     ({"input": None, "input_base64": "!!"}, "base64"),
+    ({"input": None, "input_base64": "\u00e9t\u00e9"}, "base64"),  # non-ASCII is not base64 either
     ({"sites": []}, "sites"),
 ])
 def test_bad_task_input_is_rejected_with_a_message(client, alice, hospital, fields, complaint):
