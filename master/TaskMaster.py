@@ -56,19 +56,32 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
-    from gevent.pywsgi import WSGIServer
+    from master.server import RegistryServer
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
                            "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes})
+    _allow_many_open_sockets()
     app = create_app(settings)
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
-    server = WSGIServer((host, port), app, log=None, error_log=logging.getLogger("pht.wsgi"))
+    server = RegistryServer((host, port), app)
     logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s)",
                                            host, port, settings.data_dir)
     server.serve_forever()
+
+
+def _allow_many_open_sockets():
+    """Every waiting site holds a socket; a common default of 1024 open files would cap the sites."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such per-process limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _engine(settings):

@@ -87,6 +87,7 @@ runs = sa.Table(
     sa.Column("log_size", sa.BigInteger),
     sa.UniqueConstraint("task_id", "site_id"),
     sa.Index("ix_runs_site_status", "site_id", "status"),
+    sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
 )
 
 run_events = sa.Table(
@@ -333,6 +334,11 @@ def claim_next_run(engine, site_id, lease_seconds):
         # instead of both taking it; SQLite serialises writers anyway.
         .with_for_update(skip_locked=True)
         .scalar_subquery())
+    # Most claims find nothing; a read says so without taking the database's write lock.
+    with engine.connect() as conn:
+        if conn.execute(sa.select(runs.c.id).where(
+                runs.c.site_id == site_id, runs.c.status == lifecycle.PENDING).limit(1)).first() is None:
+            return None
     with engine.begin() as conn:
         run_id = conn.execute(
             runs.update()
@@ -440,10 +446,15 @@ def expire_overdue_leases(engine):
     """Return runs whose lease ran out to the queue (or fail them); returns (run id, site id, new status)s."""
     now = time.time()
     expired = []
+    overdue_condition = sa.and_(runs.c.status.in_(lifecycle.ACTIVE_STATES), runs.c.lease_expires_at < now)
+    # Nearly always nothing is overdue: find that out with a read, not a write transaction.
+    with engine.connect() as conn:
+        if conn.execute(sa.select(runs.c.id).where(overdue_condition).limit(1)).first() is None:
+            return expired
     with engine.begin() as conn:
         overdue = conn.execute(
             sa.select(runs.c.id, runs.c.site_id, runs.c.attempts)
-            .where(runs.c.status.in_(lifecycle.ACTIVE_STATES), runs.c.lease_expires_at < now)
+            .where(overdue_condition)
             .with_for_update(skip_locked=True)).all()
         for run_id, site_id, attempts in overdue:
             _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")

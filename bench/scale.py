@@ -1,0 +1,179 @@
+"""Scale benchmark: many simulated sites against one registry process on this machine.
+
+    .venv/bin/python bench/scale.py [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
+
+Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
+long-poll for a run, heartbeat once, upload a small output and log, report it finished. A poster
+sends tasks to random sites at --rate per second. For each site count it prints tasks dispatched
+per second, dispatch latency (POST sent -> the site holds the run: median, p95) and the registry's
+RSS and CPU. Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The simulated sites share the
+machine's two cores with the registry, so the figures are pessimistic for the registry.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+import requests  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from master import auth, store  # noqa: E402
+from scripts.federation import free_port, wait_until_answers  # noqa: E402
+
+LONG_POLL_SECONDS = 30  # the site runner's default
+SMALL_RESULT = b"{}" * 256
+SMALL_RESULT_SHA256 = hashlib.sha256(SMALL_RESULT).hexdigest()
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def register(database_url, table, names):
+    engine = sa.create_engine(database_url)
+    tokens = {}
+    for name in names:
+        tokens[name] = auth.new_token()
+        store.create_principal(engine, table, name, auth.hash_token(tokens[name]))
+    engine.dispose()
+    return tokens
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class SimulatedSite:
+    def __init__(self, url, token, claimed_at, stop):
+        self.url, self.claimed_at, self.stop = url, claimed_at, stop
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1)
+        self.http.mount("http://", adapter)
+        self.errors = collections.Counter()
+
+    def work(self):
+        while not self.stop[0]:
+            try:
+                response = self.http.post(f"{self.url}/api/site/claim", json={"wait_seconds": LONG_POLL_SECONDS}, timeout=60)
+                if response.status_code == 204:
+                    continue
+                response.raise_for_status()
+                run = response.json()
+                # Joined with the post times afterwards: the run may arrive before the poster has
+                # even read the task id from its own response.
+                self.claimed_at[run["task_id"]] = time.monotonic()
+                self.report(run)
+            except requests.RequestException as error:
+                self.errors[type(error).__name__ if error.response is None else error.response.status_code] += 1
+                gevent.sleep(0.5)
+
+    def report(self, run):
+        base = f"{self.url}/api/site/runs/{run['id']}"
+        lease = {"lease_id": run["lease_id"]}
+        self.http.post(f"{base}/heartbeat", json=lease, timeout=60).raise_for_status()
+        for kind in ("output", "log"):
+            self.http.put(f"{base}/{kind}", data=SMALL_RESULT, timeout=60, headers={
+                "X-Lease-Id": run["lease_id"], "X-Content-SHA256": SMALL_RESULT_SHA256}).raise_for_status()
+        self.http.post(f"{base}/finish", json={**lease, "exit_code": 0}, timeout=60).raise_for_status()
+
+
+def measure(site_count, seconds, rate, database_url, folder):
+    data_dir = folder / f"registry-{site_count}"
+    data_dir.mkdir()
+    database_url = database_url or f"sqlite:///{data_dir / 'registry.sqlite'}"
+    if database_url.startswith("postgresql"):
+        engine = sa.create_engine(database_url)
+        store.metadata.drop_all(engine)
+        engine.dispose()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    registry = subprocess.Popen(
+        [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(data_dir),
+         "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_answers(url + "/health", registry, "the registry")
+        site_tokens = register(database_url, store.sites, [f"site-{i:05d}" for i in range(site_count)])
+        researcher = register(database_url, store.researchers, ["bench"])["bench"]
+        posted_at, claimed_at, stop = {}, {}, [False]
+        sites = [SimulatedSite(url, token, claimed_at, stop) for token in site_tokens.values()]
+        workers = [gevent.spawn(site.work) for site in sites]
+        gevent.sleep(3 + site_count / 500)  # every site has made its first claim and is parked
+        poster = requests.Session()
+        poster.headers["Authorization"] = f"Bearer {researcher}"
+        names = list(site_tokens)
+        cpu_before, started = cpu_seconds(registry.pid), time.monotonic()
+        peak_rss = rss_mb(registry.pid)
+        posted = 0
+        while time.monotonic() - started < seconds:
+            sent = time.monotonic()
+            response = poster.post(f"{url}/api/tasks", timeout=60, json={
+                "image": "bench/scale:1", "input": "{}", "sites": [random.choice(names)]})
+            response.raise_for_status()
+            posted_at[response.json()["id"]] = sent
+            posted += 1
+            peak_rss = max(peak_rss, rss_mb(registry.pid))
+            gevent.sleep(max(0.0, started + posted / rate - time.monotonic()))
+        deadline = time.monotonic() + 30
+        while len(claimed_at) < posted and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        elapsed = max(claimed_at.values(), default=time.monotonic()) - started
+        cpu_share = (cpu_seconds(registry.pid) - cpu_before) / elapsed
+        stop[0] = True
+        gevent.killall(workers, timeout=10)
+    finally:
+        registry.terminate()
+        registry.wait(timeout=10)
+    latencies = [claimed_at[task] - posted_at[task] for task in claimed_at if task in posted_at]
+    ordered = sorted(latencies)
+    p95 = ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
+    return {
+        "sites": site_count, "posted": posted, "dispatched": len(latencies),
+        "per_second": len(latencies) / elapsed,
+        "median_ms": statistics.median(ordered) * 1000 if ordered else float("nan"),
+        "p95_ms": p95 * 1000, "rss_mb": peak_rss, "cpu_percent": cpu_share * 100,
+        "errors": dict(sum((site.errors for site in sites), collections.Counter())),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[250, 500, 1000, 2000])
+    parser.add_argument("--seconds", type=float, default=20, help="how long tasks are posted per site count")
+    parser.add_argument("--rate", type=float, default=50, help="tasks posted per second")
+    parser.add_argument("--database-url", default="", help="default: a fresh SQLite file per site count")
+    args = parser.parse_args()
+    print(f"{'sites':>6} {'posted':>7} {'dispatched':>10} {'per s':>7} {'median ms':>10} {'p95 ms':>8} "
+          f"{'RSS MB':>7} {'CPU %':>6} {'errors':>6}")
+    with tempfile.TemporaryDirectory(prefix="pht-scale-") as folder:
+        for site_count in args.sites:
+            r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder))
+            print(f"{r['sites']:>6} {r['posted']:>7} {r['dispatched']:>10} {r['per_second']:>7.1f} "
+                  f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['rss_mb']:>7.1f} {r['cpu_percent']:>6.0f} "
+                  f"{sum(r['errors'].values()):>6} {r['errors'] or ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
