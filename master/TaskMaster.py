@@ -56,7 +56,7 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
-    from master.server import RegistryServer
+    from master.server import serve_forever
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,10 +66,9 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     app = create_app(settings)
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
-    server = RegistryServer((host, port), app)
     logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s)",
                                            host, port, settings.data_dir)
-    server.serve_forever()
+    serve_forever(app, host, port)
 
 
 def _allow_many_open_sockets():

@@ -1,0 +1,131 @@
+"""The FileService of the Personal Health Train: run by a trusted third party (TTP) to receive
+files that sites send it directly, encrypted to its own key, without passing the registry.
+
+    python fileservice/FileService.py                       serve on 0.0.0.0:5001 (data in ./fileservice-data)
+    python fileservice/FileService.py public-key            print the key senders encrypt to (pin it in their config)
+    python fileservice/FileService.py add-sender NAME       print a site's sender token, once
+    python fileservice/FileService.py add-operator NAME     print a token for listing and downloading, once
+    python fileservice/FileService.py revoke NAME
+    python fileservice/FileService.py list-files
+    python fileservice/FileService.py export SENDER NAME OUT   decrypt a received file
+
+Every command takes --data-dir before the command name.
+"""
+
+import sys
+from pathlib import Path
+
+# Run as a script (as in the original PyTaskManager), so make the repository importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if __name__ == "__main__":
+    # gevent's server streams many uploads at once in one process; patch before anything imports I/O.
+    from gevent import monkey
+    monkey.patch_all()
+
+import logging  # noqa: E402
+
+import click  # noqa: E402
+
+from fileservice.inbox import OPERATOR, SENDER, Inbox, Refused  # noqa: E402
+
+
+@click.group(invoke_without_command=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("fileservice-data"),
+              show_default=True, help="Folder for the key pair, tokens and received files.")
+@click.pass_context
+def cli(context, data_dir):
+    context.obj = data_dir
+    if context.invoked_subcommand is None:
+        context.invoke(serve)
+
+
+@cli.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=5001, show_default=True, type=int)
+@click.option("--max-file-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
+              help="Largest file a sender may send.")
+@click.pass_obj
+def serve(data_dir, host, port, max_file_bytes):
+    """Serve the FileService."""
+    from fileservice.app import create_app
+    from master.server import serve_forever
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(data_dir, max_file_bytes)
+    logging.getLogger("pht.fileservice").info("FileService on http://%s:%d, public key %s",
+                                              host, port, app.extensions["inbox"].public_key)
+    serve_forever(app, host, port)
+
+
+def _inbox(data_dir):
+    return Inbox(data_dir)
+
+
+@cli.command("public-key")
+@click.pass_obj
+def public_key(data_dir):
+    """The age public key that senders encrypt to."""
+    click.echo(_inbox(data_dir).public_key)
+
+
+def _add(data_dir, name, role):
+    try:
+        click.echo(_inbox(data_dir).add_caller(name, role))
+    except Refused as error:
+        raise click.ClickException(str(error)) from None
+
+
+@cli.command("add-sender")
+@click.argument("name")
+@click.pass_obj
+def add_sender(data_dir, name):
+    """Allow a site to send files; prints its token (shown only this once)."""
+    _add(data_dir, name, SENDER)
+
+
+@cli.command("add-operator")
+@click.argument("name")
+@click.pass_obj
+def add_operator(data_dir, name):
+    """Allow someone at the TTP to list and download files; prints the token (shown only this once)."""
+    _add(data_dir, name, OPERATOR)
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_obj
+def revoke(data_dir, name):
+    """Revoke a sender's or operator's token."""
+    try:
+        _inbox(data_dir).revoke_caller(name)
+    except Refused as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"revoked {name}")
+
+
+@cli.command("list-files")
+@click.pass_obj
+def list_files(data_dir):
+    """Every received file: sender, name, size in bytes."""
+    for entry in _inbox(data_dir).listing():
+        click.echo(f"{entry['sender']}\t{entry['name']}\t{entry['size']}")
+
+
+@cli.command()
+@click.argument("sender")
+@click.argument("name")
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_obj
+def export(data_dir, sender, name, destination):
+    """Decrypt a received file with the service's private key."""
+    try:
+        _inbox(data_dir).decrypt_to(sender, name, destination)
+    except Refused as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"decrypted {sender}/{name} to {destination}")
+
+
+if __name__ == "__main__":
+    cli()
