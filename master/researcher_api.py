@@ -12,7 +12,8 @@ from apiflask import APIBlueprint, abort
 from flask import current_app, send_file
 
 from master import auth, store
-from master.schemas import PageIn, RunEventOut, SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn
+from master.schemas import (PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SitePageOut, TaskIn, TaskOut,
+                            TaskPageOut, TaskQueryIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -27,7 +28,8 @@ def _registry():
 @bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
 @bp.input(TaskIn)
 @bp.output(TaskOut, status_code=201)
-@bp.doc(responses={404: "An unknown site or session was named."})
+@bp.doc(responses={404: "An unknown site or session was named.",
+                   409: "An encrypted task was posted, but the researcher has no public key."})
 def create_task(json_data):
     """Post a task: an image for the given sites to run, with its configuration file."""
     registry = _registry()
@@ -41,7 +43,8 @@ def create_task(json_data):
     task_id, site_ids = store.create_task(
         registry.engine, researcher.id, json_data["image"], input_bytes, json_data.get("sites"),
         session_id=json_data.get("session_id"), name=json_data.get("name"),
-        description=json_data.get("description"), timeout_seconds=json_data.get("timeout_seconds"))
+        description=json_data.get("description"), timeout_seconds=json_data.get("timeout_seconds"),
+        encrypt=json_data["encrypt"])
     log.info("task %s created by researcher %s for %d site(s), image %s",
              task_id, researcher.name, len(site_ids), json_data["image"])
     registry.announcements.announce(site_ids)
@@ -135,3 +138,33 @@ def list_sites(query_data):
         last_seen = site["last_seen_at"]
         site["online"] = last_seen is not None and now - last_seen < registry.settings.online_window_seconds
     return {"items": sites, "total": total, **query_data}
+
+
+@bp.post("/keys")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.input(PublicKeyIn)
+@bp.output(PublicKeyOut, status_code=201)
+def add_public_key(json_data):
+    """Register an age public key; encrypted tasks are encrypted to all of the caller's keys."""
+    engine = _registry().engine
+    key_id = store.add_researcher_key(engine, auth.caller().id, json_data["public_key"])
+    log.info("researcher %s registered public key %s", auth.caller().name, key_id)
+    return next(k for k in store.list_researcher_keys(engine, auth.caller().id) if k["id"] == key_id)
+
+
+@bp.get("/keys")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(PublicKeyOut(many=True))
+def list_public_keys():
+    """The caller's registered public keys."""
+    return store.list_researcher_keys(_registry().engine, auth.caller().id)
+
+
+@bp.delete("/keys/<int:key_id>")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output({}, status_code=204)
+@bp.doc(responses=[404])
+def remove_public_key(key_id):
+    """Stop encrypting new tasks to this key (tasks already posted keep their recipients)."""
+    store.remove_researcher_key(_registry().engine, auth.caller().id, key_id)
+    return ""

@@ -27,6 +27,9 @@ IMAGE_REFERENCE = re.compile(
 # cannot name anything stored, so they are rejected up front instead of failing in SQL.
 INT_MAX = 2 ** 31 - 1
 
+# An age X25519 recipient: "age1" and 58 characters of bech32.
+AGE_PUBLIC_KEY = r"^age1[023456789acdefghjklmnpqrstuvwxyz]{58}$"
+
 RUN_STATES = (lifecycle.PENDING, lifecycle.CLAIMED, lifecycle.RUNNING) + lifecycle.TERMINAL_STATES
 TASK_STATES = ("active", "completed", "cancelled", "finished_with_errors")
 
@@ -72,6 +75,8 @@ class TaskIn(Schema):
     description = Text(allow_none=True, validate=Length(max=10000))
     timeout_seconds = Integer(allow_none=True, validate=Range(min=1, max=7 * 24 * 3600),
                               metadata={"description": "Wall-clock limit for the algorithm at each site."})
+    encrypt = Boolean(load_default=False, metadata={
+        "description": "Sites encrypt output and log to the researcher's registered public keys."})
 
     # Not expressible in the OpenAPI document (OpenAPI 3.0 from these schemas); said in the
     # field descriptions instead.
@@ -84,6 +89,14 @@ class TaskIn(Schema):
                 base64.b64decode(data["input_base64"], validate=True)
             except (binascii.Error, ValueError) as error:  # ValueError: non-ASCII characters
                 raise ValidationError(f"not valid base64: {error}", "input_base64") from None
+
+
+class DeliveryOut(Schema):
+    recipient = String(metadata={"description": "Who received the file, as the site's config names it."})
+    name = String()
+    size = Integer()
+    sha256 = String(metadata={"description": "Of the file as sent (encrypted)."})
+    at = Timestamp()
 
 
 class RunOut(Schema):
@@ -99,6 +112,7 @@ class RunOut(Schema):
     log_sha256 = String(allow_none=True)
     log_size = Integer(allow_none=True)
     updated_at = Timestamp()
+    deliveries = List(Nested(DeliveryOut), metadata={"description": "Files the site sent straight to a recipient."})
 
 
 class TaskOut(Schema):
@@ -109,6 +123,7 @@ class TaskOut(Schema):
     description = String(allow_none=True)
     timeout_seconds = Integer(allow_none=True)
     created_at = Timestamp()
+    encrypted_to = List(String(), metadata={"description": "Public keys the results are encrypted to."})
     status = String(validate=OneOf(TASK_STATES), metadata={"description": "Derived from the runs."})
     runs = List(Nested(RunOut))
 
@@ -165,6 +180,8 @@ class ClaimedRunOut(Schema):
     image = String()
     name = String(allow_none=True)
     timeout_seconds = Integer(allow_none=True)
+    recipients = List(String(), metadata={
+        "description": "Encrypt output and log to these age public keys before upload; empty: do not encrypt."})
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
 
@@ -186,6 +203,23 @@ class FinishIn(LeaseIn):
                         metadata={"description": "The container's exit code; null if it did not run to its end."})
     failure_reason = Text(allow_none=True, load_default=None, validate=Length(1, 2000),
                             metadata={"description": "Set when the runner, not the algorithm, failed the run."})
+
+
+class DeliveryIn(LeaseIn):
+    recipient = Text(required=True, validate=Length(1, 128))
+    name = Text(required=True, validate=Length(1, 256))
+    size = Integer(required=True, validate=Range(min=0, max=2 ** 62))
+    sha256 = String(required=True, validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+
+
+class PublicKeyIn(Schema):
+    public_key = String(required=True, validate=Regexp(AGE_PUBLIC_KEY, error="must be an age public key (age1...)"))
+
+
+class PublicKeyOut(Schema):
+    id = Integer()
+    public_key = String()
+    created_at = Timestamp()
 
 
 class HeartbeatOut(Schema):

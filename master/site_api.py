@@ -13,8 +13,8 @@ from apiflask.validators import Length, Regexp
 from flask import current_app, request
 
 from master import auth, blobs, lifecycle, store
-from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, FinishIn, HeartbeatOut, LeaseIn,
-                            RefuseIn, StartIn)
+from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, DeliveryIn, FinishIn, HeartbeatOut,
+                            LeaseIn, RefuseIn, StartIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -150,6 +150,20 @@ def upload_output(run_id, headers_data):
 def upload_log(run_id, headers_data):
     """Upload the container's log (streamed; body checked against its sha256)."""
     return _receive_blob(run_id, "log", headers_data)
+
+
+@bp.post("/runs/<int:run_id>/deliveries")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(DeliveryIn)
+@bp.output({}, status_code=204)
+@bp.doc(responses=[404, 409])
+def record_delivery(run_id, json_data):
+    """Receipt for a file the site sent straight to a recipient (e.g. a TTP's FileService)."""
+    store.record_delivery(_registry().engine, run_id, auth.caller().id, json_data["lease_id"], json_data["recipient"],
+                          json_data["name"], json_data["size"], json_data["sha256"])
+    log.info("run %s delivered %s (%d bytes) to %s", run_id, json_data["name"], json_data["size"],
+             json_data["recipient"])
+    return ""
 
 
 @bp.post("/runs/<int:run_id>/finish")

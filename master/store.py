@@ -52,6 +52,15 @@ sessions = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+researcher_keys = sa.Table(
+    "researcher_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False, index=True),
+    sa.Column("public_key", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("researcher_id", "public_key"),
+)
+
 tasks = sa.Table(
     "tasks", metadata,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -63,6 +72,9 @@ tasks = sa.Table(
     sa.Column("name", sa.String(256)),
     sa.Column("description", sa.Text),
     sa.Column("timeout_seconds", sa.Integer),
+    # The age public keys the results are encrypted to, one per line; empty when not encrypted.
+    # Copied from the researcher's keys when the task is posted, so later changes cannot redirect it.
+    sa.Column("recipients", sa.Text, nullable=False, default=""),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
@@ -88,6 +100,18 @@ runs = sa.Table(
     sa.UniqueConstraint("task_id", "site_id"),
     sa.Index("ix_runs_site_status", "site_id", "status"),
     sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
+)
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False, index=True),
+    sa.Column("recipient", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.UniqueConstraint("run_id", "recipient", "name"),
 )
 
 run_events = sa.Table(
@@ -207,10 +231,18 @@ def record_site_seen(engine, site_id, runner_version, sparql_ok):
 # --- tasks ------------------------------------------------------------------
 
 def create_task(engine, researcher_id, image, input_bytes, site_names, session_id=None,
-                name=None, description=None, timeout_seconds=None):
+                name=None, description=None, timeout_seconds=None, encrypt=False):
     """Store a task and one pending run per target site; returns (task_id, site_ids)."""
     now = time.time()
     with engine.begin() as conn:
+        recipients = []
+        if encrypt:
+            recipients = list(conn.execute(
+                sa.select(researcher_keys.c.public_key).where(researcher_keys.c.researcher_id == researcher_id)
+                .order_by(researcher_keys.c.id)).scalars())
+            if not recipients:
+                raise Conflict("an encrypted task needs a public key: register one first "
+                               "(python -m researcher keygen)")
         if site_names is None:
             site_ids = list(conn.execute(
                 sa.select(sites.c.id).where(sites.c.revoked_at.is_(None)).order_by(sites.c.id)).scalars())
@@ -229,7 +261,8 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
                 raise NotFound(f"session {session_id} does not exist")
         task_id = conn.execute(tasks.insert().values(
             session_id=session_id, researcher_id=researcher_id, image=image, input=input_bytes,
-            name=name, description=description, timeout_seconds=timeout_seconds, created_at=now,
+            name=name, description=description, timeout_seconds=timeout_seconds,
+            recipients="\n".join(recipients), created_at=now,
         )).inserted_primary_key[0]
         for site_id in site_ids:
             run_id = conn.execute(runs.insert().values(
@@ -291,8 +324,17 @@ def _with_runs(conn, task_rows):
             .where(runs.c.task_id.in_(ids)).order_by(runs.c.id)).mappings():
         runs_by_task[run["task_id"]].append(dict(run))
     result = []
+    run_ids = [run["id"] for task_runs in runs_by_task.values() for run in task_runs]
+    deliveries_by_run = {run_id: [] for run_id in run_ids}
+    for delivery in conn.execute(sa.select(deliveries).where(deliveries.c.run_id.in_(run_ids))
+                                 .order_by(deliveries.c.id)).mappings():
+        deliveries_by_run[delivery["run_id"]].append(dict(delivery))
+    for task_runs in runs_by_task.values():
+        for run in task_runs:
+            run["deliveries"] = deliveries_by_run[run["id"]]
     for row in task_rows:
         task = dict(row)
+        task["encrypted_to"] = task.pop("recipients").split()
         task["runs"] = runs_by_task[task["id"]]
         task["status"] = lifecycle.task_status([r["status"] for r in task["runs"]])
         result.append(task)
@@ -351,10 +393,13 @@ def claim_next_run(engine, site_id, lease_seconds):
         _record_event(conn, run_id, lifecycle.CLAIMED, now)
         row = conn.execute(
             sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
-                      tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name)
+                      tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name,
+                      tasks.c.recipients)
             .join(tasks, tasks.c.id == runs.c.task_id)
             .where(runs.c.id == run_id)).mappings().one()
-    return dict(row)
+    claimed = dict(row)
+    claimed["recipients"] = claimed["recipients"].split()
+    return claimed
 
 
 def get_site_run(engine, run_id, site_id):
@@ -465,6 +510,47 @@ def expire_overdue_leases(engine):
             _record_event(conn, run_id, status, now, reason)
             expired.append((run_id, site_id, status))
     return expired
+
+
+def add_researcher_key(engine, researcher_id, public_key):
+    with engine.begin() as conn:
+        exists = conn.execute(sa.select(researcher_keys.c.id).where(
+            researcher_keys.c.researcher_id == researcher_id, researcher_keys.c.public_key == public_key)).scalar()
+        if exists:
+            return exists
+        return conn.execute(researcher_keys.insert().values(
+            researcher_id=researcher_id, public_key=public_key, created_at=time.time())).inserted_primary_key[0]
+
+
+def list_researcher_keys(engine, researcher_id):
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(researcher_keys.c.id, researcher_keys.c.public_key, researcher_keys.c.created_at)
+                            .where(researcher_keys.c.researcher_id == researcher_id)
+                            .order_by(researcher_keys.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def remove_researcher_key(engine, researcher_id, key_id):
+    with engine.begin() as conn:
+        removed = conn.execute(researcher_keys.delete().where(
+            researcher_keys.c.id == key_id, researcher_keys.c.researcher_id == researcher_id)).rowcount
+    if not removed:
+        raise NotFound(f"key {key_id} does not exist")
+
+
+def record_delivery(engine, run_id, site_id, lease_id, recipient, name, size, sha256):
+    """A receipt for a file the site sent straight to a recipient; the same receipt twice is fine."""
+    with engine.begin() as conn:
+        existing = conn.execute(sa.select(deliveries).where(
+            deliveries.c.run_id == run_id, deliveries.c.recipient == recipient,
+            deliveries.c.name == name)).mappings().first()
+        if existing:
+            if (existing["size"], existing["sha256"]) != (size, sha256):
+                raise Conflict(f"run {run_id} already delivered another {name} to {recipient}")
+            return
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        conn.execute(deliveries.insert().values(run_id=run_id, recipient=recipient, name=name, size=size,
+                                                sha256=sha256, at=time.time()))
 
 
 def get_researcher_run(engine, run_id, researcher_id):

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import re
 import threading
 import time
 
@@ -326,7 +327,7 @@ def _operations(client):
     document = client.get("/openapi.json").json
     for path, item in document["paths"].items():
         for method, operation in item.items():
-            yield path.replace("{run_id}", "1").replace("{task_id}", "1"), method, operation
+            yield re.sub(r"\{\w+\}", "1", path), method, operation
 
 
 def test_every_endpoint_but_health_needs_a_token(client):
@@ -343,3 +344,42 @@ def test_each_role_is_refused_the_other_roles_endpoints(client, alice, hospital)
         wrong_role = alice if path.startswith("/api/site/") else hospital
         status = client.open(path, method=method.upper(), headers=wrong_role, json={}).status_code
         assert status == 403, f"{method.upper()} {path} answered {status} to the wrong role"
+
+
+AGE_KEY = "age1" + "q" * 58
+
+
+def test_encrypted_task_carries_the_researchers_keys_to_the_site(client, alice, hospital):
+    assert post_task(client, alice, encrypt=True).status_code == 409  # no key registered yet
+    added = client.post("/api/keys", json={"public_key": AGE_KEY}, headers=alice)
+    assert added.status_code == 201 and added.json["public_key"] == AGE_KEY
+    task = post_task(client, alice, encrypt=True).json
+    assert task["encrypted_to"] == [AGE_KEY]
+    assert claim(client, hospital).json["recipients"] == [AGE_KEY]
+
+    client.delete(f"/api/keys/{added.json['id']}", headers=alice)
+    assert client.get("/api/keys", headers=alice).json == []
+    assert client.get(f"/api/tasks/{task['id']}", headers=alice).json["encrypted_to"] == [AGE_KEY]  # kept
+
+
+def test_plain_task_has_no_recipients(client, alice, hospital):
+    client.post("/api/keys", json={"public_key": AGE_KEY}, headers=alice)
+    post_task(client, alice)
+    assert claim(client, hospital).json["recipients"] == []
+
+
+def test_bad_public_key_is_rejected(client, alice):
+    response = client.post("/api/keys", json={"public_key": "ssh-rsa AAAA"}, headers=alice)
+    assert response.status_code == 422 and "age public key" in response.get_data(as_text=True)
+
+
+def test_delivery_receipts_are_recorded_once(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    receipt = {"lease_id": run["lease_id"], "recipient": "ttp", "name": "keys.csv", "size": 120, "sha256": "a" * 64}
+    deliver = lambda body: client.post(f"/api/site/runs/{run['id']}/deliveries", json=body, headers=hospital)
+    assert deliver(receipt).status_code == 204
+    assert deliver(receipt).status_code == 204  # the same receipt again
+    assert deliver({**receipt, "sha256": "b" * 64}).status_code == 409
+    stored = client.get("/api/tasks/1", headers=alice).json["runs"][0]["deliveries"]
+    assert [(d["recipient"], d["name"], d["size"], d["sha256"]) for d in stored] == [("ttp", "keys.csv", 120, "a" * 64)]
