@@ -1,5 +1,7 @@
-"""Researcher library for the Personal Health Train registry."""
+"""Researcher library for the Personal Health Train registry; `python -m researcher` is its CLI."""
 
-from researcher.client import Registry, RegistryError, RunResult, TaskTimeout
+from researcher.client import Registry, RegistryError, TaskFailed, TaskTimeout
+from researcher.results import RunResult
+from researcher.settings import SettingsError, connect
 
-__all__ = ["Registry", "RegistryError", "RunResult", "TaskTimeout"]
+__all__ = ["Registry", "RegistryError", "RunResult", "SettingsError", "TaskFailed", "TaskTimeout", "connect"]

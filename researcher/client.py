@@ -3,43 +3,54 @@
     registry = Registry("http://127.0.0.1:5000", token)
     task = registry.submit("registry.example.org/group/algorithm:1", {"label": "round 1"})
     for result in registry.wait_for_results(task["id"]):
-        print(result.site, result.exit_code, result.read_json("result.json"))
+        print(result.site, result.exit_code, result.output)
+
+Tasks, runs and sites are the registry's JSON objects as plain dicts (see docs/api.md);
+a site's answer is a RunResult.
 """
 
 import base64
-import io
 import json
-import tarfile
+import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import requests
 
+from researcher.progress import SiteProgress
+from researcher.results import RunResult
+
 TERMINAL_STATES = ("completed", "failed", "refused", "cancelled")
+PAGE_SIZE = 200  # the registry's largest page
+
+# Polling starts fast, so a short round of an iterative analysis is not padded with waiting,
+# and slows down for long runs, so a thousand waiting researchers do not flood the registry.
+FIRST_POLL_SECONDS = 0.2
+LONGEST_POLL_SECONDS = 2.0
 
 
 class RegistryError(Exception):
-    """The registry rejected a request; the message says why."""
+    """The registry rejected a request, or could not be reached; the message says why."""
 
 
 class TaskTimeout(Exception):
-    pass
+    """A task's runs did not all end in time; `task` is its last known state."""
+
+    def __init__(self, task, timeout_seconds):
+        self.task = task
+        states = ", ".join(f"{run['site']}: {run['status']}" for run in task["runs"])
+        super().__init__(f"task {task['id']} not finished after {timeout_seconds:g} s ({states})")
 
 
-@dataclass
-class RunResult:
-    """One site's answer to a task."""
-    run_id: int
-    site: str
-    status: str
-    reason: str | None
-    exit_code: int | None
-    image_digest: str | None
-    log: str
-    files: dict  # path inside /output -> bytes
+class TaskFailed(Exception):
+    """Some sites did not complete a task. `results` holds every site's RunResult, the
+    completed ones included, and `failed` the others."""
 
-    def read_json(self, name):
-        return json.loads(self.files[name])
+    def __init__(self, task_id, results):
+        self.results = results
+        self.failed = [result for result in results if not result.ok]
+        reasons = "; ".join(result.describe_failure() for result in self.failed)
+        super().__init__(f"task {task_id}: {len(self.failed)} of {len(results)} sites did not complete it: {reasons}")
 
 
 class Registry:
@@ -48,69 +59,139 @@ class Registry:
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
 
-    def submit(self, image, task_input, sites=None, session_id=None, name=None, timeout_seconds=None):
-        """Post a task; task_input is a dict (sent as JSON), str or bytes. Returns the task."""
+    # --- sites and tasks -------------------------------------------------------------------
+
+    def sites(self):
+        """Every site: name, online (polled recently), sparql_ok (its endpoint answered), last_seen_at."""
+        return list(self._pages("/api/sites", {}))
+
+    def submit(self, image, task_input, sites=None, session_id=None, name=None, timeout_seconds=None,
+               description=None):
+        """Post a task; returns it, with its id, session_id and one run per site.
+
+        task_input is the configuration file the algorithm reads as /input/input.txt: a dict or
+        list (sent as JSON), a str (as text), bytes (byte for byte), or a pathlib.Path (that
+        file's contents). sites=None means every site; session_id continues a session, whose
+        tasks share each site's /temp/; timeout_seconds limits the algorithm at each site.
+        """
         body = {"image": image, "sites": sites, "session_id": session_id, "name": name,
-                "timeout_seconds": timeout_seconds}
-        if isinstance(task_input, bytes):
-            body["input_base64"] = base64.b64encode(task_input).decode()
-        else:
-            body["input"] = task_input if isinstance(task_input, str) else json.dumps(task_input)
-        return self._call("POST", "/api/tasks", json={k: v for k, v in body.items() if v is not None})
+                "description": description, "timeout_seconds": timeout_seconds}
+        body.update(_encode_input(task_input))
+        return self._call("POST", "/api/tasks", json={key: value for key, value in body.items() if value is not None})
 
     def task(self, task_id):
+        """The task with each site's run: status, reason, exit_code, image_digest, …"""
         return self._call("GET", f"/api/tasks/{task_id}")
 
+    def tasks(self, session_id=None, status=None):
+        """The caller's tasks, oldest first, optionally of one session and one status
+        (active, completed, cancelled, finished_with_errors); fetched page by page as iterated."""
+        query = {"session_id": session_id, "status": status}
+        return self._pages("/api/tasks", {key: value for key, value in query.items() if value is not None})
+
     def cancel(self, task_id):
+        """Stop the task's unfinished runs; returns the task as it is now."""
         return self._call("POST", f"/api/tasks/{task_id}/cancel")
 
-    def wait(self, task_id, timeout_seconds=600, poll_seconds=0.5):
-        """The task once every run has ended; TaskTimeout if that takes longer than timeout_seconds."""
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            task = self.task(task_id)
-            if all(run["status"] in TERMINAL_STATES for run in task["runs"]):
-                return task
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{r['site']}: {r['status']}" for r in task["runs"])
-                raise TaskTimeout(f"task {task_id} not finished after {timeout_seconds} s ({states})")
-            time.sleep(poll_seconds)
+    def run_history(self, run_id):
+        """Every state one run went through, with times and reasons (expired leases included)."""
+        return self._call("GET", f"/api/runs/{run_id}/history")
 
-    def wait_for_results(self, task_id, timeout_seconds=600):
-        """Every site's RunResult, once all have ended."""
-        return [self.result(run) for run in self.wait(task_id, timeout_seconds)["runs"]]
+    # --- waiting and results ---------------------------------------------------------------
+
+    def wait(self, task_id, timeout_seconds=600, progress=True):
+        """The task once every run has ended, whichever way; TaskTimeout if that takes longer.
+
+        With progress, each site's state is shown on standard error while waiting (in a
+        terminal only; the display is removed when the wait ends).
+        """
+        deadline = time.monotonic() + timeout_seconds
+        poll_seconds = FIRST_POLL_SECONDS
+        with SiteProgress(task_id, enabled=progress) as display:
+            while True:
+                task = self.task(task_id)
+                display.show(task["runs"])
+                if all(run["status"] in TERMINAL_STATES for run in task["runs"]):
+                    return task
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TaskTimeout(task, timeout_seconds)
+                time.sleep(min(poll_seconds, remaining))
+                poll_seconds = min(poll_seconds * 1.5, LONGEST_POLL_SECONDS)
+
+    def results(self, task_or_id, accept_partial=False):
+        """Every site's RunResult for a task (a task dict or id).
+
+        Unless accept_partial, raises TaskFailed when any site's run did not complete (it
+        failed, was refused or cancelled, or has not ended yet), naming each site and why.
+        """
+        task = self.task(task_or_id) if isinstance(task_or_id, int) else task_or_id
+        results = [self.result(run) for run in task["runs"]]
+        if not accept_partial and not all(result.ok for result in results):
+            raise TaskFailed(task["id"], results)
+        return results
+
+    def wait_for_results(self, task_id, timeout_seconds=600, accept_partial=False, progress=True):
+        """wait() then results(): every site's RunResult once all runs have ended."""
+        return self.results(self.wait(task_id, timeout_seconds, progress), accept_partial)
 
     def result(self, run):
-        files = {}
-        if run["output_sha256"]:
-            archive = self._download(f"/api/runs/{run['id']}/output")
-            with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-                for member in tar.getmembers():
-                    if member.isfile():
-                        files[member.name] = tar.extractfile(member).read()
+        """One run's RunResult, its output archive and log downloaded (when it has them)."""
+        archive = self._download(f"/api/runs/{run['id']}/output") if run["output_sha256"] else None
         log = self._download(f"/api/runs/{run['id']}/log").decode("utf-8", "replace") if run["log_sha256"] else ""
-        return RunResult(run["id"], run["site"], run["status"], run["reason"], run["exit_code"],
-                         run["image_digest"], log, files)
+        return RunResult(run_id=run["id"], site=run["site"], status=run["status"], reason=run["reason"],
+                         exit_code=run["exit_code"], image_digest=run["image_digest"], log=log,
+                         output_archive=archive)
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _pages(self, path, query):
+        page = 1
+        while True:
+            answer = self._call("GET", path, params={**query, "page": page, "per_page": PAGE_SIZE})
+            yield from answer["items"]
+            if page * PAGE_SIZE >= answer["total"]:
+                return
+            page += 1
 
     def _download(self, path):
-        response = self.http.get(self.url + path, timeout=300)
-        _raise_for(response)
-        return response.content
+        return self._request("GET", path, timeout=300).content
 
     def _call(self, method, path, **kwargs):
-        response = self.http.request(method, self.url + path, timeout=60, **kwargs)
-        _raise_for(response)
-        return response.json()
+        return self._request(method, path, timeout=60, **kwargs).json()
+
+    def _request(self, method, path, **kwargs):
+        try:
+            response = self.http.request(method, self.url + path, **kwargs)
+        except requests.ConnectionError as error:
+            raise RegistryError(f"cannot reach the registry at {self.url} ({type(error).__name__}); "
+                                "is the URL right and the registry running?") from None
+        if not response.ok:
+            raise RegistryError(_error_message(response))
+        return response
 
 
-def _raise_for(response):
-    if response.ok:
-        return
+def _encode_input(task_input):
+    """The task's configuration file as the registry takes it: text as `input`, anything else as base64."""
+    if isinstance(task_input, os.PathLike):
+        task_input = Path(task_input).read_bytes()
+    if isinstance(task_input, (dict, list)):
+        task_input = json.dumps(task_input)
+    if isinstance(task_input, str):
+        return {"input": task_input}
+    if isinstance(task_input, bytes):
+        return {"input_base64": base64.b64encode(task_input).decode("ascii")}
+    raise TypeError(f"task input must be a dict, list, str, bytes or pathlib.Path, not {type(task_input).__name__}")
+
+
+def _error_message(response):
+    hint = {401: " (is the token right? the registry's operator issues it)",
+            403: " (this token is not a researcher's)"}.get(response.status_code, "")
     try:
         body = response.json()
         message = body.get("message", "")
         if body.get("detail"):
             message += f": {json.dumps(body['detail'])}"
     except ValueError:
-        message = response.text
-    raise RegistryError(f"{response.status_code} {message}")
+        message = response.text.strip()[:200]
+    return f"registry answered {response.status_code} {message}{hint}"

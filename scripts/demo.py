@@ -1,33 +1,82 @@
-"""The walking skeleton's demo: a local federation of two sites, one task, each site's answer.
+"""The main demo: a federated logistic regression over three hospitals, checked against statsmodels.
+
+Starts a local federation (scripts/federation.py): the registry and, per hospital, a SPARQL endpoint
+with its own synthetic cohort and a site runner. Then does what a researcher would, with the
+registry's URL and token in the environment: lists the sites with the CLI and runs the two examples,
+examples/federated_summary.py and examples/federated_logistic_regression.py.
 
 Run it through scripts/demo.sh, which prepares the machine first.
 """
 
+import csv
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
-IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+PATIENTS_PER_SITE = 300
+SUMMARY_IMAGE = f"{IMAGE_REGISTRY}/pht/summary:latest"
+LOGREG_IMAGE = f"{IMAGE_REGISTRY}/pht/logreg:latest"
+STEP_TIMEOUT_SECONDS = 900
+
+
+def write_pooled_cohort(federation, path):
+    """Every site's patients in one CSV, for the examples' check against a pooled analysis.
+
+    Only the demo can do this, because it generated the cohorts; a real researcher never sees
+    the patients, which is the point of the whole system.
+    """
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=["site", "id", "age", "sex", "stage", "smoker", "outcome"])
+        writer.writeheader()
+        for site in federation.sites.values():
+            writer.writerows({"site": site.name, **patient} for patient in site.patients)
+    return path
+
+
+def wait_until_sites_online(registry, timeout_seconds=30):
+    deadline = time.monotonic() + timeout_seconds
+    while not all(site["online"] for site in registry.sites()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every site polled the registry within {timeout_seconds} s; "
+                               "see the runners' logs in the federation's logs/ folder")
+        time.sleep(0.2)
+
+
+def run_as_researcher(environment, *command):
+    print(f"\n$ python {' '.join(command)}", flush=True)
+    return subprocess.run([sys.executable, *command], cwd=ROOT, env=environment,
+                          timeout=STEP_TIMEOUT_SECONDS).returncode
 
 
 def main():
-    with LocalFederation(site_names=("hospital-a", "hospital-b"), patients_per_site=120) as federation:
-        print(f"registry at {federation.registry_url}; sites: {', '.join(federation.sites)}")
-        researcher = federation.researcher()
-        task = researcher.submit(IMAGE, {"label": "how many patients?"})
-        print(f"task {task['id']} posted: {IMAGE}")
-        failed = False
-        for result in researcher.wait_for_results(task["id"], timeout_seconds=300):
-            if result.status == "completed":
-                count = result.read_json("result.json")["patient_count"]
-                print(f"{result.site}: {count} patients (image {result.image_digest[:19]}…)")
-            else:
-                failed = True
-                print(f"{result.site}: {result.status}: {result.reason}")
-    return 1 if failed else 0
+    started = time.monotonic()
+    with LocalFederation(site_names=SITES, patients_per_site=PATIENTS_PER_SITE) as federation:
+        print(f"A local federation: registry at {federation.registry_url}; sites {', '.join(SITES)}, "
+              f"{PATIENTS_PER_SITE} synthetic patients each, in their own SPARQL endpoint")
+        wait_until_sites_online(federation.researcher())
+        pooled = write_pooled_cohort(federation, federation.folder / "pooled-cohort.csv")
+        environment = {**os.environ, "PHT_REGISTRY_URL": federation.registry_url,
+                       "PHT_TOKEN": federation.researcher_token}
+        steps = [
+            ["-m", "researcher", "sites"],
+            ["examples/federated_summary.py", "--image", SUMMARY_IMAGE, "--pooled-data", str(pooled)],
+            ["examples/federated_logistic_regression.py", "--image", LOGREG_IMAGE, "--pooled-data", str(pooled)],
+        ]
+        for step in steps:
+            exit_code = run_as_researcher(environment, *step)
+            if exit_code != 0:
+                print(f"demo: `{' '.join(step)}` exited with code {exit_code}", file=sys.stderr)
+                return exit_code
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

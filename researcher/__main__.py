@@ -1,0 +1,204 @@
+"""The researcher's command line, over the same library a script would use.
+
+    python -m researcher sites
+    python -m researcher submit IMAGE --input-file config.json --site hospital-a --site hospital-b
+    python -m researcher wait TASK
+    python -m researcher results TASK --output-dir results/
+    python -m researcher cancel TASK
+    python -m researcher tasks --session SESSION
+
+Tables for people by default, --json for scripts. The registry URL and token come from
+PHT_REGISTRY_URL and PHT_TOKEN or ~/.config/pht/researcher.toml (see researcher/settings.py).
+Exit codes: 0 done; 1 an error, or a site did not complete the task; 2 a usage error; 3 a timeout.
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from researcher.client import RegistryError, TaskFailed, TaskTimeout
+from researcher.settings import SettingsError, connect
+
+TIMED_OUT = 3
+# In a pipe rich would fold tables to 80 columns; a wider page keeps each row on one line.
+PIPE_WIDTH = 200
+
+
+@click.group(epilog="Exit codes: 0 done; 1 an error, or a site did not complete the task; 2 usage; 3 timeout.")
+@click.option("--registry", "registry_url", metavar="URL", help="The registry (default: $PHT_REGISTRY_URL or the config file).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file with registry_url and token (default: $PHT_CONFIG or ~/.config/pht/researcher.toml).")
+@click.pass_context
+def cli(context, registry_url, config_file):
+    """Post Personal Health Train tasks to a registry, follow them and fetch their results."""
+    # Connect lazily, so `--help` of a command works without a token.
+    context.obj = lambda: connect(registry_url, config_file)
+
+
+def command(function):
+    """A subcommand with --json, whose anticipated failures end in one line on standard error."""
+    @cli.command(name=function.__name__.removesuffix("_command"), help=function.__doc__)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+    @click.pass_obj
+    @functools.wraps(function)
+    def run(connect_to_registry, *args, **kwargs):
+        try:
+            return function(connect_to_registry(), *args, **kwargs)
+        except TaskTimeout as error:
+            fail(f"{error}; wait again, or stop it with: python -m researcher cancel {error.task['id']}", TIMED_OUT)
+        except (RegistryError, SettingsError, TaskFailed, OSError) as error:
+            fail(str(error))
+    return run
+
+
+def fail(message, exit_code=1):
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(exit_code)
+
+
+@command
+def sites(registry, as_json):
+    """List the sites: online (polled the registry lately) and whether their SPARQL endpoint answers."""
+    found = registry.sites()
+    if as_json:
+        return print_json(found)
+    table = new_table("site", "online", "SPARQL", "last seen (UTC)", "runner")
+    for site in found:
+        sparql = {True: "ok", False: "not answering", None: "unknown"}[site["sparql_ok"]]
+        table.add_row(site["name"], "yes" if site["online"] else "no", sparql,
+                      (site["last_seen_at"] or "never")[:19], site["runner_version"] or "")
+    print_table(table)
+
+
+@command
+@click.argument("image")
+@click.option("--input", "input_text", metavar="TEXT", help="The configuration file's text, e.g. '{\"min_count\": 5}'.")
+@click.option("--input-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file to send, byte for byte, as the configuration file.")
+@click.option("--site", "site_names", multiple=True, metavar="NAME", help="A site to run it (repeat; default all).")
+@click.option("--session", "session_id", type=int, help="Add the task to this session.")
+@click.option("--name", help="A name for the task.")
+@click.option("--timeout", "timeout_seconds", type=click.IntRange(1), help="Seconds the algorithm may run at each site.")
+def submit_command(registry, as_json, image, input_text, input_file, site_names, session_id, name, timeout_seconds):
+    """Post a task: IMAGE for the sites to run, with a configuration file (empty by default)."""
+    if input_text is not None and input_file is not None:
+        raise click.UsageError("give --input or --input-file, not both")
+    task_input = input_file if input_file is not None else (input_text or "")
+    task = registry.submit(image, task_input, sites=list(site_names) or None, session_id=session_id, name=name,
+                           timeout_seconds=timeout_seconds)
+    if as_json:
+        return print_json(task)
+    sites_named = ", ".join(run["site"] for run in task["runs"])
+    click.echo(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}")
+
+
+@command
+@click.argument("task_id", type=int)
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(0, min_open=True), default=600,
+              show_default=True, help="Give up waiting after this many seconds (exit code 3).")
+def wait_command(registry, as_json, task_id, timeout_seconds):
+    """Wait until every site's run of a task has ended, showing each site's state."""
+    task = registry.wait(task_id, timeout_seconds)
+    if as_json:
+        print_json(task)
+    else:
+        print_runs(task)
+    registry.results(task)  # raises TaskFailed, naming each site that did not complete and why
+
+
+@command
+@click.argument("task_id", type=int)
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Extract each site's output files to DIR/SITE/ and its log to DIR/SITE.log.")
+@click.option("--partial", is_flag=True, help="Show what there is even if some sites did not complete the task.")
+@click.option("--logs", is_flag=True, help="Also print each site's log.")
+def results_command(registry, as_json, task_id, output_dir, partial, logs):
+    """Each site's result: status, exit code, image digest, output files and output.txt."""
+    results = registry.results(task_id, accept_partial=partial)
+    if output_dir is not None:
+        for result in results:
+            result.extract_to(output_dir / result.site)
+            (output_dir / f"{result.site}.log").write_text(result.log, encoding="utf-8")
+    if as_json:
+        return print_json([{"run_id": r.run_id, "site": r.site, "status": r.status, "reason": r.reason,
+                            "exit_code": r.exit_code, "image_digest": r.image_digest, "files": sorted(r.files),
+                            "output": r.output, "log": r.log} for r in results])
+    table = new_table("site", "status", "exit code", "image", "files", "output.txt")
+    for result in results:
+        output = result.output if isinstance(result.output, str) else json.dumps(result.output)
+        table.add_row(result.site, result.status, str(result.exit_code if result.exit_code is not None else ""),
+                      short_digest(result.image_digest), ", ".join(sorted(result.files)),
+                      "" if result.output is None else output)
+    print_table(table)
+    for result in results if logs else []:
+        click.echo(f"\n--- log of {result.site} ---\n{result.log}")
+    if output_dir is not None:
+        click.echo(f"output files and logs written to {output_dir}/")
+
+
+@command
+@click.argument("task_id", type=int)
+def cancel_command(registry, as_json, task_id):
+    """Cancel a task: runs not yet ended stop (running ones at the site's next heartbeat)."""
+    task = registry.cancel(task_id)
+    if as_json:
+        return print_json(task)
+    print_runs(task)
+
+
+@command
+@click.option("--session", "session_id", type=int, help="Only this session's tasks.")
+@click.option("--status", type=click.Choice(["active", "completed", "cancelled", "finished_with_errors"]))
+def tasks_command(registry, as_json, session_id, status):
+    """List your tasks, oldest first."""
+    found = list(registry.tasks(session_id=session_id, status=status))
+    if as_json:
+        return print_json(found)
+    table = new_table("task", "session", "name", "image", "status", "sites done", "created (UTC)")
+    for task in found:
+        done = sum(run["status"] == "completed" for run in task["runs"])
+        table.add_row(str(task["id"]), str(task["session_id"]), task["name"] or "", task["image"], task["status"],
+                      f"{done}/{len(task['runs'])}", task["created_at"][:19])
+    print_table(table)
+
+
+def print_runs(task):
+    table = new_table("site", "status", "exit code", "reason")
+    for run in task["runs"]:
+        table.add_row(run["site"], run["status"], "" if run["exit_code"] is None else str(run["exit_code"]),
+                      run["reason"] or "")
+    click.echo(f"task {task['id']} (session {task['session_id']}): {task['status']}")
+    print_table(table)
+
+
+def new_table(*columns):
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, highlight=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def print_table(table):
+    # markup off: a site's name or a failure reason may contain [brackets].
+    stdout = Console(highlight=False, markup=False)
+    if not stdout.is_terminal:
+        stdout = Console(highlight=False, markup=False, width=PIPE_WIDTH)
+    stdout.print(table)
+
+
+def print_json(value):
+    click.echo(json.dumps(value, indent=2))
+
+
+def short_digest(digest):
+    return digest[:19] + "…" if digest else ""
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,154 @@
+"""`python -m researcher` as a researcher uses it: a separate process, the URL and token in the
+environment or a config file, against a real federation.
+
+hospital-c is registered but has no runner, so its runs stay pending: that is the timeout.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts.federation import IMAGE_REGISTRY, LocalFederation
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY = f"{IMAGE_REGISTRY}/pht/summary:latest"
+OFF_THE_WHITELIST = f"{IMAGE_REGISTRY}/untrusted/summary:latest"  # no site pulls it, so it need not exist
+
+
+@pytest.fixture(scope="module")
+def federation():
+    with LocalFederation(site_names=("hospital-a", "hospital-b", "hospital-c"), patients_per_site=30,
+                         start_runners=False) as fed:
+        fed.start_runner("hospital-a")
+        fed.start_runner("hospital-b")
+        registry = fed.researcher()
+        deadline = time.monotonic() + 30
+        while sum(site["online"] for site in registry.sites()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield fed
+
+
+@pytest.fixture
+def cli(federation, tmp_path):
+    """Run the CLI with the federation's URL and token in the environment, and nothing else of ours."""
+    def run(*args, timeout=120, **environment):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PHT_REGISTRY_URL": federation.registry_url,
+               "PHT_TOKEN": federation.researcher_token, **environment}
+        return subprocess.run([sys.executable, "-m", "researcher", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+def table_rows(stdout):
+    """A table's rows by their first column, for the rows naming a site."""
+    return {line.split()[0]: line.split()[1:] for line in stdout.splitlines() if line.startswith("hospital-")}
+
+
+def one_line_error(done):
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    return done.stderr
+
+
+def test_sites_show_who_is_online_and_whose_sparql_answers(cli):
+    table = cli("sites")
+    assert table.returncode == 0, table.stderr
+    rows = {site: columns[:2] for site, columns in table_rows(table.stdout).items()}
+    assert rows == {"hospital-a": ["yes", "ok"], "hospital-b": ["yes", "ok"], "hospital-c": ["no", "unknown"]}
+
+    sites = {site["name"]: site for site in json.loads(cli("sites", "--json").stdout)}
+    assert sites["hospital-a"]["online"] and sites["hospital-a"]["sparql_ok"]
+    assert not sites["hospital-c"]["online"] and sites["hospital-c"]["last_seen_at"] is None
+
+
+def test_submit_wait_and_fetch_results(cli, federation, tmp_path):
+    config = tmp_path / "summary.json"
+    config.write_text('{"variables": ["stage"], "min_count": 1}')
+    submitted = cli("submit", SUMMARY, "--input-file", str(config), "--site", "hospital-a", "--site", "hospital-b",
+                    "--name", "stages", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    task = json.loads(submitted.stdout)
+    task_id = str(task["id"])
+
+    waited = cli("wait", task_id)
+    assert waited.returncode == 0, waited.stderr
+    assert f"task {task_id} (session {task['session_id']}): completed" in waited.stdout
+    assert waited.stdout.count("completed") == 3  # the heading and each site's row
+
+    results = {r["site"]: r for r in json.loads(cli("results", task_id, "--json").stdout)}
+    for name in ("hospital-a", "hospital-b"):
+        assert results[name]["exit_code"] == 0 and results[name]["image_digest"].startswith("sha256:")
+        assert results[name]["files"] == ["output.txt"]
+        assert results[name]["output"]["variables"]["stage"]["count"] == len(federation.sites[name].patients)
+        assert "summary: 30 patients" in results[name]["log"]
+
+    folder = tmp_path / "results"
+    extracted = cli("results", task_id, "--output-dir", str(folder))
+    assert extracted.returncode == 0, extracted.stderr
+    assert json.loads((folder / "hospital-a" / "output.txt").read_text()) == results["hospital-a"]["output"]
+    assert (folder / "hospital-b.log").read_text() == results["hospital-b"]["log"]
+
+    listed = cli("tasks", "--session", str(task["session_id"]))
+    assert listed.returncode == 0 and "stages" in listed.stdout and "2/2" in listed.stdout
+
+
+def test_a_refused_run_fails_the_command_naming_the_site_and_why(cli):
+    task_id = json.loads(cli("submit", OFF_THE_WHITELIST, "--site", "hospital-a", "--json").stdout)["id"]
+
+    waited = cli("wait", str(task_id))
+    assert waited.returncode == 1
+    error = one_line_error(waited)
+    assert f"task {task_id}: 1 of 1 sites did not complete it: hospital-a refused:" in error and OFF_THE_WHITELIST in error and "whitelist" in error
+
+    assert cli("results", str(task_id)).returncode == 1
+    partial = cli("results", str(task_id), "--partial", "--json")
+    assert partial.returncode == 0
+    [refused] = json.loads(partial.stdout)
+    assert refused["status"] == "refused" and refused["files"] == [] and refused["image_digest"] is None
+
+
+def test_waiting_too_long_times_out_and_the_task_can_be_cancelled(cli):
+    task_id = json.loads(cli("submit", SUMMARY, "--site", "hospital-c", "--json").stdout)["id"]
+
+    started = time.monotonic()
+    waited = cli("wait", str(task_id), "--timeout", "1.5")
+    assert waited.returncode == 3
+    assert time.monotonic() - started < 15
+    error = one_line_error(waited)
+    assert f"task {task_id} not finished after 1.5 s (hospital-c: pending)" in error
+    assert f"python -m researcher cancel {task_id}" in error
+
+    cancelled = cli("cancel", str(task_id))
+    assert cancelled.returncode == 0 and table_rows(cancelled.stdout)["hospital-c"][0] == "cancelled"
+    assert json.loads(cli("tasks", "--status", "cancelled", "--json").stdout)[-1]["id"] == task_id
+    assert cli("wait", str(task_id)).returncode == 1
+
+
+def test_the_token_can_come_from_a_config_file_instead_of_the_environment(cli, federation, tmp_path):
+    config = tmp_path / "researcher.toml"
+    config.write_text(f'registry_url = "{federation.registry_url}"\ntoken = "{federation.researcher_token}"\n')
+    done = cli("sites", PHT_TOKEN="", PHT_REGISTRY_URL="", PHT_CONFIG=str(config))
+    assert done.returncode == 0, done.stderr
+    assert "hospital-a" in table_rows(done.stdout)
+
+
+def test_a_missing_or_wrong_token_is_one_line_naming_the_fix(cli, tmp_path):
+    missing = cli("sites", PHT_TOKEN="")
+    assert missing.returncode == 1
+    assert "no researcher token: set PHT_TOKEN or put token" in one_line_error(missing)
+
+    wrong = cli("tasks", PHT_TOKEN="not-a-token")
+    assert wrong.returncode == 1 and "401" in one_line_error(wrong) and "token" in wrong.stderr
+
+    unreachable = cli("sites", PHT_REGISTRY_URL="http://127.0.0.1:9")
+    assert unreachable.returncode == 1 and "cannot reach the registry" in one_line_error(unreachable)
+
+
+def test_input_is_given_once(cli, tmp_path):
+    config = tmp_path / "input.json"
+    config.write_text("{}")
+    done = cli("submit", SUMMARY, "--input", "{}", "--input-file", str(config))
+    assert done.returncode == 2 and "not both" in done.stderr

@@ -1,0 +1,141 @@
+"""The researcher library against a real registry and runner: inputs arrive byte for byte, results
+are readable in memory and as files, and an unfinished or failed task says which site and why.
+
+hospital-b is registered but has no runner: its runs stay pending until cancelled, and the tests
+claim them themselves, as its runner would, to see the input the registry hands out.
+"""
+
+import io
+import json
+import tarfile
+import time
+
+import pytest
+import requests
+
+from researcher import RunResult, TaskFailed, TaskTimeout
+from scripts.federation import IMAGE_REGISTRY, LocalFederation
+
+SUMMARY = f"{IMAGE_REGISTRY}/pht/summary:latest"
+
+
+@pytest.fixture(scope="module")
+def federation():
+    with LocalFederation(site_names=("hospital-a", "hospital-b"), patients_per_site=30, start_runners=False) as fed:
+        fed.start_runner("hospital-a")
+        yield fed
+
+
+@pytest.fixture
+def registry(federation):
+    return federation.researcher()
+
+
+def input_as_the_site_receives_it(federation, task):
+    """Claim the task's run at hospital-b through the site API and download its input."""
+    site = requests.Session()
+    site.headers["Authorization"] = f"Bearer {federation.sites['hospital-b'].token}"
+    claimed = site.post(f"{federation.registry_url}/api/site/claim", json={"wait_seconds": 0}, timeout=10)
+    claimed.raise_for_status()
+    assert claimed.json()["task_id"] == task["id"]
+    received = site.get(f"{federation.registry_url}/api/site/runs/{claimed.json()['id']}/input", timeout=10)
+    received.raise_for_status()
+    return received.content
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"min_count": 5, "label": "é"}, json.dumps({"min_count": 5, "label": "é"}).encode()),
+    ("variables = age\n", b"variables = age\n"),
+    (b"\x00\xffbinary\r\n", b"\x00\xffbinary\r\n"),
+])
+def test_input_reaches_the_site_byte_for_byte(federation, registry, given, expected):
+    task = registry.submit(SUMMARY, given, sites=["hospital-b"])
+    try:
+        assert input_as_the_site_receives_it(federation, task) == expected
+    finally:
+        registry.cancel(task["id"])
+
+
+def test_input_from_a_file_is_sent_as_the_file_is(federation, registry, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_bytes(b'{"variables": ["age"]}\n')
+    task = registry.submit(SUMMARY, config, sites=["hospital-b"])
+    try:
+        assert input_as_the_site_receives_it(federation, task) == config.read_bytes()
+    finally:
+        registry.cancel(task["id"])
+
+
+def test_results_in_memory_and_as_files(federation, registry, tmp_path):
+    task = registry.submit(SUMMARY, {"variables": ["stage"], "min_count": 1}, sites=["hospital-a"], name="stages")
+    [result] = registry.wait_for_results(task["id"], timeout_seconds=120)
+
+    assert result.ok and result.exit_code == 0 and result.image_digest.startswith("sha256:")
+    assert result.output["variables"]["stage"]["count"] == len(federation.sites["hospital-a"].patients)
+    assert result.output == result.read_json("output.txt")
+    assert "summary: 30 patients" in result.log
+    folder = result.extract_to(tmp_path / "hospital-a")
+    assert json.loads((folder / "output.txt").read_text()) == result.output
+
+    [listed] = registry.tasks(session_id=task["session_id"])
+    assert listed["name"] == "stages" and listed["status"] == "completed"
+
+
+def test_a_task_that_does_not_finish_in_time_raises_and_can_be_cancelled(registry):
+    task = registry.submit(SUMMARY, {"variables": ["stage"], "min_count": 1}, sites=["hospital-a", "hospital-b"])
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout, match=rf"task {task['id']} not finished after 3 s \(.*hospital-b: pending\)"):
+        registry.wait(task["id"], timeout_seconds=3)
+    assert time.monotonic() - started < 10
+
+    deadline = time.monotonic() + 60
+    while registry.task(task["id"])["runs"][0]["status"] != "completed":  # hospital-a's run, before cancelling
+        assert time.monotonic() < deadline, "hospital-a did not complete its run"
+        time.sleep(0.2)
+    registry.cancel(task["id"])
+    with pytest.raises(TaskFailed) as failure:
+        registry.wait_for_results(task["id"], timeout_seconds=120)
+    assert "hospital-b cancelled: cancelled by the researcher" in str(failure.value)
+    assert [result.site for result in failure.value.failed] == ["hospital-b"]
+
+    completed, cancelled = registry.wait_for_results(task["id"], timeout_seconds=120, accept_partial=True)
+    assert (completed.site, completed.status, cancelled.status) == ("hospital-a", "completed", "cancelled")
+    assert completed.output["patients"] == 30 and cancelled.files == {} and cancelled.output is None
+
+
+def test_sites_report_whether_their_runner_is_online_and_their_sparql_answers(registry):
+    deadline = time.monotonic() + 30
+    while not (sites := {site["name"]: site for site in registry.sites()})["hospital-a"]["online"]:
+        assert time.monotonic() < deadline, "hospital-a's runner never polled the registry"
+        time.sleep(0.2)
+    assert sites["hospital-a"]["sparql_ok"] is True
+    assert set(sites) == {"hospital-a", "hospital-b"}
+
+
+def archive_of(files):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, content in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def a_result(files):
+    return RunResult(run_id=1, site="hospital-x", status="completed", reason=None, exit_code=0,
+                     image_digest="sha256:00", log="", output_archive=archive_of(files))
+
+
+def test_output_txt_is_parsed_only_when_it_is_json():
+    assert a_result({"output.txt": b'{"n": 3}'}).output == {"n": 3}
+    assert a_result({"output.txt": b"3 patients\n"}).output == "3 patients\n"
+    assert a_result({"result.csv": b"n\n3\n"}).output is None
+
+
+def test_extracting_refuses_paths_outside_the_folder(tmp_path):
+    """An output archive comes from another organisation's machine; it must not write outside the folder."""
+    result = a_result({"../escaped.txt": b"x"})
+    with pytest.raises(tarfile.OutsideDestinationError):
+        result.extract_to(tmp_path / "results")
+    assert not (tmp_path / "escaped.txt").exists()
