@@ -6,6 +6,7 @@
     python -m researcher results TASK --output-dir results/
     python -m researcher cancel TASK
     python -m researcher tasks --session SESSION
+    python -m researcher keygen ~/.config/pht/identity.txt --register
 
 Tables for people by default, --json for scripts. The registry URL and token come from
 PHT_REGISTRY_URL and PHT_TOKEN or ~/.config/pht/researcher.toml (see researcher/settings.py).
@@ -23,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
+from researcher.keys import DecryptionFailed, generate_identity
 from researcher.settings import SettingsError, connect
 
 TIMED_OUT = 3
@@ -52,7 +54,7 @@ def command(function):
             return function(connect_to_registry(), *args, **kwargs)
         except TaskTimeout as error:
             fail(f"{error}; wait again, or stop it with: python -m researcher cancel {error.task['id']}", TIMED_OUT)
-        except (RegistryError, SettingsError, TaskFailed, OSError) as error:
+        except (RegistryError, SettingsError, TaskFailed, DecryptionFailed, OSError) as error:
             fail(str(error))
     return run
 
@@ -85,13 +87,15 @@ def sites(registry, as_json):
 @click.option("--session", "session_id", type=int, help="Add the task to this session.")
 @click.option("--name", help="A name for the task.")
 @click.option("--timeout", "timeout_seconds", type=click.IntRange(1), help="Seconds the algorithm may run at each site.")
-def submit_command(registry, as_json, image, input_text, input_file, site_names, session_id, name, timeout_seconds):
+@click.option("--encrypt", is_flag=True, help="Sites encrypt results to your registered public keys.")
+def submit_command(registry, as_json, image, input_text, input_file, site_names, session_id, name, timeout_seconds,
+                   encrypt):
     """Post a task: IMAGE for the sites to run, with a configuration file (empty by default)."""
     if input_text is not None and input_file is not None:
         raise click.UsageError("give --input or --input-file, not both")
     task_input = input_file if input_file is not None else (input_text or "")
     task = registry.submit(image, task_input, sites=list(site_names) or None, session_id=session_id, name=name,
-                           timeout_seconds=timeout_seconds)
+                           timeout_seconds=timeout_seconds, encrypt=encrypt)
     if as_json:
         return print_json(task)
     sites_named = ", ".join(run["site"] for run in task["runs"])
@@ -166,6 +170,23 @@ def tasks_command(registry, as_json, session_id, status):
         table.add_row(str(task["id"]), str(task["session_id"]), task["name"] or "", task["image"], task["status"],
                       f"{done}/{len(task['runs'])}", task["created_at"][:19])
     print_table(table)
+
+
+@cli.command()
+@click.argument("identity_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--register", is_flag=True, help="Also register the public key at the registry.")
+@click.pass_obj
+def keygen(connect_to_registry, identity_file, register):
+    """Make an age key pair: the private key goes to IDENTITY_FILE (yours alone), the public key is printed."""
+    try:
+        public_key = generate_identity(identity_file)
+        if register:
+            connect_to_registry().register_public_key(public_key)
+    except (FileExistsError, RegistryError, SettingsError) as error:
+        fail(str(error))
+    click.echo(public_key)
+    if register:
+        click.echo(f"registered; tasks posted with --encrypt are now readable with {identity_file} only", err=True)
 
 
 def print_runs(task):

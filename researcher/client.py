@@ -17,6 +17,7 @@ from pathlib import Path
 
 import requests
 
+from researcher import keys
 from researcher.progress import SiteProgress
 from researcher.results import RunResult
 
@@ -54,10 +55,21 @@ class TaskFailed(Exception):
 
 
 class Registry:
-    def __init__(self, url, token):
+    def __init__(self, url, token, identity_file=None):
+        """identity_file: the private age key that opens the results of encrypted tasks."""
         self.url = url.rstrip("/")
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
+        self.identities = [keys.load_identity(identity_file)] if identity_file else []
+
+    # --- keys for end-to-end encryption -----------------------------------------------------
+
+    def register_public_key(self, public_key):
+        """Let encrypted tasks be encrypted to this age public key (age1...)."""
+        return self._call("POST", "/api/keys", json={"public_key": public_key})
+
+    def public_keys(self):
+        return self._call("GET", "/api/keys")
 
     # --- sites and tasks -------------------------------------------------------------------
 
@@ -66,16 +78,18 @@ class Registry:
         return list(self._pages("/api/sites", {}))
 
     def submit(self, image, task_input, sites=None, session_id=None, name=None, timeout_seconds=None,
-               description=None):
+               description=None, encrypt=False):
         """Post a task; returns it, with its id, session_id and one run per site.
 
         task_input is the configuration file the algorithm reads as /input/input.txt: a dict or
         list (sent as JSON), a str (as text), bytes (byte for byte), or a pathlib.Path (that
         file's contents). sites=None means every site; session_id continues a session, whose
         tasks share each site's /temp/; timeout_seconds limits the algorithm at each site.
+        With encrypt, sites encrypt output and log to your registered public keys: only your
+        identity file opens them, the registry stores ciphertext.
         """
         body = {"image": image, "sites": sites, "session_id": session_id, "name": name,
-                "description": description, "timeout_seconds": timeout_seconds}
+                "description": description, "timeout_seconds": timeout_seconds, "encrypt": encrypt or None}
         body.update(_encode_input(task_input))
         return self._call("POST", "/api/tasks", json={key: value for key, value in body.items() if value is not None})
 
@@ -126,7 +140,7 @@ class Registry:
         failed, was refused or cancelled, or has not ended yet), naming each site and why.
         """
         task = self.task(task_or_id) if isinstance(task_or_id, int) else task_or_id
-        results = [self.result(run) for run in task["runs"]]
+        results = [self.result(run, encrypted=bool(task.get("encrypted_to"))) for run in task["runs"]]
         if not accept_partial and not all(result.ok for result in results):
             raise TaskFailed(task["id"], results)
         return results
@@ -135,10 +149,14 @@ class Registry:
         """wait() then results(): every site's RunResult once all runs have ended."""
         return self.results(self.wait(task_id, timeout_seconds, progress), accept_partial)
 
-    def result(self, run):
-        """One run's RunResult, its output archive and log downloaded (when it has them)."""
-        archive = self._download(f"/api/runs/{run['id']}/output") if run["output_sha256"] else None
-        log = self._download(f"/api/runs/{run['id']}/log").decode("utf-8", "replace") if run["log_sha256"] else ""
+    def result(self, run, encrypted=False):
+        """One run's RunResult, its output archive and log downloaded (and decrypted) when it has them."""
+        def fetch(kind):
+            blob = self._download(f"/api/runs/{run['id']}/{kind}")
+            return keys.decrypt(blob, self.identities, f"the {kind} of run {run['id']}") if encrypted else blob
+
+        archive = fetch("output") if run["output_sha256"] else None
+        log = fetch("log").decode("utf-8", "replace") if run["log_sha256"] else ""
         return RunResult(run_id=run["id"], site=run["site"], status=run["status"], reason=run["reason"],
                          exit_code=run["exit_code"], image_digest=run["image_digest"], log=log,
                          output_archive=archive)

@@ -1,11 +1,12 @@
 """Where the registry's URL and the researcher's token come from, so neither has to be typed on a
 command line (where the token would end up in the shell's history and in `ps`).
 
-First the environment (PHT_REGISTRY_URL, PHT_TOKEN), then a TOML file, by default
+First the environment (PHT_REGISTRY_URL, PHT_TOKEN, PHT_IDENTITY), then a TOML file, by default
 ~/.config/pht/researcher.toml (another with PHT_CONFIG):
 
     registry_url = "https://registry.example.org"
     token = "..."
+    identity_file = "~/.config/pht/identity.txt"   # optional: opens the results of encrypted tasks
 """
 
 import os
@@ -16,6 +17,7 @@ from researcher.client import Registry
 
 URL_VARIABLE = "PHT_REGISTRY_URL"
 TOKEN_VARIABLE = "PHT_TOKEN"
+IDENTITY_VARIABLE = "PHT_IDENTITY"
 CONFIG_VARIABLE = "PHT_CONFIG"
 DEFAULT_CONFIG_FILE = Path("~/.config/pht/researcher.toml")
 
@@ -35,7 +37,8 @@ def connect(registry_url=None, config_file=None):
     if not token:
         raise SettingsError(f"no researcher token: set {TOKEN_VARIABLE} or put token = \"...\" in {config_file} "
                             "(the registry's operator issues it with create-researcher)")
-    return Registry(url, token)
+    identity_file = os.environ.get(IDENTITY_VARIABLE) or from_file.get("identity_file")
+    return Registry(url, token, identity_file=identity_file)
 
 
 def _read_config_file(path):
@@ -45,8 +48,8 @@ def _read_config_file(path):
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise SettingsError(f"{path}: cannot read it as TOML: {error}") from None
-    unknown = set(settings) - {"registry_url", "token"}
+    unknown = set(settings) - {"registry_url", "token", "identity_file"}
     if unknown:
         raise SettingsError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; "
-                            "only registry_url and token are read")
+                            "only registry_url, token and identity_file are read")
     return settings
