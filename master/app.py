@@ -10,7 +10,7 @@ from flask import g, request
 
 from master import blobs, researcher_api, site_api, store
 from master.schemas import INT_MAX
-from master.wakeup import WorkAnnouncements
+from master.wakeup import Announcements
 
 log = logging.getLogger("pht.registry")
 
@@ -37,14 +37,16 @@ class Registry:
     settings: Settings
     engine: object
     blobs: blobs.BlobStore
-    announcements: WorkAnnouncements
+    work_for_sites: Announcements  # by site id: a run became pending for it
+    ended_tasks: Announcements  # by task id: one of its runs reached a final state
 
     def expire_lapsed_leases(self):
         """Requeue (or fail) runs whose lease ran out, and wake the sites that got them back."""
         expired = store.expire_overdue_leases(self.engine)
-        for run_id, site_id, status in expired:
+        for run_id, _, status, _ in expired:
             log.info("run %s lease expired; run is now %s", run_id, status)
-        self.announcements.announce({site_id for _, site_id, status in expired if status == "pending"})
+        self.work_for_sites.announce({site_id for _, site_id, status, _ in expired if status == "pending"})
+        self.ended_tasks.announce({task_id for _, _, status, task_id in expired if status != "pending"})
 
 
 def create_app(settings):
@@ -61,7 +63,8 @@ def create_app(settings):
         settings=settings,
         engine=store.open_database(settings.resolved_database_url()),
         blobs=blobs.BlobStore(data_dir / "blobs"),
-        announcements=WorkAnnouncements(),
+        work_for_sites=Announcements(),
+        ended_tasks=Announcements(),
     )
     app.register_blueprint(researcher_api.bp)
     app.register_blueprint(site_api.bp)

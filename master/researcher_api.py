@@ -13,7 +13,7 @@ from flask import current_app, send_file
 
 from master import auth, store
 from master.schemas import (PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SitePageOut, TaskIn, TaskOut,
-                            TaskPageOut, TaskQueryIn)
+                            TaskPageOut, TaskQueryIn, TaskWaitIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -47,7 +47,7 @@ def create_task(json_data):
         encrypt=json_data["encrypt"])
     log.info("task %s created by researcher %s for %d site(s), image %s",
              task_id, researcher.name, len(site_ids), json_data["image"])
-    registry.announcements.announce(site_ids)
+    registry.work_for_sites.announce(site_ids)
     return store.get_task(registry.engine, task_id, researcher.id)
 
 
@@ -63,11 +63,23 @@ def list_tasks(query_data):
 
 @bp.get("/tasks/<int:task_id>")
 @bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.input(TaskWaitIn, location="query")
 @bp.output(TaskOut)
 @bp.doc(responses=[404])
-def get_task(task_id):
-    """A task with the state of each of its runs."""
-    return store.get_task(_registry().engine, task_id, auth.caller().id)
+def get_task(task_id, query_data):
+    """A task with the state of each of its runs; with wait_seconds, answers once the task has ended
+    (or a run of it ended), or when wait_seconds have passed."""
+    registry = _registry()
+    researcher = auth.caller()
+    deadline = time.monotonic() + query_data["wait_seconds"]
+    while True:
+        seen = registry.ended_tasks.generation(task_id)
+        task = store.get_task(registry.engine, task_id, researcher.id)
+        remaining = deadline - time.monotonic()
+        if task["status"] != "active" or remaining <= 0:
+            return task
+        if registry.ended_tasks.wait_for_news(task_id, seen, remaining):
+            return store.get_task(registry.engine, task_id, researcher.id)
 
 
 @bp.post("/tasks/<int:task_id>/cancel")
@@ -78,6 +90,7 @@ def cancel_task(task_id):
     """Cancel a task: pending runs stop at once, running ones at their next heartbeat."""
     engine = _registry().engine
     cancelled = store.cancel_task(engine, task_id, auth.caller().id)
+    _registry().ended_tasks.announce([task_id])
     log.info("task %s cancelled; runs %s", task_id, cancelled)
     return store.get_task(engine, task_id, auth.caller().id)
 

@@ -138,6 +138,11 @@ class TaskQueryIn(PageIn):
     status = Text(validate=OneOf(TASK_STATES))
 
 
+class TaskWaitIn(Schema):
+    wait_seconds = Integer(load_default=0, validate=Range(min=0, max=60), metadata={
+        "description": "Wait up to this long for one of the task's runs to end before answering."})
+
+
 class PageOut(Schema):
     page = Integer()
     per_page = Integer()

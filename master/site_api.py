@@ -47,7 +47,7 @@ def claim_run(json_data):
     store.record_site_seen(registry.engine, site.id, json_data.get("runner_version"), json_data.get("sparql_ok"))
     deadline = time.monotonic() + json_data["wait_seconds"]
     while True:
-        seen = registry.announcements.generation(site.id)
+        seen = registry.work_for_sites.generation(site.id)
         registry.expire_lapsed_leases()
         run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
         if run is not None:
@@ -56,7 +56,7 @@ def claim_run(json_data):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "", 204
-        registry.announcements.wait_for_news(site.id, seen, min(remaining, RECHECK_SECONDS))
+        registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, RECHECK_SECONDS))
 
 
 @bp.get("/runs/<int:run_id>/input")
@@ -104,7 +104,9 @@ def heartbeat(run_id, json_data):
 @bp.doc(responses=[404, 409])
 def refuse_run(run_id, json_data):
     """The site will not run this task (e.g. its image is not on the whitelist)."""
-    store.refuse_run(_registry().engine, run_id, auth.caller().id, json_data["lease_id"], json_data["reason"])
+    registry = _registry()
+    task_id = store.refuse_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"], json_data["reason"])
+    registry.ended_tasks.announce([task_id])
     log.info("run %s refused by site %s: %s", run_id, auth.caller().name, json_data["reason"])
     return ""
 
@@ -173,8 +175,10 @@ def record_delivery(run_id, json_data):
 @bp.doc(responses=[404, 409])
 def finish_run(run_id, json_data):
     """Report how the run ended, after its output and log are uploaded."""
-    status = store.finish_run(_registry().engine, run_id, auth.caller().id, json_data["lease_id"],
-                              json_data["exit_code"], json_data["failure_reason"])
+    registry = _registry()
+    status, task_id = store.finish_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
+                                       json_data["exit_code"], json_data["failure_reason"])
+    registry.ended_tasks.announce([task_id])
     log.info("run %s %s (exit code %s)", run_id, status, json_data["exit_code"])
     if status == lifecycle.FAILED and json_data["failure_reason"]:
         log.info("run %s failure reason: %s", run_id, json_data["failure_reason"])

@@ -459,7 +459,7 @@ def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
 
 
 def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason):
-    """Record how a run ended. Repeating the same report is fine; a different one is a conflict."""
+    """Record how a run ended; returns (status, task id). The same report again is fine, another a conflict."""
     now = time.time()
     status = lifecycle.status_after_finish(exit_code, failure_reason)
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
@@ -469,26 +469,28 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason):
             raise NotFound(f"run {run_id} does not exist")
         if row["status"] in (lifecycle.COMPLETED, lifecycle.FAILED) and row["lease_id"] == lease_id:
             if (row["status"], row["exit_code"], row["reason"]) == (status, exit_code, reason):
-                return status
+                return status, row["task_id"]
             raise Conflict(f"run {run_id} was already reported as {row['status']}")
         _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
         conn.execute(runs.update().where(runs.c.id == run_id).values(
             status=status, exit_code=exit_code, reason=reason, updated_at=now, lease_expires_at=None))
         _record_event(conn, run_id, status, now, reason)
-    return status
+    return status, row["task_id"]
 
 
 def refuse_run(engine, run_id, site_id, lease_id, reason):
+    """Record that the site will not run it; returns the task id."""
     now = time.time()
     with engine.begin() as conn:
-        _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
+        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
         conn.execute(runs.update().where(runs.c.id == run_id).values(
             status=lifecycle.REFUSED, reason=reason, updated_at=now, lease_expires_at=None))
         _record_event(conn, run_id, lifecycle.REFUSED, now, reason)
+    return row["task_id"]
 
 
 def expire_overdue_leases(engine):
-    """Return runs whose lease ran out to the queue (or fail them); returns (run id, site id, new status)s."""
+    """Return runs whose lease ran out to the queue (or fail them); returns (run, site, new status, task)s."""
     now = time.time()
     expired = []
     overdue_condition = sa.and_(runs.c.status.in_(lifecycle.ACTIVE_STATES), runs.c.lease_expires_at < now)
@@ -498,17 +500,17 @@ def expire_overdue_leases(engine):
             return expired
     with engine.begin() as conn:
         overdue = conn.execute(
-            sa.select(runs.c.id, runs.c.site_id, runs.c.attempts)
+            sa.select(runs.c.id, runs.c.site_id, runs.c.attempts, runs.c.task_id)
             .where(overdue_condition)
             .with_for_update(skip_locked=True)).all()
-        for run_id, site_id, attempts in overdue:
+        for run_id, site_id, attempts, task_id in overdue:
             _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")
             status = lifecycle.status_after_expiry(attempts)
             reason = None if status == lifecycle.PENDING else f"lease ran out {attempts} times"
             conn.execute(runs.update().where(runs.c.id == run_id).values(
                 status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now))
             _record_event(conn, run_id, status, now, reason)
-            expired.append((run_id, site_id, status))
+            expired.append((run_id, site_id, status, task_id))
     return expired
 
 

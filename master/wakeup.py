@@ -1,35 +1,34 @@
-"""Wakes the sites' long-poll requests when work arrives for them.
+"""Wakes long-poll requests: a site's when work arrives for it, a researcher's when a task ends.
 
 A waiting request holds neither a database connection nor a thread: under the
-gevent server it is a parked greenlet on its site's condition (the threading
-module is monkey-patched there). Each site has a generation number that grows
-whenever it gets new work; a waiter remembers the number it saw before it last
-looked in the database, so work announced between that look and the wait is
-never missed. Only the waiters of the sites that got work are woken.
+gevent server it is a parked greenlet on its key's condition (the threading
+module is monkey-patched there). Each key (a site id, a task id) has a generation
+number that grows with every announcement; a waiter remembers the number it saw
+before it last looked in the database, so news announced between that look and
+the wait is never missed. Only the waiters of the announced keys are woken.
 """
 
 import collections
 import threading
 
 
-class WorkAnnouncements:
+class Announcements:
     def __init__(self):
         self._lock = threading.Lock()
         self._generation = collections.Counter()
-        self._site_changed = collections.defaultdict(lambda: threading.Condition(self._lock))
+        self._changed = collections.defaultdict(lambda: threading.Condition(self._lock))
 
-    def generation(self, site_id):
+    def generation(self, key):
         with self._lock:
-            return self._generation[site_id]
+            return self._generation[key]
 
-    def announce(self, site_ids):
+    def announce(self, keys):
         with self._lock:
-            for site_id in site_ids:
-                self._generation[site_id] += 1
-                self._site_changed[site_id].notify_all()
+            for key in keys:
+                self._generation[key] += 1
+                self._changed[key].notify_all()
 
-    def wait_for_news(self, site_id, seen_generation, timeout):
-        """True as soon as the site's generation moves past seen_generation; False after timeout."""
+    def wait_for_news(self, key, seen_generation, timeout):
+        """True as soon as the key's generation moves past seen_generation; False after timeout."""
         with self._lock:
-            return self._site_changed[site_id].wait_for(
-                lambda: self._generation[site_id] != seen_generation, timeout)
+            return self._changed[key].wait_for(lambda: self._generation[key] != seen_generation, timeout)

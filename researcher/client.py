@@ -11,6 +11,7 @@ a site's answer is a RunResult.
 
 import base64
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,10 +25,9 @@ from researcher.results import RunResult
 TERMINAL_STATES = ("completed", "failed", "refused", "cancelled")
 PAGE_SIZE = 200  # the registry's largest page
 
-# Polling starts fast, so a short round of an iterative analysis is not padded with waiting,
-# and slows down for long runs, so a thousand waiting researchers do not flood the registry.
-FIRST_POLL_SECONDS = 0.2
-LONGEST_POLL_SECONDS = 2.0
+# Each wait is a long-poll that the registry answers the moment a run ends; its length only
+# sets how often the progress display is refreshed while nothing ends.
+PROGRESS_REFRESH_SECONDS = 2
 
 
 class RegistryError(Exception):
@@ -120,18 +120,18 @@ class Registry:
         terminal only; the display is removed when the wait ends).
         """
         deadline = time.monotonic() + timeout_seconds
-        poll_seconds = FIRST_POLL_SECONDS
+        wait_seconds = 0
         with SiteProgress(task_id, enabled=progress) as display:
             while True:
-                task = self.task(task_id)
+                task = self._call("GET", f"/api/tasks/{task_id}", params={"wait_seconds": wait_seconds},
+                                  timeout=60 + wait_seconds)
                 display.show(task["runs"])
                 if all(run["status"] in TERMINAL_STATES for run in task["runs"]):
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TaskTimeout(task, timeout_seconds)
-                time.sleep(min(poll_seconds, remaining))
-                poll_seconds = min(poll_seconds * 1.5, LONGEST_POLL_SECONDS)
+                wait_seconds = max(1, min(PROGRESS_REFRESH_SECONDS, math.ceil(remaining)))
 
     def results(self, task_or_id, accept_partial=False):
         """Every site's RunResult for a task (a task dict or id).
@@ -175,8 +175,8 @@ class Registry:
     def _download(self, path):
         return self._request("GET", path, timeout=300).content
 
-    def _call(self, method, path, **kwargs):
-        return self._request(method, path, timeout=60, **kwargs).json()
+    def _call(self, method, path, timeout=60, **kwargs):
+        return self._request(method, path, timeout=timeout, **kwargs).json()
 
     def _request(self, method, path, **kwargs):
         try:

@@ -275,6 +275,28 @@ def test_long_poll_wakes_when_a_task_is_posted(app, alice, hospital):
     assert claimed["after"] < 10  # woken by the post, not by the 20 s timeout
 
 
+def test_researcher_long_poll_answers_when_the_task_ends(app, alice, hospital):
+    client = app.test_client()
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    answered = {}
+
+    def wait_for_task():
+        started = time.monotonic()
+        task = app.test_client().get("/api/tasks/1", query_string={"wait_seconds": 30}, headers=alice).json
+        answered["status"], answered["after"] = task["status"], time.monotonic() - started
+
+    waiter = threading.Thread(target=wait_for_task)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()
+    finish(client, hospital, run)
+    waiter.join(timeout=10)
+    assert answered["status"] == "completed" and answered["after"] < 10
+    # An ended task answers at once, whatever the wait.
+    assert client.get("/api/tasks/1", query_string={"wait_seconds": 30}, headers=alice).json["status"] == "completed"
+
+
 def test_long_poll_answers_204_when_nothing_comes(client, hospital):
     assert claim(client, hospital, wait_seconds=1).status_code == 204
 

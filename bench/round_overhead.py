@@ -1,0 +1,67 @@
+"""Round overhead: what the PHT adds to one round of an iterative analysis.
+
+    .venv/bin/python bench/round_overhead.py [--rounds 10] [--sites 3]
+
+A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks
+of a trivial algorithm (patient-count) in one session, one after the other, as an iterative
+analysis does. In the same run, the same image is started with a bare `docker run` (docker SDK,
+same network, same endpoint) ROUNDS times. Printed: the median wall time of a round, the median
+bare run, and their ratio. Target: ratio <= 1.5. Needs scripts/setup.sh to have run.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import docker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
+
+IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
+
+
+def bare_docker_run(engine, sparql_endpoint):
+    started = time.perf_counter()
+    engine.containers.run(IMAGE, ["python3", "-c", "import sys; sys.path.insert(0, '/app'); "
+                                  "import count_patients; print(count_patients.count_patients(%r))" % sparql_endpoint],
+                          network_mode="host", remove=True)
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--sites", type=int, default=3)
+    args = parser.parse_args()
+
+    engine = docker.from_env()
+    engine.images.pull(IMAGE)
+    names = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(args.sites))
+    with LocalFederation(site_names=names, patients_per_site=100) as federation:
+        researcher = federation.researcher()
+        endpoint = next(iter(federation.sites.values())).sparql_endpoint
+        bare_docker_run(engine, endpoint)  # warm the page cache as the federation's first round does
+        bare = [bare_docker_run(engine, endpoint) for _ in range(args.rounds)]
+        rounds, session_id = [], None
+        for number in range(args.rounds):
+            started = time.perf_counter()
+            task = researcher.submit(IMAGE, {"label": f"round {number}"}, session_id=session_id)
+            session_id = task["session_id"]
+            researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
+            rounds.append(time.perf_counter() - started)
+
+    round_median, bare_median = statistics.median(rounds), statistics.median(bare)
+    print(f"round overhead, {args.sites} sites, {args.rounds} rounds, image {IMAGE}")
+    print(f"  round (post -> all {args.sites} results downloaded): median {round_median * 1000:7.0f} ms, "
+          f"max {max(rounds) * 1000:7.0f} ms")
+    print(f"  bare docker run (one container):                median {bare_median * 1000:7.0f} ms, "
+          f"max {max(bare) * 1000:7.0f} ms")
+    print(f"  ratio round / bare docker run: {round_median / bare_median:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
