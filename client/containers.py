@@ -1,12 +1,14 @@
-"""Pulling and running algorithm images with the Docker engine, contained.
+"""Running algorithm images with the Docker engine, contained.
 
 Every container gets: no network unless the site chose one, a read-only root
 filesystem, no capabilities, no-new-privileges, a non-root user, memory/CPU/pids
-limits and a wall-clock timeout. The Docker socket is never mounted into it.
+limits and a capped log; while it runs, the runner checks its own reasons to stop
+it (timeout, cancel, output size). The Docker socket is never mounted into it.
+Containers carry labels naming the site, task and run, so a restarted runner
+finds the ones it started before.
 """
 
 import logging
-import time
 
 import docker
 import requests
@@ -14,12 +16,14 @@ import requests
 log = logging.getLogger("pht.runner")
 
 LABEL_PREFIX = "org.personalhealthtrain."
+SITE_LABEL = LABEL_PREFIX + "site"
+TASK_LABEL = LABEL_PREFIX + "task"
+RUN_LABEL = LABEL_PREFIX + "run"
+WORK_DIR_LABEL = LABEL_PREFIX + "work_dir"
 
-
-class ContainerOutcome:
-    def __init__(self, exit_code=None, failure_reason=None):
-        self.exit_code = exit_code
-        self.failure_reason = failure_reason
+# An algorithm that prints without end must not fill the site's disk: Docker keeps the last
+# this-many bytes of its output, and that is the log the registry gets.
+MAX_LOG_BYTES = "50m"
 
 
 def connect_engine():
@@ -28,27 +32,47 @@ def connect_engine():
     return client
 
 
-def pull_image(engine, reference):
-    """Pull the image (always, so a moved tag is picked up); returns the reference pinned by digest."""
-    image = engine.images.pull(reference.name, tag=reference.digest or reference.tag or "latest")
-    return pinned_reference(image, reference)
+def network_problem(engine, network):
+    """Why the configured container network cannot be used, or None."""
+    if network in ("none", "host"):
+        return None
+    try:
+        engine.networks.get(network)
+    except docker.errors.NotFound:
+        return (f"container.network {network!r} is not a Docker network on this machine; "
+                "create it (docker network create) or use none or host")
+    return None
 
 
-def pinned_reference(image, reference):
-    """name@sha256:... as the registry knows the image we have; running it cannot pick up a moved tag."""
-    for repo_digest in image.attrs.get("RepoDigests") or []:
-        name, _, digest = repo_digest.partition("@")
-        if name in (reference.name, reference.repository, reference.repository.removeprefix("library/")):
-            return f"{reference.name}@{digest}"
-    # A loaded image that no registry has seen has no repo digest; its content id pins it as well.
-    return image.id
+def cpus_problem(engine, cpus):
+    available = engine.info().get("NCPU") or 0
+    if cpus > available:
+        return f"container.cpus {cpus} is more than the {available} CPUs this Docker engine has; lower it"
+    return None
 
 
-def run_contained(engine, image, mounts, environment, limits, labels, timeout_seconds, should_stop, log_path):
-    """Run the image to its end (or until timeout / should_stop()); the log goes to log_path."""
-    container = engine.containers.run(
+def labels_for(site_name, work_dir, run):
+    return {SITE_LABEL: site_name, WORK_DIR_LABEL: str(work_dir),
+            TASK_LABEL: str(run["task_id"]), RUN_LABEL: str(run["id"])}
+
+
+def containers_of(engine, site_name, work_dir):
+    """Every container this runner (this site and work dir) started, running or not."""
+    return engine.containers.list(all=True, ignore_removed=True, filters={
+        "label": [f"{SITE_LABEL}={site_name}", f"{WORK_DIR_LABEL}={work_dir}"]})
+
+
+def find(engine, container_id):
+    try:
+        return engine.containers.get(container_id)
+    except docker.errors.NotFound:
+        return None
+
+
+def create_contained(engine, image, mounts, environment, limits, labels):
+    """Create (not start) the container, so the runner can note its id before it runs."""
+    return engine.containers.create(
         image,
-        detach=True,
         volumes={str(host): {"bind": inside, "mode": mode} for host, inside, mode in mounts},
         environment=environment,
         labels=labels,
@@ -62,32 +86,54 @@ def run_contained(engine, image, mounts, environment, limits, labels, timeout_se
         memswap_limit=limits.memory,
         nano_cpus=int(limits.cpus * 1e9),
         pids_limit=limits.pids,
+        log_config={"type": "json-file", "config": {"max-size": MAX_LOG_BYTES, "max-file": "1"}},
     )
-    try:
-        outcome = _wait(container, timeout_seconds, should_stop)
-        _save_log(container, log_path)
-        return outcome
-    finally:
-        container.remove(force=True)
 
 
-def _wait(container, timeout_seconds, should_stop):
-    deadline = time.monotonic() + timeout_seconds
+def start(container):
+    """Start it unless it already was (a restarted runner may find it either way)."""
+    container.reload()
+    if container.status == "created":
+        container.start()
+
+
+def wait_for_end(container, reason_to_stop, poll_seconds=1):
+    """Wait until the container exits, checking reason_to_stop() every poll_seconds meanwhile.
+
+    Returns (exit code, None) when it ended on its own, or (None, reason) after killing it
+    because reason_to_stop() gave a reason (the runner's: timeout, cancel, output too large).
+    """
     while True:
         try:
-            status = container.wait(timeout=1)
-            return ContainerOutcome(exit_code=status["StatusCode"])
+            return container.wait(timeout=poll_seconds)["StatusCode"], None
         except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
             pass
-        if should_stop():
-            container.kill()
-            return ContainerOutcome(failure_reason="cancelled while running")
-        if time.monotonic() > deadline:
-            container.kill()
-            return ContainerOutcome(failure_reason=f"timeout: still running after {timeout_seconds} s")
+        reason = reason_to_stop()
+        if reason:
+            kill(container)
+            return None, reason
 
 
-def _save_log(container, log_path):
+def kill(container):
+    try:
+        container.kill()
+    except docker.errors.APIError as error:  # it ended by itself meanwhile, or is already gone
+        log.debug("kill of container %s: %s", container.short_id, error.explanation)
+
+
+def was_out_of_memory(container):
+    container.reload()
+    return bool(container.attrs["State"].get("OOMKilled"))
+
+
+def save_log(container, log_path):
     with open(log_path, "wb") as log_file:
         for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=False):
             log_file.write(chunk)
+
+
+def remove(engine, container_id):
+    try:
+        engine.containers.get(container_id).remove(force=True)
+    except docker.errors.NotFound:
+        pass

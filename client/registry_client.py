@@ -1,8 +1,8 @@
 """The runner's only contact with the outside world: outbound HTTP requests to the registry.
 
-Reports that must not be lost (uploads, the final status) are retried with
-backoff while the registry is unreachable or answers 5xx; the run's files stay
-on disk until the registry has confirmed them.
+Reports that must not be lost (start, uploads, the final status, a refusal) are
+retried with backoff while the registry is unreachable or answers 5xx; the caller
+keeps the run's files on disk until one of them has been confirmed.
 """
 
 import hashlib
@@ -13,7 +13,7 @@ import requests
 
 log = logging.getLogger("pht.runner")
 
-RUNNER_VERSION = "pht-runner/0.1"
+RUNNER_VERSION = "pht-runner/0.2"
 
 
 class LeaseLost(Exception):
@@ -24,11 +24,21 @@ class RegistryRefused(Exception):
     """The registry rejected a request for a reason retrying cannot fix."""
 
 
+class RegistryUnreachable(Exception):
+    """The registry did not answer for as long as the runner was willing to retry."""
+
+
+# What a registry that is down, restarting or overloaded looks like from here.
+TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout)
+
+
 class RegistryClient:
-    def __init__(self, url, token, retry_for_seconds=600):
+    def __init__(self, url, token, retry_for_seconds=600, connections=10):
         self.url = url.rstrip("/")
         self.retry_for_seconds = retry_for_seconds
         self.http = requests.Session()
+        # The main loop, and every run's worker and heartbeat, talk to the registry at the same time.
+        self.http.mount(self.url, requests.adapters.HTTPAdapter(pool_maxsize=connections))
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.http.headers["User-Agent"] = RUNNER_VERSION
 
@@ -43,22 +53,24 @@ class RegistryClient:
         _raise_for(response)
         return response.json()
 
-    def download_input(self, run_id, destination):
-        with self.http.get(f"{self.url}/api/site/runs/{run_id}/input", stream=True, timeout=60) as response:
-            _raise_for(response)
-            with open(destination, "wb") as file:
-                for chunk in response.iter_content(1024 * 1024):
-                    file.write(chunk)
-
-    def report_started(self, run_id, lease_id, image_digest):
-        self._post_reliably(f"/api/site/runs/{run_id}/start", {"lease_id": lease_id, "image_digest": image_digest})
+    def download_input(self, run_id):
+        """The task's configuration file, as bytes (the registry keeps these small)."""
+        return self._reliably(lambda: self.http.get(f"{self.url}/api/site/runs/{run_id}/input", timeout=60),
+                              f"download of the input of run {run_id}").content
 
     def heartbeat(self, run_id, lease_id):
-        """The run's status at the registry ('cancelled' means: stop it)."""
+        """One try: the run's status at the registry ('cancelled' means: stop it)."""
         response = self.http.post(f"{self.url}/api/site/runs/{run_id}/heartbeat",
                                   json={"lease_id": lease_id}, timeout=30)
         _raise_for(response)
         return response.json()["status"]
+
+    def run_status(self, run_id, lease_id):
+        """Like heartbeat, but retried while the registry is unreachable."""
+        return self._post_reliably(f"/api/site/runs/{run_id}/heartbeat", {"lease_id": lease_id}).json()["status"]
+
+    def report_started(self, run_id, lease_id, image_digest):
+        self._post_reliably(f"/api/site/runs/{run_id}/start", {"lease_id": lease_id, "image_digest": image_digest})
 
     def refuse(self, run_id, lease_id, reason):
         self._post_reliably(f"/api/site/runs/{run_id}/refuse", {"lease_id": lease_id, "reason": reason})
@@ -72,14 +84,14 @@ class RegistryClient:
                     f"{self.url}/api/site/runs/{run_id}/{kind}", data=body, timeout=300,
                     headers={"X-Lease-Id": lease_id, "X-Content-SHA256": sha256,
                              "Content-Type": "application/octet-stream"})
-        self._reliably(send, f"upload of {kind} for run {run_id}")
+        self._reliably(send, f"upload of the {kind} of run {run_id}")
 
     def finish(self, run_id, lease_id, exit_code, failure_reason=None):
         self._post_reliably(f"/api/site/runs/{run_id}/finish",
                             {"lease_id": lease_id, "exit_code": exit_code, "failure_reason": failure_reason})
 
     def _post_reliably(self, path, body):
-        self._reliably(lambda: self.http.post(f"{self.url}{path}", json=body, timeout=60), f"POST {path}")
+        return self._reliably(lambda: self.http.post(f"{self.url}{path}", json=body, timeout=60), f"POST {path}")
 
     def _reliably(self, send, what):
         delay = 1.0
@@ -91,10 +103,10 @@ class RegistryClient:
                     _raise_for(response)
                     return response
                 problem = f"registry answered {response.status_code}"
-            except requests.ConnectionError as error:
+            except TRANSIENT_ERRORS as error:
                 problem = f"registry unreachable ({type(error).__name__})"
             if time.monotonic() + delay > deadline:
-                raise RegistryRefused(f"{what}: gave up after {self.retry_for_seconds} s: {problem}")
+                raise RegistryUnreachable(f"{what}: gave up after {self.retry_for_seconds} s: {problem}")
             log.warning("%s: %s; retrying in %.0f s", what, problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30)

@@ -2,15 +2,20 @@
 
     python client/runScript.py --config config.json [--once]
 
-It polls the registry (outbound HTTPS only), runs the tasks whose image the
+It polls the registry (outbound HTTP(S) only), runs the tasks whose image the
 site's whitelist allows, in contained Docker containers, and sends back their
 results. See docs/site-config.md for the config file.
+
+Stopping: the first SIGTERM or Ctrl-C stops claiming runs and lets the current ones
+finish; a second one exits at once, leaving the current runs' containers and files
+for the next start to carry on with.
 """
 
 import argparse
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 # Run as a script (as in the original PyTaskManager), so make the repository importable.
@@ -18,37 +23,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import docker.errors  # noqa: E402
 
-from client.containers import connect_engine  # noqa: E402
+from client import containers  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
 from client.runner import SiteRunner  # noqa: E402
 from client.site_config import ConfigError, load_site_config  # noqa: E402
+
+log = logging.getLogger("pht.runner")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Personal Health Train site runner")
     parser.add_argument("--config", default="config.json", help="site config file (default: config.json)")
-    parser.add_argument("--once", action="store_true", help="claim and finish at most one run, then exit")
+    parser.add_argument("--once", action="store_true",
+                        help="poll once: claim and finish at most one run (and any left from before), then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    config, engine, problems = None, None, []
     try:
         config = load_site_config(args.config)
     except ConfigError as error:
-        sys.exit(str(error))
+        problems += error.problems
     try:
-        engine = connect_engine()
+        engine = containers.connect_engine()
     except docker.errors.DockerException as error:
-        sys.exit(f"{args.config}: no Docker engine answers ({error}); start Docker, "
-                 "and make sure this user may use it")
-    runner = SiteRunner(config, engine, RegistryClient(config.registry_url, config.site_token))
+        problems.append(f"{args.config}: no Docker engine answers ({error}); start Docker, "
+                        "and make sure this user may use it")
+    if config and engine:
+        problems += [f"{args.config}: {problem}" for problem in startup_problems(config, engine)]
+    if problems:
+        sys.exit("\n".join(problems))
 
-    def stop_claiming(signum, _frame):
-        logging.getLogger("pht.runner").info("signal %s: finishing the current run, claiming no more", signum)
+    registry = RegistryClient(config.registry_url, config.site_token,
+                              connections=2 * config.max_concurrent_runs + 1)
+    runner = SiteRunner(config, engine, registry)
+
+    def stop(signum, _frame):
+        if runner.stopping.is_set():
+            log.warning("signal %s again: exiting now; the next start carries on with the unfinished runs", signum)
+            raise SystemExit(1)
+        log.info("signal %s: claiming no more runs, finishing the current ones (signal again to exit at once)",
+                 signum)
         runner.stopping.set()
 
-    signal.signal(signal.SIGINT, stop_claiming)
-    signal.signal(signal.SIGTERM, stop_claiming)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    log.info("site %s: runner started (registry %s, up to %d run(s) at once)",
+             config.site_name, config.registry_url, config.max_concurrent_runs)
     runner.run_until_stopped(once=args.once)
+    log.info("runner stopped")
+
+
+def startup_problems(config, engine):
+    """What in the config does not fit this machine: its Docker engine and its folders."""
+    problems = [containers.network_problem(engine, config.container.network),
+                containers.cpus_problem(engine, config.container.cpus)]
+    try:
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=config.work_dir):
+            pass
+    except OSError as error:
+        problems.append(f"work_dir {config.work_dir} is not a folder this runner can write to ({error}); "
+                        "create it, or give the runner's user access")
+    if config.image_import_folder and not config.image_import_folder.is_dir():
+        problems.append(f"image_import_folder {config.image_import_folder} is not a folder; "
+                        "create it, or leave the field out")
+    return [problem for problem in problems if problem]
 
 
 if __name__ == "__main__":

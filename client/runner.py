@@ -1,24 +1,42 @@
 """The site runner's work, readable top to bottom.
 
-Loop: claim the next run (long-poll) → check the image against the whitelist →
-pull it → run it contained, heartbeating meanwhile → pack /output → upload
-output and log → report how it ended. Nothing in here accepts inbound connections.
+The main loop (one thread):
+    carry on with unfinished runs (from before a restart) → load dropped image archives →
+    wait for a free slot → claim the next run (long-poll; says whether the SPARQL endpoint
+    answers) → refuse it (whitelist) or hand it to a worker.
+
+A worker (one thread per run, up to max_concurrent_runs):
+    fetch the image, pinned → report started → create the contained, labelled container →
+    run it while a heartbeat thread keeps the lease (and notices a cancel) → pack /output →
+    upload output and log → report how it ended → delete the run's folder.
+
+Each step is recorded in the run's folder (run_folder.py) before the next one starts,
+so a runner killed at any moment carries on where it was at its next start: a
+container that ran is never started again, and a result is uploaded until the
+registry confirms it. Nothing in here accepts inbound connections.
 """
 
 import logging
-import shutil
 import threading
-
-import docker.errors
-import requests
-from SPARQLWrapper import JSON, SPARQLWrapper
+import time
+from dataclasses import dataclass
 
 from client import containers, image_policy, output_archive
-from client.registry_client import LeaseLost, RegistryRefused
+from client.image_source import ImageSource, ImageUnavailable
+from client.registry_client import TRANSIENT_ERRORS, LeaseLost, RegistryRefused, RegistryUnreachable
+from client.run_folder import RunFolder, unfinished_runs
+from client.sparql_check import sparql_problem
 
 log = logging.getLogger("pht.runner")
 
-UNREACHABLE_RETRY_SECONDS = 5
+HEARTBEAT_RETRY_SECONDS = 1
+OUTPUT_CHECK_SECONDS = 2
+MAX_REASON_CHARS = 2000  # the registry's limit for a failure reason
+MAX_OWN_LOG_BYTES = 10 * 1024 ** 2  # of a PyTaskManager image's /log.txt, added to the run's log
+
+
+class RunTakenBack(Exception):
+    """The researcher cancelled the run, or its lease ran out and the registry gave it up."""
 
 
 class SiteRunner:
@@ -26,116 +44,277 @@ class SiteRunner:
         self.config = config
         self.engine = engine
         self.registry = registry
+        self.runs_dir = config.work_dir / "runs"
+        self.sessions_dir = config.work_dir / "sessions"
+        self.images = ImageSource(engine, config.image_import_folder, config.work_dir / "imported-images.json")
         self.stopping = threading.Event()
+        self._workers = {}  # run id -> Worker
+        self._workers_changed = threading.Condition()
+        self._sparql_problem = "not checked yet"
+        self._registry_problem = None
+
+    # --- the main loop -------------------------------------------------------
 
     def run_until_stopped(self, once=False):
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_unrecorded_containers()
+        self.check_sparql_endpoint()
         while not self.stopping.is_set():
-            try:
-                run = self.registry.claim_run(self.config.long_poll_seconds, self.sparql_endpoint_answers())
-            except requests.ConnectionError as error:
-                log.warning("registry %s unreachable (%s); trying again in %d s",
-                            self.config.registry_url, type(error).__name__, UNREACHABLE_RETRY_SECONDS)
-                self.stopping.wait(UNREACHABLE_RETRY_SECONDS)
+            self.carry_on_unfinished_runs()
+            self.images.load_dropped_archives()
+            if not self.wait_for_free_slot():
                 continue
-            if run is None:
-                continue
-            self.execute_run(run)
+            run = self.claim_next_run()
+            if run is not None:
+                self.take_on(run)
             if once:
-                return
+                break
+        self.wait_for_workers()
 
-    def sparql_endpoint_answers(self):
-        endpoint = SPARQLWrapper(self.config.sparql_endpoint)
-        endpoint.setQuery("ASK { ?s ?p ?o }")
-        endpoint.setReturnFormat(JSON)
-        endpoint.setTimeout(5)
+    def remove_unrecorded_containers(self):
+        """Containers the runner created but was stopped before noting (so they never started)."""
+        recorded = {folder.state.get("container_id") for folder in unfinished_runs(self.runs_dir)}
+        for container in containers.containers_of(self.engine, self.config.site_name, self.config.work_dir):
+            if container.id not in recorded:
+                log.info("removing container %s of run %s: no run of this runner records it",
+                         container.short_id, container.labels.get(containers.RUN_LABEL))
+                containers.remove(self.engine, container.id)
+
+    def carry_on_unfinished_runs(self):
+        for folder in unfinished_runs(self.runs_dir):
+            if folder.run_id not in self._workers:
+                log.info("run %s: carrying on where it was (%s)", folder.run_id, progress_of(folder.state))
+                self.start_worker(folder)
+
+    def check_sparql_endpoint(self):
+        """Whether the endpoint answers; logged when that changes, so a dead endpoint warns once."""
+        problem = sparql_problem(self.config.sparql_endpoint)
+        if problem != self._sparql_problem:
+            if problem:
+                log.warning("SPARQL endpoint %s does not answer: %s (runs go on; algorithms that query it "
+                            "will fail)", self.config.sparql_endpoint, problem)
+            else:
+                log.info("SPARQL endpoint %s answers", self.config.sparql_endpoint)
+        self._sparql_problem = problem
+        return problem is None
+
+    def claim_next_run(self):
+        """The site's next run; None if none came within the long-poll, or the registry did not answer."""
         try:
-            endpoint.query().convert()
-            return True
-        except Exception as error:  # any failure means "does not answer"; the runner goes on
-            log.warning("SPARQL endpoint %s does not answer: %s", self.config.sparql_endpoint, error)
-            return False
+            run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint())
+        except TRANSIENT_ERRORS as error:
+            self.note_registry_problem(f"unreachable ({type(error).__name__})")
+        except RegistryRefused as error:  # a revoked token, say: the message names it
+            self.note_registry_problem(str(error))
+        else:
+            self.note_registry_problem(None)
+            return run
+        self.stopping.wait(self.config.poll_interval_seconds)
+        return None
 
-    def execute_run(self, run):
-        run_id, lease_id = run["id"], run["lease_id"]
-        log.info("run %s (task %s, session %s): image %s", run_id, run["task_id"], run["session_id"], run["image"])
+    def note_registry_problem(self, problem):
+        """Logged when it starts and ends, so an outage does not flood the log."""
+        if problem and problem != self._registry_problem:
+            log.warning("registry %s: %s; asking again every %d s", self.config.registry_url, problem,
+                        self.config.poll_interval_seconds)
+        elif self._registry_problem and not problem:
+            log.info("registry %s answers again", self.config.registry_url)
+        self._registry_problem = problem
+
+    def wait_for_free_slot(self):
+        with self._workers_changed:
+            self._workers_changed.wait_for(
+                lambda: len(self._workers) < self.config.max_concurrent_runs or self.stopping.is_set(), timeout=1)
+            return len(self._workers) < self.config.max_concurrent_runs and not self.stopping.is_set()
+
+    def take_on(self, run):
+        log.info("run %s (task %s, session %s): image %s", run["id"], run["task_id"], run["session_id"], run["image"])
+        stale = self._workers.get(run["id"])
+        if stale:
+            # The registry hands a run out again only once the lease held on it before ran out.
+            stale.heartbeat.stop_work("the registry handed the run out again")
+            stale.thread.join()
         reason = image_policy.refusal_reason(run["image"], self.config.whitelist, self.config.require_digest)
-        if reason:
-            log.warning("run %s refused: %s", run_id, reason)
-            self.registry.refuse(run_id, lease_id, reason)
+        if reason is None:
+            self.start_worker(RunFolder.create(self.runs_dir, run))
             return
-        folder = self.config.work_dir / "runs" / str(run_id)
-        heartbeat = _Heartbeat(self.registry, run_id, lease_id, run["lease_seconds"])
+        log.warning("run %s refused: %s", run["id"], reason)
+        try:
+            self.registry.refuse(run["id"], run["lease_id"], reason)
+        except (LeaseLost, RegistryUnreachable, RegistryRefused) as error:
+            # The lease runs out, the run comes back, and it is refused again then.
+            log.warning("run %s: the refusal was not recorded: %s", run["id"], error)
+
+    def start_worker(self, folder):
+        run = folder.claim
+        heartbeat = Heartbeat(self.registry, run["id"], run["lease_id"], run["lease_seconds"])
+        worker = Worker(heartbeat=heartbeat, thread=threading.Thread(
+            target=self.work_on, args=(folder, heartbeat), name=f"run-{run['id']}", daemon=True))
+        with self._workers_changed:
+            self._workers[run["id"]] = worker
+        worker.thread.start()
+
+    def wait_for_workers(self):
+        with self._workers_changed:
+            if self._workers:
+                log.info("waiting for %d run(s) to finish", len(self._workers))
+            while self._workers:
+                self._workers_changed.wait(timeout=1)
+
+    # --- one run, in its worker thread ----------------------------------------
+
+    def work_on(self, folder, heartbeat):
+        run = folder.claim
         heartbeat.start()
         try:
-            self._run_and_report(run, folder, heartbeat)
-        except LeaseLost as error:
-            log.warning("run %s: the registry took the run back (%s); dropping its results", run_id, error)
+            if "outcome" not in folder.state:
+                self.execute(folder, heartbeat)
+            self.report(folder)
+            self.clean_up(folder)
+        except (RunTakenBack, LeaseLost) as error:
+            log.info("run %s: %s; its container and files are removed, nothing is reported", run["id"], error)
+            self.clean_up(folder)
+        except RegistryUnreachable as error:
+            log.warning("run %s: %s; its files stay in %s and are reported once the registry answers",
+                        run["id"], error, folder.path)
+        except Exception as error:  # a bug or a broken machine: report it rather than retry forever
+            log.exception("run %s: the site runner failed", run["id"])
+            self.give_up(folder, f"the site runner failed: {type(error).__name__}: {error}")
         finally:
             heartbeat.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+            with self._workers_changed:
+                del self._workers[run["id"]]
+                self._workers_changed.notify_all()
 
-    def _run_and_report(self, run, folder, heartbeat):
-        run_id, lease_id = run["id"], run["lease_id"]
-        paths = _prepare_folders(folder, self.config.work_dir / "sessions" / str(run["session_id"]))
-        self.registry.download_input(run_id, paths["input"] / "input.txt")
-        reference = image_policy.parse_image_reference(run["image"])
-        try:
-            pinned = containers.pull_image(self.engine, reference)
-        except docker.errors.APIError as error:
-            self.registry.finish(run_id, lease_id, None, f"pulling {reference.pull_reference} failed: {error.explanation}")
-            return
-        self.registry.report_started(run_id, lease_id, pinned.rpartition("@")[2] or pinned)
-        limits = self.config.container
-        timeout = min(run["timeout_seconds"] or limits.timeout_seconds, limits.timeout_seconds)
-        outcome = containers.run_contained(
-            self.engine, pinned,
-            mounts=[(paths["input"], "/input", "ro"), (paths["output"], "/output", "rw"),
-                    (paths["temp"], "/temp", "rw")],
-            environment={"SPARQL_ENDPOINT": self.config.sparql_endpoint, "TASK_ID": str(run["task_id"]),
-                         "SESSION_ID": str(run["session_id"]), "RUN_ID": str(run["session_id"])},
-            limits=limits,
-            labels={containers.LABEL_PREFIX + "run": str(run_id), containers.LABEL_PREFIX + "task": str(run["task_id"])},
-            timeout_seconds=timeout,
-            should_stop=heartbeat.should_stop,
-            log_path=paths["log"])
-        if heartbeat.should_stop():
-            log.info("run %s was cancelled or taken back; nothing is uploaded", run_id)
-            return
-        failure_reason = outcome.failure_reason
-        if failure_reason is None:
+    def execute(self, folder, heartbeat):
+        run = folder.claim
+        if "image" not in folder.state:
             try:
-                skipped = output_archive.pack_output(paths["output"], paths["archive"], limits.max_output_bytes)
-                if skipped:
-                    with open(paths["log"], "a", encoding="utf-8") as log_file:
-                        log_file.write(f"\n[pht-runner] not uploaded (links or special files): {', '.join(skipped)}\n")
-                self.registry.upload(run_id, lease_id, "output", paths["archive"])
-            except output_archive.OutputTooLarge as error:
-                failure_reason = str(error)
-        self.registry.upload(run_id, lease_id, "log", paths["log"])
-        self.registry.finish(run_id, lease_id, outcome.exit_code, failure_reason)
-        log.info("run %s finished: exit code %s%s", run_id, outcome.exit_code,
+                pinned = self.images.fetch(image_policy.parse_image_reference(run["image"]))
+            except ImageUnavailable as error:
+                folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
+                return
+            heartbeat.check()  # a long pull gives the researcher time to cancel
+            folder.record(image=pinned.run_reference, digest=pinned.digest)
+        if not folder.state.get("start_reported"):
+            self.report_started(folder)
+        if "container_id" not in folder.state:
+            mounts = folder.prepare_mounts(self.registry.download_input(run["id"]),
+                                           self.sessions_dir / str(run["session_id"]) / "temp")
+            container = containers.create_contained(
+                self.engine, folder.state["image"], mounts, container_environment(self.config, run),
+                self.config.container, containers.labels_for(self.config.site_name, self.config.work_dir, run))
+            folder.record(container_id=container.id)
+            log.info("run %s: container %s of %s", run["id"], container.short_id, folder.state["image"])
+        self.run_container(folder, heartbeat)
+
+    def report_started(self, folder):
+        run = folder.claim
+        try:
+            self.registry.report_started(run["id"], run["lease_id"], folder.state["digest"])
+        except LeaseLost:
+            # A runner killed right after reporting cannot have recorded that it did.
+            if self.registry.run_status(run["id"], run["lease_id"]) != "running":
+                raise
+        folder.record(start_reported=True)
+
+    def run_container(self, folder, heartbeat):
+        run, limits = folder.claim, self.config.container
+        container = containers.find(self.engine, folder.state["container_id"])
+        if container is None:
+            folder.record(outcome={"exit_code": None,
+                                   "failure_reason": "its container was removed while the runner was not running"})
+            return
+        if "started_at" not in folder.state:
+            folder.record(started_at=time.time())
+        containers.start(container)
+        timeout = timeout_for(run, limits)
+        output_checked = [time.monotonic()]
+
+        def reason_to_stop():
+            reason = heartbeat.stop_reason or timeout_reason(folder.state["started_at"], timeout, time.time())
+            if not reason and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
+                # Checked while it runs, so an algorithm cannot fill the site's disk.
+                output_checked[0] = time.monotonic()
+                reason = output_archive.too_large_reason(
+                    output_archive.output_size(folder.output_dir), limits.max_output_bytes)
+            if reason:
+                folder.record(stop_reason=reason)  # so a restarted runner knows why it was killed
+            return reason
+
+        exit_code, reason = containers.wait_for_end(container, reason_to_stop)
+        heartbeat.check()
+        reason = reason or folder.state.get("stop_reason")
+        if reason is None and containers.was_out_of_memory(container):
+            reason = f"out of memory: the algorithm needed more than this site's limit of {limits.memory}"
+        containers.save_log(container, folder.log_file)
+        notes = [f"ended: {reason}"] if reason else []
+        own_log = folder.read_pytaskmanager_log(MAX_OWN_LOG_BYTES)
+        if own_log:
+            notes.append("/log.txt follows\n" + own_log)
+        if reason is None:
+            reason, skipped = self.pack_output(folder)
+            if skipped:
+                notes.append(f"not uploaded (links or special files): {', '.join(skipped)}")
+            if reason:
+                notes.append(reason)
+        with open(folder.log_file, "a", encoding="utf-8") as log_file:
+            log_file.writelines(f"\n[site runner] {note}\n" for note in notes)
+        folder.record(outcome={"exit_code": exit_code, "failure_reason": reason})
+        log.info("run %s: container ended: %s", run["id"], reason or f"exit code {exit_code}")
+        containers.remove(self.engine, container.id)
+
+    def pack_output(self, folder):
+        """Returns (failure reason or None, skipped paths)."""
+        folder.drop_unused_pytaskmanager_output()
+        try:
+            return None, output_archive.pack_output(folder.output_dir, folder.archive,
+                                                    self.config.container.max_output_bytes)
+        except output_archive.OutputTooLarge as error:
+            return str(error), []
+
+    def report(self, folder):
+        run, outcome = folder.claim, folder.state["outcome"]
+        failure_reason = outcome["failure_reason"]
+        if failure_reason is None and folder.archive.exists():
+            try:
+                self.registry.upload(run["id"], run["lease_id"], "output", folder.archive)
+            except RegistryRefused as error:
+                failure_reason = f"the registry did not accept the output: {error}"
+        if folder.log_file.exists():
+            self.registry.upload(run["id"], run["lease_id"], "log", folder.log_file)
+        self.registry.finish(run["id"], run["lease_id"], outcome["exit_code"], shortened(failure_reason))
+        log.info("run %s reported: exit code %s%s", run["id"], outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
 
+    def give_up(self, folder, reason):
+        run = folder.claim
+        try:
+            self.registry.finish(run["id"], run["lease_id"], None, shortened(reason))
+        except (LeaseLost, RegistryRefused, RegistryUnreachable) as error:
+            log.warning("run %s: could not report the failure either (%s)", run["id"], error)
+        self.clean_up(folder)
 
-def _prepare_folders(folder, session_folder):
-    paths = {"input": folder / "input", "output": folder / "output", "temp": session_folder / "temp",
-             "log": folder / "log.txt", "archive": folder / "output.tar.gz"}
-    for key in ("input", "output", "temp"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    # The container runs as an unprivileged user that must be able to write its results.
-    paths["output"].chmod(0o777)
-    paths["temp"].chmod(0o777)
-    return paths
+    def clean_up(self, folder):
+        if "container_id" in folder.state:
+            containers.remove(self.engine, folder.state["container_id"])
+        folder.remove()
 
 
-class _Heartbeat:
+@dataclass
+class Worker:
+    thread: threading.Thread
+    heartbeat: "Heartbeat"
+
+
+class Heartbeat:
     """Extends the run's lease in the background and notices a cancel or a lost lease."""
 
     def __init__(self, registry, run_id, lease_id, lease_seconds):
         self.registry, self.run_id, self.lease_id = registry, run_id, lease_id
         self.interval = max(1.0, lease_seconds / 3)
+        self.stop_reason = None
         self._done = threading.Event()
-        self._stop_work = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
 
     def start(self):
@@ -145,16 +324,75 @@ class _Heartbeat:
         self._done.set()
         self._thread.join()
 
-    def should_stop(self):
-        return self._stop_work.is_set()
+    def check(self):
+        if self.stop_reason:
+            raise RunTakenBack(self.stop_reason)
+
+    def stop_work(self, reason):
+        self.stop_reason = reason
 
     def _beat(self):
-        while not self._done.wait(self.interval):
+        wait, failing = self.interval, False
+        while not self._done.wait(wait):
             try:
-                if self.registry.heartbeat(self.run_id, self.lease_id) == "cancelled":
-                    log.info("run %s was cancelled by the researcher", self.run_id)
-                    self._stop_work.set()
-            except LeaseLost:
-                self._stop_work.set()
-            except (RegistryRefused, OSError) as error:
-                log.warning("heartbeat for run %s failed: %s", self.run_id, error)
+                status = self.registry.heartbeat(self.run_id, self.lease_id)
+            except LeaseLost as error:
+                self.stop_reason = f"the registry took the run back ({error})"
+                return
+            except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+                if not failing:
+                    log.warning("heartbeat for run %s failed: %s; trying every %d s", self.run_id, error,
+                                HEARTBEAT_RETRY_SECONDS)
+                # Soon: once the registry is back, the lease must be renewed before it runs out.
+                wait, failing = HEARTBEAT_RETRY_SECONDS, True
+                continue
+            if failing:
+                log.info("heartbeat for run %s: the registry answers again", self.run_id)
+            if status == "cancelled":
+                self.stop_reason = "cancelled by the researcher"
+                return
+            wait, failing = self.interval, False
+
+
+# --- pure decisions -------------------------------------------------------------
+
+def container_environment(config, run):
+    return {
+        "SPARQL_ENDPOINT": config.sparql_endpoint,
+        "TASK_ID": str(run["task_id"]),
+        "SESSION_ID": str(run["session_id"]),
+        "SITE_NAME": config.site_name,
+        # The original PyTaskManager's names, so images written for it run unchanged.
+        "RUN_ID": str(run["session_id"]),
+        "endpointUrl": config.sparql_endpoint,
+        "endpointType": config.endpoint_type,
+        "endpointToken": config.endpoint_token,
+    }
+
+
+def timeout_for(run, limits):
+    """A task may ask for less time than the site allows, never more."""
+    return min(run.get("timeout_seconds") or limits.timeout_seconds, limits.timeout_seconds)
+
+
+def timeout_reason(started_at, timeout_seconds, now):
+    if now - started_at > timeout_seconds:
+        return f"timeout: still running after {timeout_seconds} s"
+    return None
+
+
+def progress_of(state):
+    """A run's progress in words, for the log."""
+    if "outcome" in state:
+        return "ended, not yet reported"
+    if "container_id" in state:
+        return "its container was created"
+    if "image" in state:
+        return "image fetched"
+    return "claimed"
+
+
+def shortened(reason):
+    if reason is None or len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[:MAX_REASON_CHARS - 1] + "…"

@@ -1,18 +1,36 @@
 """The site's configuration file (config.json): every field, its default, and its validation.
 
-The runner refuses to start on any bad field, with one line per problem naming
-the field and the fix. Keys starting with "//" are comments. The field names of
-the original PyTaskManager config are accepted as aliases. docs/site-config.md
-explains each field to the IT officer.
+Pure: reading the file is the only I/O here (runScript.py checks the config against
+this machine's Docker engine and folders). The runner refuses to start on any bad
+field, with one line per problem naming the field and the fix. Keys starting with
+"//" are comments. docs/site-config.md explains each field to the IT officer.
 """
 
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-ALIASES = {"masterUrl": "registry_url", "endpointUrl": "sparql_endpoint"}
+# Field names of the original PyTaskManager's config.json that mean the same here.
+ALIASES = {
+    "masterUrl": "registry_url",
+    "endpointUrl": "sparql_endpoint",
+    "endpointType": "endpoint_type",
+    "endpointToken": "endpoint_token",
+    "interval": "poll_interval_seconds",
+}
+
+# Fields of the original config that have no counterpart: say what replaced them.
+RETIRED = {
+    "id": "sites are identified by their token now (site_token)",
+    "name": "the site's name is site_name, as the registry's operator registered it (create-site NAME)",
+    "institute": "the registry's operator keeps who a site is (create-site)",
+    "country": "the registry's operator keeps who a site is (create-site)",
+    "email": "the registry's operator keeps who a site is (create-site)",
+    "dockerHost": "algorithms reach the SPARQL endpoint through container.network (host, or a Docker network)",
+}
 
 CONTAINER_DEFAULTS = {
     "network": "none",
@@ -23,6 +41,9 @@ CONTAINER_DEFAULTS = {
     "max_output_bytes": 1024 ** 3,
     "user": "65534:65534",
 }
+
+MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+DOCKER_MINIMUM_MEMORY = 6 * 1024 ** 2
 
 
 class ConfigError(Exception):
@@ -47,12 +68,18 @@ class ContainerLimits:
 @dataclass(frozen=True)
 class SiteConfig:
     registry_url: str
+    site_name: str
     site_token: str
     sparql_endpoint: str
+    endpoint_type: str
+    endpoint_token: str
     whitelist: tuple
     require_digest: bool
     work_dir: Path
+    image_import_folder: Path | None
+    max_concurrent_runs: int
     long_poll_seconds: int
+    poll_interval_seconds: int
     container: ContainerLimits
 
 
@@ -62,7 +89,7 @@ def load_site_config(path):
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(path, ["file not found; copy config.json from the repository and adapt it"]) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(path, [f"not valid JSON: {error}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(path, ["must be a JSON object of fields"])
@@ -75,25 +102,43 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     for key, value in raw.items():
         if key.startswith("//"):
             continue
-        fields[ALIASES.get(key, key)] = value
+        if key in RETIRED:
+            problems.append(f"{key} is a field of the original PyTaskManager config that this runner does not use: "
+                            f"{RETIRED[key]}; remove it")
+            continue
+        name = ALIASES.get(key, key)
+        if name in fields:
+            problems.append(f"{name} is given twice (once as {key}); keep one")
+        fields[name] = value
 
-    def take(name, kind, default=None, required=False):
+    def take(name, kind, default=None, required=False, at_least=None, at_most=None):
         if name not in fields:
             if required:
                 problems.append(f"{name} is missing")
             return default
         value = fields.pop(name)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            problems.append(f"{name} must be a {expected}, not {json.dumps(value)}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            problems.append(f"{name} must be a {kind.__name__}, not {json.dumps(value)}")
+            return default
+        if at_least is not None and value < at_least or at_most is not None and value > at_most:
+            problems.append(f"{name} must be between {at_least} and {at_most}, not {value}")
             return default
         return value
 
     registry_url = take("registry_url", str, required=True)
     if registry_url and not re.match(r"^https?://[^/\s]+", registry_url):
         problems.append(f"registry_url {registry_url!r} must start with http:// or https://")
+    site_name = take("site_name", str, socket.gethostname())
+    if not site_name.strip():
+        problems.append("site_name is empty; give the name the registry's operator registered this site under")
     token = _site_token(take("site_token", str), take("site_token_env", str), problems)
     sparql_endpoint = take("sparql_endpoint", str, required=True)
+    if sparql_endpoint and not re.match(r"^https?://[^/\s]+", sparql_endpoint):
+        problems.append(f"sparql_endpoint {sparql_endpoint!r} must start with http:// or https://")
+    endpoint_type = take("endpoint_type", str, "sparql")
+    endpoint_token = take("endpoint_token", str, "")
     whitelist = []
     for index, pattern in enumerate(take("whitelist", list, [], required=True)):
         try:
@@ -103,20 +148,34 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     if "whitelist" in raw and not raw["whitelist"]:
         problems.append("whitelist is empty, so this site would refuse every task; add a pattern")
     require_digest = take("require_digest", bool, False)
-    work_dir = Path(take("work_dir", str, "site-work"))
-    long_poll_seconds = take("long_poll_seconds", int, 30)
-    if not 1 <= long_poll_seconds <= 120:
-        problems.append("long_poll_seconds must be between 1 and 120")
+    work_dir = _folder(take("work_dir", str, "site-work"), base_dir)
+    import_folder = take("image_import_folder", str)
+    max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)
+    long_poll_seconds = take("long_poll_seconds", int, 30, at_least=1, at_most=120)
+    poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     container = _container_limits(take("container", dict, {}), problems)
     for unknown in sorted(fields):
         problems.append(f"unknown field {unknown!r}; see docs/site-config.md for the fields a site config has")
     if problems:
         raise ConfigError(source, problems)
     return SiteConfig(
-        registry_url=registry_url.rstrip("/"), site_token=token, sparql_endpoint=sparql_endpoint,
-        whitelist=tuple(whitelist), require_digest=require_digest,
-        work_dir=work_dir if work_dir.is_absolute() else (Path(base_dir) / work_dir).resolve(),
-        long_poll_seconds=long_poll_seconds, container=container)
+        registry_url=registry_url.rstrip("/"), site_name=site_name, site_token=token,
+        sparql_endpoint=sparql_endpoint, endpoint_type=endpoint_type, endpoint_token=endpoint_token,
+        whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
+        image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
+        max_concurrent_runs=max_concurrent_runs, long_poll_seconds=long_poll_seconds,
+        poll_interval_seconds=poll_interval_seconds, container=container)
+
+
+def memory_bytes(memory):
+    """'512m' -> 536870912; None if it is not a size Docker understands."""
+    match = re.fullmatch(r"([0-9]+)([bkmg]?)", str(memory).lower())
+    return int(match[1]) * MEMORY_UNITS[match[2]] if match else None
+
+
+def _folder(value, base_dir):
+    folder = Path(value)
+    return folder if folder.is_absolute() else (Path(base_dir) / folder).resolve()
 
 
 def _site_token(token, token_env, problems):
@@ -146,9 +205,17 @@ def _container_limits(given, problems):
             problems.append(f"container.{key} must be a {expected.__name__}, not {json.dumps(value)}")
             continue
         values[key] = value
-    if not re.fullmatch(r"[0-9]+[bkmg]?", str(values["memory"]).lower()):
+    memory = memory_bytes(values["memory"])
+    if memory is None:
         problems.append(f"container.memory {values['memory']!r} must look like 512m or 2g")
+    elif memory < DOCKER_MINIMUM_MEMORY:
+        problems.append(f"container.memory {values['memory']!r} is below Docker's minimum of 6m")
     for key in ("cpus", "pids", "timeout_seconds", "max_output_bytes"):
         if values[key] <= 0:
             problems.append(f"container.{key} must be greater than 0")
+    if not values["network"].strip():
+        problems.append("container.network is empty; use none (the default), host, or a Docker network's name")
+    if values["user"].split(":")[0] in ("", "0", "root"):
+        problems.append(f"container.user {values['user']!r} would run algorithms as root; "
+                        "use an unprivileged uid:gid such as 65534:65534")
     return ContainerLimits(**values)

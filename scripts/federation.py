@@ -93,19 +93,28 @@ class LocalFederation:
 
     def start(self):
         self.registry_data = self.folder / "registry"
-        port = free_port()
-        self.registry_url = f"http://127.0.0.1:{port}"
-        self.registry_process = self._spawn(
-            "registry", [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
-                         "serve", "--host", "127.0.0.1", "--port", str(port),
-                         "--lease-seconds", str(self.lease_seconds)])
-        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry")
+        self.registry_port = free_port()
+        self.registry_url = f"http://127.0.0.1:{self.registry_port}"
+        self.start_registry()
         self.researcher_token = self.admin("create-researcher", "researcher")
         for index, name in enumerate(self.site_names):
             self.sites[name] = self._start_site(name, self.seed + index)
         if self.start_runners:
             for name in self.site_names:
                 self.start_runner(name)
+
+    def start_registry(self):
+        """Start the registry process; again after stop_registry(), on the same port and data."""
+        self.registry_process = self._spawn(
+            "registry", [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
+                         "serve", "--host", "127.0.0.1", "--port", str(self.registry_port),
+                         "--lease-seconds", str(self.lease_seconds)])
+        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry")
+
+    def stop_registry(self):
+        """Stop the registry process (as an outage would); start_registry() brings it back."""
+        self.registry_process.terminate()
+        self.registry_process.wait(timeout=15)
 
     def admin(self, *command):
         """Run one of the registry's operator commands; returns what it printed."""
@@ -136,6 +145,7 @@ class LocalFederation:
         extra = dict(self.site_settings)
         config = {
             "registry_url": self.registry_url,
+            "site_name": name,
             "site_token": token,
             "sparql_endpoint": sparql_endpoint,
             "whitelist": self.whitelist,
@@ -152,6 +162,21 @@ class LocalFederation:
         site.runner = self._spawn(f"{name}-runner", [PYTHON, str(ROOT / "client" / "runScript.py"),
                                                      "--config", str(site.config_path), *extra_args])
         return site.runner
+
+    def configure_site(self, name, **changes):
+        """Change fields of a site's config.json (container fields merge); takes effect at the runner's next start."""
+        config_path = self.sites[name].config_path
+        config = json.loads(config_path.read_text())
+        config["container"].update(changes.pop("container", {}))
+        config.update(changes)
+        config_path.write_text(json.dumps(config, indent=2))
+        return config
+
+    def stop_runner(self, name, how=signal.SIGTERM, timeout=60):
+        """Signal a site's runner and wait for it to exit; returns its exit code."""
+        runner = self.sites[name].runner
+        runner.send_signal(how)
+        return runner.wait(timeout=timeout)
 
     def log_of(self, what):
         return (self.folder / "logs" / f"{what}.log").read_text(errors="replace")

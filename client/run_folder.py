@@ -1,0 +1,133 @@
+"""One run's folder in the work dir: its files, and what the runner must remember across a crash.
+
+    work_dir/runs/<run id>/state.json     the claim (lease id, task, session, image) and progress
+                          /input/input.txt the task's configuration, bound read-only at /input
+                          /output/         bound at /output; its contents are the result
+                          /log.txt         the container's stdout and stderr, then the runner's notes
+                          /pytaskmanager-log.txt  bound at /log.txt for original PyTaskManager images
+                          /output.tar.gz   the packed output, once the container has ended
+    work_dir/sessions/<session id>/temp/   bound at /temp for every task of that session
+
+state.json is replaced atomically after each step, so after a crash the runner
+knows how far each run got and carries on from there (runner.py); the folder is
+deleted only once the registry has confirmed the run's end.
+"""
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+STATE_FILE = "state.json"
+
+
+class RunFolder:
+    def __init__(self, path, state):
+        self.path = Path(path)
+        self.state = state
+        self.input_file = self.path / "input" / "input.txt"
+        self.output_dir = self.path / "output"
+        # Original PyTaskManager images write /output.txt: bound to a file inside /output/, it
+        # comes back as part of the result without any copying.
+        self.pytaskmanager_output = self.output_dir / "output.txt"
+        self.pytaskmanager_log = self.path / "pytaskmanager-log.txt"
+        self.log_file = self.path / "log.txt"
+        self.archive = self.path / "output.tar.gz"
+
+    @property
+    def run_id(self):
+        return self.state["run"]["id"]
+
+    @property
+    def claim(self):
+        """The run as the registry handed it out: id, task_id, session_id, image, lease_id, ..."""
+        return self.state["run"]
+
+    @classmethod
+    def create(cls, runs_dir, claimed_run):
+        path = Path(runs_dir) / str(claimed_run["id"])
+        # A folder left from an earlier claim of this run that the registry took back is stale.
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        folder = cls(path, {"run": claimed_run})
+        folder.save()
+        return folder
+
+    @classmethod
+    def load(cls, path):
+        """The folder's run, or None if the runner stopped before writing state.json (nothing happened yet)."""
+        try:
+            state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+        return cls(path, state)
+
+    def save(self):
+        temporary = self.path / (STATE_FILE + ".new")
+        temporary.write_text(json.dumps(self.state, indent=1), encoding="utf-8")
+        os.replace(temporary, self.path / STATE_FILE)
+
+    def record(self, **progress):
+        self.state.update(progress)
+        self.save()
+
+    def prepare_mounts(self, task_input, session_temp):
+        """Write what the container sees; returns (host path, path inside, mode) for each bind mount."""
+        self.input_file.parent.mkdir(parents=True, exist_ok=True)
+        self.input_file.write_bytes(task_input)
+        self.output_dir.mkdir(exist_ok=True)
+        session_temp.mkdir(parents=True, exist_ok=True)
+        self.pytaskmanager_output.touch()
+        self.pytaskmanager_log.touch()
+        # The container runs as an unprivileged user: it must read its input and write its results,
+        # whatever the runner's umask.
+        self.input_file.parent.chmod(0o755)
+        self.input_file.chmod(0o644)
+        for writable in (self.output_dir, session_temp):
+            writable.chmod(0o777)
+        for writable in (self.pytaskmanager_output, self.pytaskmanager_log):
+            writable.chmod(0o666)
+        return [
+            (self.input_file.parent, "/input", "ro"),
+            (self.input_file, "/input.txt", "ro"),
+            (self.output_dir, "/output", "rw"),
+            (self.pytaskmanager_output, "/output.txt", "rw"),
+            (self.pytaskmanager_log, "/log.txt", "rw"),
+            (session_temp, "/temp", "rw"),
+        ]
+
+    def drop_unused_pytaskmanager_output(self):
+        """An image that does not use the PyTaskManager's /output.txt leaves it empty: not part of the result."""
+        try:
+            info = self.pytaskmanager_output.lstat()
+        except FileNotFoundError:  # the algorithm deleted it
+            return
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            self.pytaskmanager_output.unlink()
+
+    def read_pytaskmanager_log(self, max_bytes):
+        """What an original PyTaskManager image wrote to /log.txt, cut at max_bytes."""
+        with open(self.pytaskmanager_log, "rb") as own_log:
+            text = own_log.read(max_bytes + 1)
+        cut = f"\n(cut at {max_bytes} bytes)" if len(text) > max_bytes else ""
+        return text[:max_bytes].decode("utf-8", errors="replace") + cut
+
+    def remove(self):
+        # state.json first: a folder without it is a left-over, whatever else could not be deleted.
+        (self.path / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def unfinished_runs(runs_dir):
+    """Every run folder with a state, oldest run first; folders without one are left-overs and removed."""
+    folders = []
+    for path in sorted(Path(runs_dir).glob("*"), key=lambda p: (len(p.name), p.name)):
+        if not path.is_dir():
+            continue
+        folder = RunFolder.load(path)
+        if folder is None:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            folders.append(folder)
+    return folders

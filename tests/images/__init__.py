@@ -1,0 +1,113 @@
+"""What the site runner's tests share: their images, and reading what a site reported.
+
+The images are small, most of them hostile: one folder each, with a Dockerfile on top of the
+base image (ARG BASE). They are built with the docker SDK and pushed to the local image
+registry, so the runner pulls them for real.
+"""
+
+import functools
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from scripts.federation import IMAGE_REGISTRY
+
+FOLDER = Path(__file__).resolve().parent
+BASE_IMAGE = os.environ.get("PHT_BASE_IMAGE", "pht-base:bookworm")
+
+
+def engine_or_fail():
+    try:
+        engine = docker.from_env()
+        engine.ping()
+        engine.images.get(BASE_IMAGE)
+        requests.get(f"http://{IMAGE_REGISTRY}/v2/", timeout=5).raise_for_status()
+    except (docker.errors.DockerException, requests.RequestException) as error:
+        pytest.fail(f"the Docker engine, the base image {BASE_IMAGE} or the image registry at {IMAGE_REGISTRY} "
+                    f"is missing ({error}); run scripts/setup.sh first")
+    return engine
+
+
+@functools.cache
+def pushed_test_image(name, reference=None, **buildargs):
+    """Build tests/images/<name>, push it as reference (default <registry>/pht/<name>:latest); returns that."""
+    reference = reference or f"{IMAGE_REGISTRY}/pht/{name}:latest"
+    built_test_image(name, reference, **buildargs)
+    for line in engine_or_fail().images.push(reference, stream=True, decode=True):
+        if "error" in line:
+            pytest.fail(f"pushing {reference} failed: {line['error']}")
+    return reference
+
+
+def built_test_image(name, reference, **buildargs):
+    """Build tests/images/<name> as reference, only into the local engine; returns the image."""
+    image, _log = engine_or_fail().images.build(path=str(FOLDER / name), tag=reference, rm=True, network_mode="none",
+                                                buildargs={"BASE": BASE_IMAGE, **buildargs})
+    return image
+
+
+def registry_digest(reference):
+    """The digest the image registry serves for host/repository:tag now."""
+    name, _, tag = reference.rpartition(":")
+    host, _, repository = name.partition("/")
+    response = requests.head(f"http://{host}/v2/{repository}/manifests/{tag}", timeout=5, headers={
+        "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    response.raise_for_status()
+    return response.headers["Docker-Content-Digest"]
+
+
+# --- reading what a site reported, over the registry's researcher API (docs/api.md) ------------
+
+def wait_for_runs(federation, task, timeout_seconds=60):
+    """The task's runs once each has ended."""
+    return federation.researcher().wait(task["id"], timeout_seconds=timeout_seconds)["runs"]
+
+
+def only_run(federation, task, timeout_seconds=60):
+    [run] = wait_for_runs(federation, task, timeout_seconds)
+    return run
+
+
+def output_files(federation, run):
+    """Every member of the run's output archive: path -> bytes (None for folders and anything else)."""
+    archive = _download(federation, f"/api/runs/{run['id']}/output")
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        return {member.name: tar.extractfile(member).read() if member.isfile() else None
+                for member in tar.getmembers()}
+
+
+def output_json(federation, run, name):
+    return json.loads(output_files(federation, run)[name])
+
+
+def run_log(federation, run):
+    return _download(federation, f"/api/runs/{run['id']}/log").decode("utf-8", "replace")
+
+
+def history(federation, run):
+    """The states the run went through, in order: [{"status": ..., "at": ..., "reason": ...}, ...]."""
+    return json.loads(_download(federation, f"/api/runs/{run['id']}/history"))
+
+
+def states(federation, run):
+    return [event["status"] for event in history(federation, run)]
+
+
+def site_status(federation, name):
+    """The registry's view of a site: online, last_seen_at, sparql_ok, ..."""
+    [site] = [site for site in json.loads(_download(federation, "/api/sites?per_page=200"))["items"]
+              if site["name"] == name]
+    return site
+
+
+def _download(federation, path):
+    researcher = federation.researcher()
+    response = researcher.http.get(researcher.url + path, timeout=60)
+    response.raise_for_status()
+    return response.content

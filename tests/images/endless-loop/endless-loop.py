@@ -1,0 +1,3 @@
+print("looping forever", flush=True)
+while True:
+    pass

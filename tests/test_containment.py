@@ -1,0 +1,147 @@
+"""Each containment limit, enforced against a hostile image that tries to break it.
+
+One site with the default network (none) and small limits. Every hostile task is
+submitted at once, so they run side by side (as at a busy site); each test then
+reads how its task ended.
+"""
+
+from datetime import datetime
+
+import docker
+import pytest
+
+from client import containers
+from scripts.federation import IMAGE_REGISTRY, LocalFederation
+from tests.images import (engine_or_fail, history, output_files, output_json, pushed_test_image, run_log,
+                          wait_for_runs)
+
+SITE = "hospital-a"
+LIMITS = {"network": "none", "memory": "64m", "pids": 32, "max_output_bytes": 1_000_000, "timeout_seconds": 60}
+
+
+@pytest.fixture(scope="module")
+def federation():
+    engine_or_fail()
+    with LocalFederation(site_names=(SITE,), patients_per_site=5, container_network="none",
+                         site_settings={"max_concurrent_runs": 4, "container": LIMITS}) as federation:
+        yield federation
+
+
+@pytest.fixture(scope="module")
+def host_secret(tmp_path_factory):
+    secret = tmp_path_factory.mktemp("host") / "secret.txt"
+    secret.write_text("a file on the host that no algorithm may send out")
+    return secret
+
+
+@pytest.fixture(scope="module")
+def tasks(federation, host_secret):
+    """Every hostile task, submitted at once: name -> task."""
+    researcher = federation.researcher()
+    inputs = {
+        "endless-loop": ("endless-loop", {}, 3),
+        "fork-bomb": ("fork-bomb", {}, None),
+        "memory-hog": ("memory-hog", {}, None),
+        "input-writer": ("input-writer", {"keep": "me"}, None),
+        "output-symlink": ("output-symlink", {"links": {
+            "secret.txt": str(host_secret), "passwd": "/etc/passwd", "escape": "../../../../../etc/hostname"}}, None),
+        "output-flood-while-running": ("output-flood", {"megabytes": 8, "then_sleep": 50}, None),
+        "output-flood-at-the-end": ("output-flood", {"megabytes": 2, "then_sleep": 0}, None),
+        "network-probe": ("network-probe", {"name": "example.org", "addresses": [
+            f"127.0.0.1:{federation.registry_port}", IMAGE_REGISTRY,
+            federation.sites[SITE].sparql_endpoint.split("/")[2]]}, None),
+    }
+    return {name: researcher.submit(pushed_test_image(image), task_input, timeout_seconds=timeout)
+            for name, (image, task_input, timeout) in inputs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(federation, tasks):
+    """name -> the task's one run, once every task has ended."""
+    return {name: wait_for_runs(federation, task, timeout_seconds=120)[0] for name, task in tasks.items()}
+
+
+def test_endless_loop_is_killed_at_the_timeout(federation, runs):
+    run = runs["endless-loop"]
+    assert run["status"] == "failed"
+    assert run["reason"].startswith("timeout"), run["reason"]
+    assert run["output_sha256"] is None
+    assert "looping forever" in run_log(federation, run)
+
+
+def test_fork_bomb_is_stopped_by_the_pids_limit(federation, runs):
+    run = runs["fork-bomb"]
+    assert run["status"] == "completed", run["reason"]
+    forks = output_json(federation, run, "forks.json")
+    assert forks["forked"] < LIMITS["pids"]
+    assert "Resource temporarily unavailable" in forks["refusal"]
+
+
+def test_memory_hog_is_killed_and_reported_out_of_memory(federation, runs):
+    run = runs["memory-hog"]
+    assert run["status"] == "failed"
+    assert run["reason"].startswith("out of memory"), run["reason"]
+    assert LIMITS["memory"] in run["reason"]
+    assert "got 4 GB" not in run_log(federation, run)
+
+
+def test_input_and_image_cannot_be_changed(federation, runs):
+    run = runs["input-writer"]
+    assert run["status"] == "completed", run["reason"]
+    report = output_json(federation, run, "attempts.json")
+    assert len(report["attempts"]) == 7
+    for attempt, result in report["attempts"].items():
+        assert result.startswith("refused"), (attempt, result)
+    # Not only file permissions: the root filesystem and the input are mounted read-only.
+    assert report["read_only"] == {"/": True, "/input": True, "/input.txt": True}
+
+
+def test_links_out_of_output_are_not_uploaded(federation, runs, host_secret):
+    run = runs["output-symlink"]
+    assert run["status"] == "completed", run["reason"]
+    files = output_files(federation, run)
+    assert files == {"honest.txt": b"the only real result", "nested": None}
+    log = run_log(federation, run)
+    assert "not uploaded (links or special files): escape, passwd, secret.txt, nested/etc-folder" in log
+    assert host_secret.read_text() == "a file on the host that no algorithm may send out"
+
+
+def test_output_over_the_limit_while_running_is_stopped_and_not_uploaded(federation, runs):
+    run = runs["output-flood-while-running"]
+    assert run["status"] == "failed"
+    assert "over this site's limit of 1000000 bytes" in run["reason"], run["reason"]
+    assert run["output_sha256"] is None
+    assert "wrote 8 MB" in run_log(federation, run)
+    # Killed as soon as the runner saw it, not after the image's 50 s.
+    events = {event["status"]: event["at"] for event in history(federation, run)}
+    assert seconds_between(events["running"], events["failed"]) < 20
+
+
+def test_output_over_the_limit_at_the_end_is_not_uploaded(federation, runs):
+    run = runs["output-flood-at-the-end"]
+    assert run["status"] == "failed"
+    assert run["exit_code"] == 0
+    assert "over this site's limit of 1000000 bytes" in run["reason"], run["reason"]
+    assert run["output_sha256"] is None
+
+
+def seconds_between(start, end):
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def test_network_cannot_be_reached(federation, runs):
+    run = runs["network-probe"]
+    assert run["status"] == "completed", run["reason"]
+    reach = output_json(federation, run, "reach.json")
+    assert reach.pop("interfaces") == ["lo"]
+    for address, result in reach.items():
+        assert result.startswith("failed"), (address, result)
+
+
+def test_nothing_is_left_behind(federation, runs):
+    engine = docker.from_env()
+    work_dir = federation.folder / SITE / "work"
+    assert not containers.containers_of(engine, SITE, work_dir)
+    assert not list((work_dir / "runs").iterdir())
+    # Every hostile run ended in a reason the runner expected: none broke the runner itself.
+    assert "Traceback" not in federation.log_of(f"{SITE}-runner")
