@@ -1,8 +1,9 @@
-"""The runner's only contact with the outside world: outbound HTTP requests to the registry.
+"""The runner's contact with the registry: outbound HTTP requests only.
 
 Reports that must not be lost (start, uploads, the final status, a refusal) are
 retried with backoff while the registry is unreachable or answers 5xx; the caller
-keeps the run's files on disk until one of them has been confirmed.
+keeps the run's files on disk until one of them has been confirmed. Deliveries to a
+recipient's FileService (deliveries.py) are retried the same way.
 """
 
 import hashlib
@@ -24,8 +25,8 @@ class RegistryRefused(Exception):
     """The registry rejected a request for a reason retrying cannot fix."""
 
 
-class RegistryUnreachable(Exception):
-    """The registry did not answer for as long as the runner was willing to retry."""
+class Unreachable(Exception):
+    """The registry, or a recipient's FileService, did not answer for as long as the runner would retry."""
 
 
 # What a registry that is down, restarting or overloaded looks like from here.
@@ -76,7 +77,7 @@ class RegistryClient:
         self._post_reliably(f"/api/site/runs/{run_id}/refuse", {"lease_id": lease_id, "reason": reason})
 
     def upload(self, run_id, lease_id, kind, path):
-        sha256 = _sha256_of(path)
+        sha256 = sha256_of(path)
 
         def send():
             with open(path, "rb") as body:
@@ -90,26 +91,37 @@ class RegistryClient:
         self._post_reliably(f"/api/site/runs/{run_id}/finish",
                             {"lease_id": lease_id, "exit_code": exit_code, "failure_reason": failure_reason})
 
+    def record_delivery(self, run_id, lease_id, recipient, name, size, sha256):
+        """A receipt for a file sent straight to a recipient: the registry learns that it went, not what it was."""
+        self._post_reliably(f"/api/site/runs/{run_id}/deliveries", {
+            "lease_id": lease_id, "recipient": recipient, "name": name, "size": size, "sha256": sha256})
+
     def _post_reliably(self, path, body):
         return self._reliably(lambda: self.http.post(f"{self.url}{path}", json=body, timeout=60), f"POST {path}")
 
     def _reliably(self, send, what):
-        delay = 1.0
-        deadline = time.monotonic() + self.retry_for_seconds
-        while True:
-            try:
-                response = send()
-                if response.status_code < 500:
-                    _raise_for(response)
-                    return response
-                problem = f"registry answered {response.status_code}"
-            except TRANSIENT_ERRORS as error:
-                problem = f"registry unreachable ({type(error).__name__})"
-            if time.monotonic() + delay > deadline:
-                raise RegistryUnreachable(f"{what}: gave up after {self.retry_for_seconds} s: {problem}")
-            log.warning("%s: %s; retrying in %.0f s", what, problem, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30)
+        response = send_reliably(send, what, self.retry_for_seconds)
+        _raise_for(response)
+        return response
+
+
+def send_reliably(send, what, retry_for_seconds, peer="registry"):
+    """send() until the peer answers other than 5xx (that answer is returned), backing off meanwhile."""
+    delay = 1.0
+    deadline = time.monotonic() + retry_for_seconds
+    while True:
+        try:
+            response = send()
+            if response.status_code < 500:
+                return response
+            problem = f"{peer} answered {response.status_code}"
+        except TRANSIENT_ERRORS as error:
+            problem = f"{peer} unreachable ({type(error).__name__})"
+        if time.monotonic() + delay > deadline:
+            raise Unreachable(f"{what}: gave up after {retry_for_seconds} s: {problem}")
+        log.warning("%s: %s; retrying in %.0f s", what, problem, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 30)
 
 
 def _raise_for(response):
@@ -124,7 +136,7 @@ def _raise_for(response):
     raise RegistryRefused(f"{response.request.method} {response.url}: {response.status_code} {message}")
 
 
-def _sha256_of(path):
+def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1024 * 1024):

@@ -6,6 +6,8 @@
                           /log.txt         the container's stdout and stderr, then the runner's notes
                           /pytaskmanager-log.txt  bound at /log.txt for original PyTaskManager images
                           /output.tar.gz   the packed output, once the container has ended
+                          /*.age           output and log encrypted for the researcher (encrypted tasks)
+                          /outbox/         files for third parties, encrypted to each (deliveries.py)
     work_dir/sessions/<session id>/temp/   bound at /temp for every task of that session
 
 state.json is replaced atomically after each step, so after a crash the runner
@@ -34,6 +36,7 @@ class RunFolder:
         self.pytaskmanager_log = self.path / "pytaskmanager-log.txt"
         self.log_file = self.path / "log.txt"
         self.archive = self.path / "output.tar.gz"
+        self.outbox = self.path / "outbox"
 
     @property
     def run_id(self):

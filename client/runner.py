@@ -21,9 +21,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from client import containers, image_policy, output_archive
+from client import containers, deliveries, image_policy, output_archive
+from client.encryption import encrypt_once
 from client.image_source import ImageSource, ImageUnavailable
-from client.registry_client import TRANSIENT_ERRORS, LeaseLost, RegistryRefused, RegistryUnreachable
+from client.registry_client import TRANSIENT_ERRORS, LeaseLost, RegistryRefused, Unreachable
 from client.run_folder import RunFolder, unfinished_runs
 from client.sparql_check import sparql_problem
 
@@ -141,7 +142,7 @@ class SiteRunner:
         log.warning("run %s refused: %s", run["id"], reason)
         try:
             self.registry.refuse(run["id"], run["lease_id"], reason)
-        except (LeaseLost, RegistryUnreachable, RegistryRefused) as error:
+        except (LeaseLost, Unreachable, RegistryRefused) as error:
             # The lease runs out, the run comes back, and it is refused again then.
             log.warning("run %s: the refusal was not recorded: %s", run["id"], error)
 
@@ -174,8 +175,8 @@ class SiteRunner:
         except (RunTakenBack, LeaseLost) as error:
             log.info("run %s: %s; its container and files are removed, nothing is reported", run["id"], error)
             self.clean_up(folder)
-        except RegistryUnreachable as error:
-            log.warning("run %s: %s; its files stay in %s and are reported once the registry answers",
+        except Unreachable as error:
+            log.warning("run %s: %s; its files stay in %s and are reported once it answers",
                         run["id"], error, folder.path)
         except Exception as error:  # a bug or a broken machine: report it rather than retry forever
             log.exception("run %s: the site runner failed", run["id"])
@@ -253,6 +254,9 @@ class SiteRunner:
         if own_log:
             notes.append("/log.txt follows\n" + own_log)
         if reason is None:
+            # Files addressed to a third party leave the output before it is packed.
+            reason = deliveries.set_aside(folder.output_dir, folder.outbox, self.config.recipients)
+        if reason is None:
             reason, skipped = self.pack_output(folder)
             if skipped:
                 notes.append(f"not uploaded (links or special files): {', '.join(skipped)}")
@@ -276,13 +280,20 @@ class SiteRunner:
     def report(self, folder):
         run, outcome = folder.claim, folder.state["outcome"]
         failure_reason = outcome["failure_reason"]
+        if failure_reason is None:
+            try:
+                deliveries.deliver(folder.outbox, self.config.recipients, retry_for_seconds=self.registry.retry_for_seconds,
+                                   record_receipt=lambda *receipt: self.registry.record_delivery(
+                                       run["id"], run["lease_id"], *receipt))
+            except deliveries.DeliveryRefused as error:
+                failure_reason = str(error)
         if failure_reason is None and folder.archive.exists():
             try:
-                self.registry.upload(run["id"], run["lease_id"], "output", folder.archive)
+                self.registry.upload(run["id"], run["lease_id"], "output", sealed(run, folder.archive))
             except RegistryRefused as error:
                 failure_reason = f"the registry did not accept the output: {error}"
         if folder.log_file.exists():
-            self.registry.upload(run["id"], run["lease_id"], "log", folder.log_file)
+            self.registry.upload(run["id"], run["lease_id"], "log", sealed(run, folder.log_file))
         self.registry.finish(run["id"], run["lease_id"], outcome["exit_code"], shortened(failure_reason))
         log.info("run %s reported: exit code %s%s", run["id"], outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
@@ -291,7 +302,7 @@ class SiteRunner:
         run = folder.claim
         try:
             self.registry.finish(run["id"], run["lease_id"], None, shortened(reason))
-        except (LeaseLost, RegistryRefused, RegistryUnreachable) as error:
+        except (LeaseLost, RegistryRefused, Unreachable) as error:
             log.warning("run %s: could not report the failure either (%s)", run["id"], error)
         self.clean_up(folder)
 
@@ -368,6 +379,12 @@ def container_environment(config, run):
         "endpointType": config.endpoint_type,
         "endpointToken": config.endpoint_token,
     }
+
+
+def sealed(run, path):
+    """The file as it may leave the site: for an encrypted task, encrypted to the researcher's keys."""
+    researcher_keys = run.get("recipients") or []
+    return encrypt_once(path, path.with_name(path.name + ".age"), researcher_keys) if researcher_keys else path
 
 
 def timeout_for(run, limits):

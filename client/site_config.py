@@ -13,6 +13,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import deliveries, encryption
+
 # Field names of the original PyTaskManager's config.json that mean the same here.
 ALIASES = {
     "masterUrl": "registry_url",
@@ -81,6 +83,7 @@ class SiteConfig:
     long_poll_seconds: int
     poll_interval_seconds: int
     container: ContainerLimits
+    recipients: dict  # name -> deliveries.Recipient: third parties this site may send files to
 
 
 def load_site_config(path):
@@ -154,6 +157,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=1, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     container = _container_limits(take("container", dict, {}), problems)
+    recipients = _recipients(take("recipients", dict, {}), problems)
     for unknown in sorted(fields):
         problems.append(f"unknown field {unknown!r}; see docs/site-config.md for the fields a site config has")
     if problems:
@@ -164,7 +168,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, long_poll_seconds=long_poll_seconds,
-        poll_interval_seconds=poll_interval_seconds, container=container)
+        poll_interval_seconds=poll_interval_seconds, container=container, recipients=recipients)
 
 
 def memory_bytes(memory):
@@ -178,16 +182,46 @@ def _folder(value, base_dir):
     return folder if folder.is_absolute() else (Path(base_dir) / folder).resolve()
 
 
-def _site_token(token, token_env, problems):
+def _site_token(token, token_env, problems, field="site_token"):
     if token and token_env:
-        problems.append("give site_token or site_token_env, not both")
+        problems.append(f"give {field} or {field}_env, not both")
     if token_env:
         token = os.environ.get(token_env)
         if not token:
-            problems.append(f"site_token_env names {token_env}, but that environment variable is not set")
+            problems.append(f"{field}_env names {token_env}, but that environment variable is not set")
     elif not token:
-        problems.append("site_token is missing: set it, or name an environment variable in site_token_env")
+        problems.append(f"{field} is missing: set it, or name an environment variable in {field}_env")
     return token
+
+
+def _recipients(given, problems):
+    """Third parties (a TTP's FileService) this site may send files to, each with its public key
+    pinned here, so that neither the registry nor the network can slip in another key."""
+    recipients = {}
+    for name, fields in given.items():
+        if name.startswith("//"):
+            continue
+        where = f"recipients.{name}"
+        if not deliveries.FILE_NAME.fullmatch(name):
+            problems.append(f"{where}: a recipient's name may have letters, digits, '.', '_' and '-' only")
+            continue
+        if not isinstance(fields, dict):
+            problems.append(f"{where} must be an object with url, public_key and token (or token_env)")
+            continue
+        unknown = set(fields) - {"url", "public_key", "token", "token_env"}
+        if unknown:
+            problems.append(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
+                            "a recipient has url, public_key and token (or token_env)")
+        url, public_key = fields.get("url"), fields.get("public_key")
+        if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+            problems.append(f"{where}.url must be the recipient's FileService, starting with http:// or https://")
+        try:
+            encryption.parse_public_key(public_key if isinstance(public_key, str) else "")
+        except ValueError as error:
+            problems.append(f"{where}.public_key: {error}; ask the recipient for `FileService.py public-key`")
+        token = _site_token(fields.get("token"), fields.get("token_env"), problems, f"{where}.token")
+        recipients[name] = deliveries.Recipient(name, url, public_key, token)
+    return recipients
 
 
 def _container_limits(given, problems):

@@ -110,7 +110,8 @@ def test_original_pytaskmanager_config_says_what_to_remove():
 
 def test_documentation_and_example_describe_every_field():
     text = (ROOT / "docs" / "site-config.md").read_text()
-    top_level, _, container_part = text.partition("`container` fields:")
+    top_level, _, rest = text.partition("`container` fields:")
+    container_part = rest.partition("\n## ")[0]
 
     def fields_in(part):
         return set(re.findall(r"^\| `([a-zA-Z_]+)` \|", part, re.M))

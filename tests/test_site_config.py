@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import pyrage
 import pytest
 
 from client.site_config import ConfigError, load_site_config, parse_site_config
 from tests.conftest import ROOT
+
+TTP_KEY = str(pyrage.x25519.Identity.generate().to_public())
 
 VALID = {
     "registry_url": "http://127.0.0.1:5000",
@@ -45,6 +48,13 @@ def test_valid_config_gets_contained_defaults():
     ({"container": {"memory": "lots"}}, "container.memory 'lots' must look like 512m or 2g"),
     ({"container": {"pids": 0}}, "container.pids must be greater than 0"),
     ({"container": {"gpu": True}}, "container.gpu is not a container setting"),
+    ({"recipients": {"ttp": {"url": "http://127.0.0.1:5001", "public_key": "age1nope", "token": "t"}}},
+     "recipients.ttp.public_key: 'age1nope' is not an age public key"),
+    ({"recipients": {"ttp": {"url": "ftp://x", "public_key": TTP_KEY, "token": "t"}}}, "recipients.ttp.url must be"),
+    ({"recipients": {"ttp": {"url": "http://127.0.0.1:5001", "public_key": TTP_KEY}}}, "recipients.ttp.token is missing"),
+    ({"recipients": {"ttp": {"url": "http://x", "public_key": TTP_KEY, "token": "t", "key": 1}}},
+     "recipients.ttp: unknown field(s) key"),
+    ({"recipients": {"../ttp": {}}}, "recipients.../ttp: a recipient's name may have"),
 ])
 def test_each_bad_field_is_named(changes, expected):
     found = problems_with(**changes)
@@ -70,6 +80,12 @@ def test_original_pytaskmanager_names_are_accepted():
     del raw["registry_url"], raw["sparql_endpoint"]
     config = parse_site_config(raw)
     assert config.registry_url == "http://127.0.0.1:5000"
+
+
+def test_recipients_keep_their_pinned_keys():
+    config = parse_site_config({**VALID, "recipients": {
+        "ttp": {"url": "https://ttp.example.org", "public_key": TTP_KEY, "token": "pht_fs_x"}}})
+    assert config.recipients["ttp"].public_key == TTP_KEY
 
 
 def test_comment_keys_are_ignored():
