@@ -5,11 +5,13 @@
 A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks
 of a trivial algorithm (patient-count) in one session, one after the other, as an iterative
 analysis does. In the same run, the same image is started with a bare `docker run` (docker SDK,
-same network, same endpoint) ROUNDS times. Printed: the median wall time of a round, the median
-bare run, and their ratio. Target: ratio <= 1.5. Needs scripts/setup.sh to have run.
+same network, same endpoint) ROUNDS times, alone and N at once (as the N sites of a round run it on
+this one machine). Printed: the median wall time of a round, of the bare runs, and the ratios.
+Target: ratio <= 1.5. Needs scripts/setup.sh to have run.
 """
 
 import argparse
+import concurrent.futures
 import statistics
 import sys
 import time
@@ -46,6 +48,12 @@ def main():
         endpoint = next(iter(federation.sites.values())).sparql_endpoint
         bare_docker_run(engine, endpoint)  # warm the page cache as the federation's first round does
         bare = [bare_docker_run(engine, endpoint) for _ in range(args.rounds)]
+        side_by_side = []
+        with concurrent.futures.ThreadPoolExecutor(args.sites) as pool:
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                list(pool.map(lambda _: bare_docker_run(engine, endpoint), range(args.sites)))
+                side_by_side.append(time.perf_counter() - started)
         rounds, session_id = [], None
         for number in range(args.rounds):
             started = time.perf_counter()
@@ -55,12 +63,15 @@ def main():
             rounds.append(time.perf_counter() - started)
 
     round_median, bare_median = statistics.median(rounds), statistics.median(bare)
+    side_by_side_median = statistics.median(side_by_side)
     print(f"round overhead, {args.sites} sites, {args.rounds} rounds, image {IMAGE}")
     print(f"  round (post -> all {args.sites} results downloaded): median {round_median * 1000:7.0f} ms, "
           f"max {max(rounds) * 1000:7.0f} ms")
     print(f"  bare docker run (one container):                median {bare_median * 1000:7.0f} ms, "
           f"max {max(bare) * 1000:7.0f} ms")
-    print(f"  ratio round / bare docker run: {round_median / bare_median:.2f} (target <= 1.5)")
+    print(f"  {args.sites} bare docker runs at once:                 median {side_by_side_median * 1000:7.0f} ms")
+    print(f"  ratio round / bare docker run:                {round_median / bare_median:.2f} (target <= 1.5)")
+    print(f"  ratio round / {args.sites} bare docker runs at once:     {round_median / side_by_side_median:.2f}")
 
 
 if __name__ == "__main__":

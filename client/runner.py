@@ -109,7 +109,10 @@ class SiteRunner:
             self.note_registry_problem(str(error))
         else:
             self.note_registry_problem(None)
-            return run
+            if run is not None or self.config.long_poll_seconds > 0:
+                return run
+            # long_poll_seconds 0: ask, and when there is nothing, ask again after the interval
+            # (the original PyTaskManager's way; kept for registries without long-polls).
         self.stopping.wait(self.config.poll_interval_seconds)
         return None
 

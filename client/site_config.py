@@ -154,7 +154,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     work_dir = _folder(take("work_dir", str, "site-work"), base_dir)
     import_folder = take("image_import_folder", str)
     max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)
-    long_poll_seconds = take("long_poll_seconds", int, 30, at_least=1, at_most=120)
+    long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     container = _container_limits(take("container", dict, {}), problems)
     recipients = _recipients(take("recipients", dict, {}), problems)

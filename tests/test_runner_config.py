@@ -34,7 +34,7 @@ def problems_with(**changes):
 @pytest.mark.parametrize("changes, expected", [
     ({"max_concurrent_runs": 0}, "max_concurrent_runs must be between 1 and 64, not 0"),
     ({"max_concurrent_runs": 2.5}, "max_concurrent_runs must be a int"),
-    ({"long_poll_seconds": 600}, "long_poll_seconds must be between 1 and 120, not 600"),
+    ({"long_poll_seconds": 600}, "long_poll_seconds must be between 0 and 120, not 600"),
     ({"poll_interval_seconds": 0}, "poll_interval_seconds must be between 1 and 3600, not 0"),
     ({"require_digest": "yes"}, 'require_digest must be a bool, not "yes"'),
     ({"work_dir": 7}, "work_dir must be a str, not 7"),
