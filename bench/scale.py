@@ -33,23 +33,13 @@ import sqlalchemy as sa  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from master import auth, store  # noqa: E402
-from scripts.federation import free_port, wait_until_answers  # noqa: E402
+from master import store  # noqa: E402
+from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402
 
 LONG_POLL_SECONDS = 30  # the site runner's default
 SMALL_RESULT = b"{}" * 256
 SMALL_RESULT_SHA256 = hashlib.sha256(SMALL_RESULT).hexdigest()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def register(database_url, table, names):
-    engine = sa.create_engine(database_url)
-    tokens = {}
-    for name in names:
-        tokens[name] = auth.new_token()
-        store.create_principal(engine, table, name, auth.hash_token(tokens[name]))
-    engine.dispose()
-    return tokens
 
 
 def cpu_seconds(pid):
@@ -115,8 +105,8 @@ def measure(site_count, seconds, rate, database_url, folder):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_answers(url + "/health", registry, "the registry")
-        site_tokens = register(database_url, store.sites, [f"site-{i:05d}" for i in range(site_count)])
-        researcher = register(database_url, store.researchers, ["bench"])["bench"]
+        site_tokens = register_directly(database_url, store.sites, [f"site-{i:05d}" for i in range(site_count)])
+        researcher = register_directly(database_url, store.researchers, ["bench"])["bench"]
         posted_at, claimed_at, stop = {}, {}, [False]
         sites = [SimulatedSite(url, token, claimed_at, stop) for token in site_tokens.values()]
         workers = [gevent.spawn(site.work) for site in sites]

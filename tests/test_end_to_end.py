@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
+from tests.images import registry_digest
 
 PATIENT_COUNT = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
 # The same algorithm under a repository no site allows: a real, pullable image that must not be pulled.
@@ -39,15 +40,6 @@ def remove_local_image(engine, reference):
         engine.images.remove(reference, force=True)
     except docker.errors.ImageNotFound:
         pass
-
-
-def registry_digest(reference):
-    name, _, tag = reference.rpartition(":")
-    host, _, repository = name.partition("/")
-    response = requests.head(f"http://{host}/v2/{repository}/manifests/{tag}", timeout=5, headers={
-        "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
-    response.raise_for_status()
-    return response.headers["Docker-Content-Digest"]
 
 
 def test_each_site_counts_its_own_patients_over_sparql(engine, federation):

@@ -9,10 +9,9 @@ import time
 
 import pytest
 import requests
-import sqlalchemy as sa
 
-from master import auth, store
-from scripts.federation import free_port, wait_until_answers
+from master import store
+from scripts.federation import free_port, register_directly, wait_until_answers
 from tests.conftest import ROOT
 
 TASKMASTER = str(ROOT / "master" / "TaskMaster.py")
@@ -61,17 +60,6 @@ def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
-def create_many(database_url, table, names):
-    """Register principals straight in the database: hundreds of CLI calls would only slow the test."""
-    engine = sa.create_engine(database_url)
-    tokens = {}
-    for name in names:
-        tokens[name] = auth.new_token()
-        store.create_principal(engine, table, name, auth.hash_token(tokens[name]))
-    engine.dispose()
-    return tokens
-
-
 def test_operator_commands(start_registry):
     registry = start_registry()
     created = registry.admin("create-site", "hospital-a")
@@ -96,8 +84,8 @@ def test_operator_commands(start_registry):
 def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, database_url):
     registry = start_registry()
     waiting_sites = 300
-    site_tokens = create_many(database_url, store.sites, [f"site-{i:03d}" for i in range(waiting_sites)])
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site_tokens = register_directly(database_url, store.sites, [f"site-{i:03d}" for i in range(waiting_sites)])
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     answered = {}
 
     def long_poll(name):
@@ -137,8 +125,8 @@ def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, 
 
 def test_two_registries_on_one_database_never_hand_out_a_run_twice(start_registry, database_url):
     first, second = start_registry(), start_registry()
-    site = create_many(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     tasks = 40
     for _ in range(tasks):
         requests.post(first.url + "/api/tasks", headers=bearer(researcher), timeout=10,
@@ -162,8 +150,8 @@ def test_two_registries_on_one_database_never_hand_out_a_run_twice(start_registr
 
 def test_a_lapsed_lease_is_requeued_even_when_no_site_polls(start_registry, database_url):
     registry = start_registry("--lease-seconds", "2")
-    site = create_many(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     task = requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                          json={"image": IMAGE, "input": "{}"}).json()
     requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).raise_for_status()
@@ -180,8 +168,8 @@ def test_a_lapsed_lease_is_requeued_even_when_no_site_polls(start_registry, data
 
 def test_chunked_upload_streams_through_and_downloads_intact(start_registry, database_url):
     registry = start_registry()
-    site = create_many(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     run = requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).json()
@@ -205,8 +193,8 @@ def test_chunked_upload_streams_through_and_downloads_intact(start_registry, dat
 
 def test_upload_over_the_limit_is_refused_and_leaves_nothing(start_registry, database_url, tmp_path):
     registry = start_registry("--max-result-bytes", "1000")
-    site = create_many(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     run = requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).json()
@@ -220,8 +208,8 @@ def test_upload_over_the_limit_is_refused_and_leaves_nothing(start_registry, dat
 
 def test_every_request_and_state_change_is_logged_with_ids(start_registry, database_url):
     registry = start_registry()
-    site = create_many(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = create_many(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).raise_for_status()

@@ -15,13 +15,8 @@ import pytest
 
 from client.site_config import CONTAINER_DEFAULTS, ConfigError, parse_site_config
 from tests.conftest import ROOT
+from tests.test_site_config import VALID
 
-VALID = {
-    "registry_url": "http://127.0.0.1:5000",
-    "site_token": "pht_secret",
-    "sparql_endpoint": "http://127.0.0.1:7878/query",
-    "whitelist": [r"127\.0\.0\.1:5050/pht/.*"],
-}
 
 
 def problems_with(**changes):

@@ -11,7 +11,8 @@ import pytest
 
 from client import containers
 from scripts.federation import LocalFederation, free_port
-from tests.images import engine_or_fail, only_run, output_json, pushed_test_image, site_status, states
+from tests.images import (engine_or_fail, only_run, output_json, pushed_test_image, run_of, site_status, states,
+                          wait_until)
 
 SITE = "hospital-a"
 LEASE_SECONDS = 4
@@ -29,20 +30,6 @@ def federation():
 @pytest.fixture(scope="module")
 def probe():
     return pushed_test_image("contract-probe")
-
-
-def wait_until(condition, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
-def run_of(federation, task):
-    [run] = federation.researcher().task(task["id"])["runs"]
-    return run
 
 
 def site_containers(federation):

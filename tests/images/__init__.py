@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import docker
@@ -62,7 +63,22 @@ def registry_digest(reference):
     return response.headers["Docker-Content-Digest"]
 
 
+def wait_until(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 # --- reading what a site reported, over the registry's researcher API (docs/api.md) ------------
+
+def run_of(federation, task):
+    """The task's one run, as it is now."""
+    [run] = federation.researcher().task(task["id"])["runs"]
+    return run
+
 
 def wait_for_runs(federation, task, timeout_seconds=60):
     """The task's runs once each has ended."""

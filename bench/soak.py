@@ -1,0 +1,122 @@
+"""Soak run: many tasks through a whole local federation, with cancels and a runner killed mid-way.
+
+    .venv/bin/python bench/soak.py [--tasks 200] [--sites 3] [--cancel-share 0.1] [--seed 7]
+
+Posts TASKS tasks for every site (patient-count), cancels a random share of them at random moments,
+and kills one site's runner with SIGKILL halfway and starts it again. Then checks, and prints:
+- every run ended (completed, failed, refused or cancelled) within the time limit;
+- no result lost: every completed run has its output and log, stored on disk under their sha256;
+- nothing duplicated: one run per task and site, at most one completed event per run, and every
+  completed run's result says that site's patient count;
+- the registry's SQLite database passes PRAGMA integrity_check and foreign_key_check.
+Exits non-zero if any check fails. Needs scripts/setup.sh to have run. Loopback only; every wait
+is bounded.
+"""
+
+import argparse
+import collections
+import hashlib
+import json
+import random
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
+
+IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
+TERMINAL = {"completed", "failed", "refused", "cancelled"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--cancel-share", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--time-limit", type=float, default=1200, help="seconds for every run to end")
+    args = parser.parse_args()
+    chance = random.Random(args.seed)
+    names = tuple(f"site-{i}" for i in range(args.sites))
+    started = time.monotonic()
+    failures = []
+
+    with LocalFederation(site_names=names, patients_per_site=30, lease_seconds=20,
+                         site_settings={"max_concurrent_runs": 2}) as federation:
+        researcher = federation.researcher()
+        task_ids, cancelled = [], set()
+        for number in range(args.tasks):
+            task_ids.append(researcher.submit(IMAGE, {"label": f"soak {number}"})["id"])
+            if chance.random() < args.cancel_share:
+                victim = chance.choice(task_ids)
+                researcher.cancel(victim)
+                cancelled.add(victim)
+            if number == args.tasks // 2:
+                victim_site = chance.choice(names)
+                federation.stop_runner(victim_site, how=signal.SIGKILL)
+                print(f"killed the runner of {victim_site} after {number + 1} tasks; starting it again", flush=True)
+                federation.start_runner(victim_site)
+            time.sleep(0.05)
+
+        deadline = time.monotonic() + args.time_limit
+        while time.monotonic() < deadline:
+            active = list(researcher.tasks(status="active"))
+            if not active:
+                break
+            time.sleep(2)
+        tasks = [researcher.task(task_id) for task_id in task_ids]
+        elapsed = time.monotonic() - started
+
+        statuses = collections.Counter(run["status"] for task in tasks for run in task["runs"])
+        print(f"{args.tasks} tasks x {args.sites} sites in {elapsed:.0f} s: "
+              + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())))
+        print(f"tasks cancelled on purpose: {len(cancelled)}")
+
+        blobs = federation.folder / "registry" / "blobs"
+        for task in tasks:
+            sites_seen = [run["site"] for run in task["runs"]]
+            if sorted(sites_seen) != sorted(names):
+                failures.append(f"task {task['id']}: runs for {sites_seen}, expected one per site")
+            for run in task["runs"]:
+                where = f"task {task['id']} run {run['id']} ({run['site']})"
+                if run["status"] not in TERMINAL:
+                    failures.append(f"{where}: still {run['status']} after the time limit")
+                if run["status"] == "cancelled" and task["id"] not in cancelled:
+                    failures.append(f"{where}: cancelled, but nobody cancelled its task")
+                if run["status"] in ("failed", "refused"):
+                    failures.append(f"{where}: {run['status']}: {run['reason']}")
+                if run["status"] != "completed":
+                    continue
+                completions = [e for e in researcher.run_history(run["id"]) if e["status"] == "completed"]
+                if len(completions) != 1:
+                    failures.append(f"{where}: completed {len(completions)} times")
+                for kind in ("output", "log"):
+                    sha = run[f"{kind}_sha256"]
+                    path = blobs / sha[:2] / sha if sha else None
+                    if path is None or not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+                        failures.append(f"{where}: its {kind} is missing or does not match its sha256")
+                result = researcher.result(run)
+                expected = len(federation.sites[run["site"]].patients)
+                if json.loads(result.files["result.json"])["patient_count"] != expected:
+                    failures.append(f"{where}: its result is not its site's patient count")
+
+        database = sqlite3.connect(federation.folder / "registry" / "registry.sqlite")
+        integrity = database.execute("PRAGMA integrity_check").fetchall()
+        foreign = database.execute("PRAGMA foreign_key_check").fetchall()
+        database.close()
+        print(f"database: integrity_check {integrity[0][0]}, foreign_key_check {len(foreign)} problem(s)")
+        if integrity != [("ok",)] or foreign:
+            failures.append(f"database: integrity {integrity}, foreign keys {foreign}")
+
+    for failure in failures[:30]:
+        print("FAIL", failure)
+    print("soak: " + ("every check passed" if not failures else f"{len(failures)} check(s) failed"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
