@@ -4,13 +4,16 @@ trusted third party go straight to its FileService, encrypted to the key the sit
 import hashlib
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
 
 from researcher import DecryptionFailed, Registry, generate_identity
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
+from tests.conftest import ROOT
 from tests.images import engine_or_fail, pushed_test_image
 from tests.test_fileservice import FileServiceProcess
 
@@ -117,3 +120,18 @@ def test_a_file_for_an_undeclared_recipient_fails_the_run_and_goes_nowhere(feder
     assert run["deliveries"] == [] and run["output_sha256"] is None
     assert sorted((fileservice.data_dir / "files").rglob("*")) == before
     assert not any(b"patient data" in blob for blob in stored_blobs(federation))
+
+
+def test_keygen_command_writes_a_private_key_and_registers_the_public_one(federation, tmp_path):
+    identity = tmp_path / "keys" / "identity.txt"
+    environment = {**os.environ, "PHT_REGISTRY_URL": federation.registry_url, "PHT_TOKEN": federation.researcher_token}
+    done = subprocess.run([sys.executable, "-m", "researcher", "keygen", str(identity), "--register"],
+                          capture_output=True, text=True, timeout=60, env=environment, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    public_key = done.stdout.strip()
+    assert public_key.startswith("age1")
+    assert identity.stat().st_mode & 0o077 == 0  # the private key is readable by its owner only
+    assert public_key in [key["public_key"] for key in federation.researcher().public_keys()]
+    again = subprocess.run([sys.executable, "-m", "researcher", "keygen", str(identity)],
+                           capture_output=True, text=True, timeout=60, env=environment, cwd=ROOT)
+    assert again.returncode == 1 and "exists already" in again.stderr

@@ -1,0 +1,33 @@
+"""Each benchmark runs, with tiny sizes: the figures in docs/performance.md come from the full runs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_bench(script, *arguments):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *arguments],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_streaming_benchmark_keeps_the_checksum():
+    assert "checksum intact" in run_bench("streaming.py", "--size-mb", "4")
+
+
+def test_scale_benchmark_dispatches_every_task():
+    table = run_bench("scale.py", "--sites", "20", "--seconds", "2", "--rate", "10").splitlines()
+    sites, posted, dispatched, *_ = table[1].split()
+    assert sites == "20" and int(posted) > 0 and posted == dispatched
+
+
+@pytest.mark.parametrize("script, arguments, expected", [
+    ("soak.py", ["--tasks", "6", "--sites", "2"], "soak: every check passed"),
+    ("round_overhead.py", ["--rounds", "2", "--sites", "2"], "ratio round / bare docker run"),
+])
+def test_federation_benchmarks_run(script, arguments, expected):
+    assert expected in run_bench(script, *arguments)
