@@ -5,7 +5,8 @@
     DATA_DIR/files/SENDER/NAME   received files, as sent: encrypted to the service's public key
 
 A file is streamed to a temporary file while hashing and takes its name only once it is
-complete and its sha256 matches what the sender declared: nobody ever reads half a file.
+complete and its sha256 matches what the sender declared: nobody ever reads half a file
+(master/blobs.py's receive_stream, which the registry's result uploads use too).
 """
 
 import hashlib
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pyrage
 
-CHUNK_SIZE = 1024 * 1024
+from master.blobs import ChecksumMismatch, TooLarge, receive_stream, sha256_of
+
 SENDER = "sender"
 OPERATOR = "operator"
 # One path component, no hidden files, nothing a file system could read as "go elsewhere".
@@ -100,9 +102,6 @@ class Inbox:
             raise Refused(404, f"no caller is named {name!r}")
         self._save_tokens(kept)
 
-    def callers(self):
-        return sorted((entry["name"], entry["role"]) for entry in self._tokens().values())
-
     def caller_of(self, token):
         """(name, role) of a token's holder, or None."""
         entry = self._tokens().get(token_hash(token))
@@ -116,31 +115,23 @@ class Inbox:
         if problem:
             raise Refused(400, problem)
         final = self.files / sender / name
-        digest = hashlib.sha256()
-        size = 0
-        descriptor, temp = tempfile.mkstemp(dir=self._incoming)
         try:
-            with os.fdopen(descriptor, "wb") as file:
-                while chunk := stream.read(CHUNK_SIZE):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise Refused(413, f"the file is larger than this service's limit of {max_bytes} bytes")
-                    digest.update(chunk)
-                    file.write(chunk)
-                file.flush()
-                os.fsync(file.fileno())
-            if digest.hexdigest() != declared_sha256:
-                raise Refused(400, f"the file's sha256 is {digest.hexdigest()}, but the request declared {declared_sha256}")
+            temp, size = receive_stream(stream, self._incoming, declared_sha256, max_bytes)
+        except TooLarge as error:
+            raise Refused(413, str(error)) from None
+        except ChecksumMismatch as error:
+            raise Refused(400, str(error)) from None
+        try:
             if final.exists():
-                if _sha256_of(final) == declared_sha256:
+                if sha256_of(final) == declared_sha256:
                     return size, True
                 raise Refused(409, f"{sender}/{name} exists already with other content")
             final.parent.mkdir(exist_ok=True)
             os.replace(temp, final)
             return size, False
         finally:
-            if os.path.exists(temp):
-                os.unlink(temp)
+            if temp.exists():
+                temp.unlink()
 
     def listing(self):
         return [{"sender": path.parent.name, "name": path.name, "size": path.stat().st_size}
@@ -157,10 +148,3 @@ class Inbox:
     def decrypt_to(self, sender, name, destination):
         pyrage.decrypt_file(str(self.path_of(sender, name)), str(destination), [self.identity])
 
-
-def _sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()

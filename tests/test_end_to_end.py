@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
-from tests.images import registry_digest
+from tests.images import present, registry_digest
 
 PATIENT_COUNT = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
 # The same algorithm under a repository no site allows: a real, pullable image that must not be pulled.
@@ -59,7 +59,7 @@ def test_each_site_counts_its_own_patients_over_sparql(engine, federation):
 
 
 def test_image_off_the_whitelist_is_neither_pulled_nor_run(engine, federation):
-    image = engine.images.get(PATIENT_COUNT) if _present(engine, PATIENT_COUNT) else engine.images.pull(PATIENT_COUNT)
+    image = engine.images.get(PATIENT_COUNT) if present(engine, PATIENT_COUNT) else engine.images.pull(PATIENT_COUNT)
     image.tag(UNTRUSTED)
     engine.images.push(UNTRUSTED)
     remove_local_image(engine, UNTRUSTED)
@@ -72,13 +72,6 @@ def test_image_off_the_whitelist_is_neither_pulled_nor_run(engine, federation):
         assert run["status"] == "refused"
         assert "whitelist" in run["reason"] and UNTRUSTED in run["reason"]
         assert run["image_digest"] is None and run["output_sha256"] is None
-    assert not _present(engine, UNTRUSTED), "the runner pulled an image its whitelist does not allow"
+    assert not present(engine, UNTRUSTED), "the runner pulled an image its whitelist does not allow"
     assert not engine.containers.list(all=True, filters={"ancestor": UNTRUSTED})
 
-
-def _present(engine, reference):
-    try:
-        engine.images.get(reference)
-        return True
-    except docker.errors.ImageNotFound:
-        return False

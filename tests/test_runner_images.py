@@ -4,11 +4,10 @@ air-gapped site's operator drops into the import folder."""
 
 import time
 
-import docker
 import pytest
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation, free_port
-from tests.images import (built_test_image, engine_or_fail, only_run, output_json, pushed_test_image,
+from tests.images import (built_test_image, engine_or_fail, only_run, output_json, present, pushed_test_image,
                           registry_digest)
 
 OPEN_SITE, STRICT_SITE = "hospital-a", "hospital-b"
@@ -44,14 +43,6 @@ def federation(engine):
         for site in federation.sites:
             federation.start_runner(site)
         yield federation
-
-
-def present(engine, reference):
-    try:
-        engine.images.get(reference)
-        return True
-    except docker.errors.ImageNotFound:
-        return False
 
 
 def forget_locally(engine, reference):

@@ -53,6 +53,15 @@ def built_test_image(name, reference, **buildargs):
     return image
 
 
+def present(engine, reference):
+    """Whether the image is in the local engine."""
+    try:
+        engine.images.get(reference)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
 def registry_digest(reference):
     """The digest the image registry serves for host/repository:tag now."""
     name, _, tag = reference.rpartition(":")
