@@ -6,9 +6,21 @@ limits and a capped log; while it runs, the runner checks its own reasons to sto
 it (timeout, cancel, output size). The Docker socket is never mounted into it.
 Containers carry labels naming the site, task and run, so a restarted runner
 finds the ones it started before.
+
+With the default network (none), each run also gets a SPARQL relay container, started
+first; the algorithm's container joins its network namespace (network_mode
+container:<relay>), where the relay listens on 127.0.0.1 and passes connections to the
+runner's gateway over a Unix socket. A namespace of its own and no Docker network
+(the engine may have no bridge), and nothing from Docker Hub: the relay's image is built
+here on the site's base image.
 """
 
+import hashlib
+import io
 import logging
+import tarfile
+import time
+from pathlib import Path
 
 import docker
 import requests
@@ -20,6 +32,13 @@ SITE_LABEL = LABEL_PREFIX + "site"
 TASK_LABEL = LABEL_PREFIX + "task"
 RUN_LABEL = LABEL_PREFIX + "run"
 WORK_DIR_LABEL = LABEL_PREFIX + "work_dir"
+ROLE_LABEL = LABEL_PREFIX + "role"  # "sparql-relay" on relays; algorithms' containers have none
+
+RELAY_FOLDER = Path(__file__).resolve().parent / "sparql_relay"
+RELAY_FILES = ("Dockerfile", "relay.py")
+RELAY_IMAGE = "pht-sparql-relay"
+RELAY_USER = "65534:65534"
+RELAY_READY = b"relay ready"
 
 # An algorithm that prints without end must not fill the site's disk: Docker keeps the last
 # this-many bytes of its output, and that is the log the registry gets.
@@ -69,14 +88,15 @@ def find(engine, container_id):
         return None
 
 
-def create_contained(engine, image, mounts, environment, limits, labels):
+def create_contained(engine, image, mounts, environment, limits, labels, network_mode, command=None):
     """Create (not start) the container, so the runner can note its id before it runs."""
     return engine.containers.create(
         image,
+        command,
         volumes={str(host): {"bind": inside, "mode": mode} for host, inside, mode in mounts},
         environment=environment,
         labels=labels,
-        network_mode=limits.network,
+        network_mode=network_mode,
         read_only=True,
         tmpfs={"/tmp": "rw,size=64m"},
         cap_drop=["ALL"],
@@ -88,6 +108,75 @@ def create_contained(engine, image, mounts, environment, limits, labels):
         pids_limit=limits.pids,
         log_config={"type": "json-file", "config": {"max-size": MAX_LOG_BYTES, "max-file": "1"}},
     )
+
+
+def relay_image(engine, base_image):
+    """The relay's image, built on the site's base image unless present; its tag names what it was built from,
+    so a changed relay or base is built anew. Raises docker.errors.ImageNotFound if the base is missing."""
+    files = {name: (RELAY_FOLDER / name).read_bytes() for name in RELAY_FILES}
+    built_from = hashlib.sha256(engine.images.get(base_image).id.encode())
+    for name in RELAY_FILES:
+        built_from.update(name.encode() + b"\0" + files[name])
+    tag = f"{RELAY_IMAGE}:{built_from.hexdigest()[:16]}"
+    try:
+        engine.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, data in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    context.seek(0)
+    log.info("building the SPARQL relay image %s on %s", tag, base_image)
+    engine.images.build(fileobj=context, custom_context=True, tag=tag, buildargs={"BASE": base_image},
+                        network_mode="none", pull=False, rm=True)
+    return tag
+
+
+def create_relay(engine, image, socket_dir, labels):
+    """Create (not start) a run's relay: no network of its own, the gateway's socket folder read-only."""
+    return engine.containers.create(
+        image,
+        volumes={str(socket_dir): {"bind": "/gateway", "mode": "ro"}},
+        labels={**labels, ROLE_LABEL: "sparql-relay"},
+        network_mode="none",
+        read_only=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        user=RELAY_USER,
+        mem_limit="64m",
+        memswap_limit="64m",
+        pids_limit=16,
+        log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+    )
+
+
+class RelayFailed(Exception):
+    """The relay did not come up; the message says what it printed."""
+
+
+def wait_until_listening(container, timeout_seconds=30):
+    """Return once the relay says it listens; the algorithm must not start before (its first query would fail)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        container.reload()
+        if RELAY_READY in container.logs(stdout=True, stderr=False):
+            return
+        if container.status not in ("created", "running") or time.monotonic() > deadline:
+            output = container.logs(stdout=True, stderr=True)[-500:].decode("utf-8", "replace")
+            raise RelayFailed(f"the SPARQL relay container did not start listening ({container.status}): {output}")
+        time.sleep(0.05)
+
+
+def is_running(engine, container_id):
+    container = find(engine, container_id)
+    if container is None:
+        return False
+    container.reload()
+    return container.status == "running"
 
 
 def start(container):

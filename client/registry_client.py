@@ -87,9 +87,12 @@ class RegistryClient:
                              "Content-Type": "application/octet-stream"})
         self._reliably(send, f"upload of the {kind} of run {run_id}")
 
-    def finish(self, run_id, lease_id, exit_code, failure_reason=None):
-        self._post_reliably(f"/api/site/runs/{run_id}/finish",
-                            {"lease_id": lease_id, "exit_code": exit_code, "failure_reason": failure_reason})
+    def finish(self, run_id, lease_id, exit_code, failure_reason=None, sparql=None):
+        """How the run ended; sparql: what its gateway saw ({"queries", "bytes", "refused"}), if it had one."""
+        body = {"lease_id": lease_id, "exit_code": exit_code, "failure_reason": failure_reason}
+        if sparql is not None:
+            body["sparql"] = sparql
+        self._post_reliably(f"/api/site/runs/{run_id}/finish", body)
 
     def record_delivery(self, run_id, lease_id, recipient, name, size, sha256):
         """A receipt for a file sent straight to a recipient: the registry learns that it went, not what it was."""

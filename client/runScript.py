@@ -1,10 +1,12 @@
 """The site runner of the Personal Health Train: run at a hospital, next to its data.
 
     python client/runScript.py --config config.json [--once]
+    python client/runScript.py queries RUN_ID [--config config.json] [--json]
 
 It polls the registry (outbound HTTP(S) only), runs the tasks whose image the
 site's whitelist allows, in contained Docker containers, and sends back their
-results. See docs/site-config.md for the config file.
+results. See docs/site-config.md for the config file. `queries` lists what a run's
+algorithm asked the site's SPARQL gateway (docs/site-config.md).
 
 Stopping: the first SIGTERM or Ctrl-C stops claiming runs and lets the current ones
 finish; a second one exits at once, leaving the current runs' containers and files
@@ -12,6 +14,7 @@ for the next start to carry on with.
 """
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -25,7 +28,9 @@ import docker.errors  # noqa: E402
 
 from client import containers  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
-from client.runner import SiteRunner  # noqa: E402
+from client.runner import SiteRunner, uses_gateway  # noqa: E402
+from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
+from client.sparql_queries import printable  # noqa: E402
 from client.site_config import ConfigError, load_site_config  # noqa: E402
 
 log = logging.getLogger("pht.runner")
@@ -36,7 +41,14 @@ def main(argv=None):
     parser.add_argument("--config", default="config.json", help="site config file (default: config.json)")
     parser.add_argument("--once", action="store_true",
                         help="poll once: claim and finish at most one run (and any left from before), then exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    queries = commands.add_parser("queries", help="list the SPARQL queries a run's algorithm made at this site")
+    queries.add_argument("run_id", type=int, metavar="RUN_ID")
+    queries.add_argument("--config", default=argparse.SUPPRESS, help="site config file (default: config.json)")
+    queries.add_argument("--json", action="store_true", help="the recorded JSON lines, as they are")
     args = parser.parse_args(argv)
+    if args.command == "queries":
+        sys.exit(list_queries(args.config, args.run_id, args.json))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     config, engine, problems = None, None, []
@@ -70,14 +82,56 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     log.info("site %s: runner started (registry %s, up to %d run(s) at once)",
              config.site_name, config.registry_url, config.max_concurrent_runs)
+    network = config.container.network
+    if uses_gateway(config):
+        log.info("algorithms have no network; they reach %s only through each run's read-only SPARQL gateway",
+                 config.sparql_endpoint)
+    elif network == "host":
+        log.warning("container.network is host (allow_host_network): algorithms can reach everything this machine "
+                    "can, and query %s directly, not through the SPARQL gateway", config.sparql_endpoint)
+    else:
+        log.warning("container.network is the Docker network %s: algorithms reach whatever it reaches, and query "
+                    "%s directly, not through the SPARQL gateway", network, config.sparql_endpoint)
     runner.run_until_stopped(once=args.once)
     log.info("runner stopped")
+
+
+def list_queries(config_path, run_id, as_json):
+    """Print a run's recorded SPARQL queries; returns the exit code."""
+    try:
+        config = load_site_config(config_path)
+    except ConfigError as error:
+        return str(error)
+    path = query_log_path(config.work_dir, run_id)
+    entries = read_query_log(path)
+    if not entries:
+        print(f"run {run_id}: no SPARQL queries recorded at this site ({path} is missing or empty)", file=sys.stderr)
+        return 0
+    for entry in entries:
+        if as_json:
+            print(json.dumps(entry))
+            continue
+        rows = "" if entry.get("rows") is None else f" {entry['rows']} rows"
+        what = " ".join((entry.get("query") or f"sha256:{entry.get('query_sha256')}").split())
+        why = f" ({entry['reason']})" if entry.get("reason") else ""
+        print(printable(f"{entry.get('at')} {entry.get('status')} {entry.get('http_status')} "
+                        f"{entry.get('form') or '-'}{rows} {entry.get('bytes')} bytes {entry.get('duration_ms')} ms: "
+                        f"{what[:200]}{why}"))
+    return 0
 
 
 def startup_problems(config, engine):
     """What in the config does not fit this machine: its Docker engine and its folders."""
     problems = [containers.network_problem(engine, config.container.network),
                 containers.cpus_problem(engine, config.container.cpus)]
+    if uses_gateway(config):
+        base = config.sparql_gateway.relay_base_image
+        try:
+            engine.images.get(base)
+        except docker.errors.ImageNotFound:
+            problems.append(f"sparql_gateway.relay_base_image {base} is not an image in this Docker engine; the "
+                            "SPARQL relay is built on it: load or pull an image with python3 (scripts/images.py "
+                            "builds pht-base:bookworm), or name one you have")
     try:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=config.work_dir):

@@ -8,7 +8,9 @@
                           /output.tar.gz   the packed output, once the container has ended
                           /*.age           output and log encrypted for the researcher (encrypted tasks)
                           /outbox/         files for third parties, encrypted to each (deliveries.py)
+                          /gateway/sparql.sock  the run's SPARQL gateway, bound read-only into its relay
     work_dir/sessions/<session id>/temp/   bound at /temp for every task of that session
+    work_dir/sparql-queries/<run id>.jsonl every query of the run (sparql_gateway.py); kept
 
 state.json is replaced atomically after each step, so after a crash the runner
 knows how far each run got and carries on from there (runner.py); the folder is
@@ -37,6 +39,7 @@ class RunFolder:
         self.log_file = self.path / "log.txt"
         self.archive = self.path / "output.tar.gz"
         self.outbox = self.path / "outbox"
+        self.gateway_dir = self.path / "gateway"
 
     @property
     def run_id(self):

@@ -6,9 +6,11 @@ The main loop (one thread):
     answers) → refuse it (whitelist) or hand it to a worker.
 
 A worker (one thread per run, up to max_concurrent_runs):
-    fetch the image, pinned → report started → create the contained, labelled container →
-    run it while a heartbeat thread keeps the lease (and notices a cancel) → pack /output →
-    upload output and log → report how it ended → delete the run's folder.
+    fetch the image, pinned → report started → open the run's SPARQL gateway and start its
+    relay → create the contained, labelled container in the relay's network namespace →
+    run it while a heartbeat thread keeps the lease (and notices a cancel) → close the
+    gateway → pack /output → upload output and log → report how it ended, with what the
+    gateway saw → delete the run's folder.
 
 Each step is recorded in the run's folder (run_folder.py) before the next one starts,
 so a runner killed at any moment carries on where it was at its next start: a
@@ -17,16 +19,21 @@ registry confirms it. Nothing in here accepts inbound connections.
 """
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
+
+import docker
+import requests
 
 from client import containers, deliveries, image_policy, output_archive
 from client.encryption import encrypt_once
 from client.image_source import ImageSource, ImageUnavailable
 from client.registry_client import TRANSIENT_ERRORS, LeaseLost, RegistryRefused, Unreachable
 from client.run_folder import RunFolder, unfinished_runs
-from client.sparql_check import sparql_problem
+from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
+                                   Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
 
 log = logging.getLogger("pht.runner")
 
@@ -53,13 +60,21 @@ class SiteRunner:
         self._workers_changed = threading.Condition()
         self._sparql_problem = "not checked yet"
         self._registry_problem = None
+        self.upstream = Upstream(config.sparql_endpoint, CONNECTIONS_PER_RUN * config.max_concurrent_runs + 1)
+        self._gateways = {}  # run id -> its open RunGateway
+        self._gateways_lock = threading.Lock()
+        self._relay_image = None
 
     # --- the main loop -------------------------------------------------------
 
     def run_until_stopped(self, once=False):
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
-        self.check_sparql_endpoint()
+        if uses_gateway(self.config):
+            self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
+            self.note_sparql_problem(self.gateway_self_test())
+        else:
+            self.check_sparql_endpoint()
         while not self.stopping.is_set():
             self.carry_on_unfinished_runs()
             self.images.load_dropped_archives()
@@ -74,7 +89,8 @@ class SiteRunner:
 
     def remove_unrecorded_containers(self):
         """Containers the runner created but was stopped before noting (so they never started)."""
-        recorded = {folder.state.get("container_id") for folder in unfinished_runs(self.runs_dir)}
+        recorded = {folder.state.get(name) for folder in unfinished_runs(self.runs_dir)
+                    for name in ("container_id", "relay_container_id")}
         for container in containers.containers_of(self.engine, self.config.site_name, self.config.work_dir):
             if container.id not in recorded:
                 log.info("removing container %s of run %s: no run of this runner records it",
@@ -88,8 +104,45 @@ class SiteRunner:
                 self.start_worker(folder)
 
     def check_sparql_endpoint(self):
-        """Whether the endpoint answers; logged when that changes, so a dead endpoint warns once."""
-        problem = sparql_problem(self.config.sparql_endpoint)
+        """Whether the endpoint answers a query sent as the gateway sends algorithms' queries (before every poll;
+        the rest of an algorithm's path was tested at start-up, and its relay is checked with every run)."""
+        return self.note_sparql_problem(endpoint_problem(self.upstream))
+
+    def gateway_self_test(self):
+        """What an algorithm would see: an ASK sent from a container, through a relay and a gateway like a run's.
+        None if it was answered, else what went wrong."""
+        folder = self.config.work_dir / "gateway-self-test"
+        shutil.rmtree(folder, ignore_errors=True)
+        labels = containers.labels_for(self.config.site_name, self.config.work_dir, {"id": 0, "task_id": 0})
+        gateway = RunGateway(0, 0, folder / "gateway", self.upstream, self.config.sparql_gateway,
+                             QueryLog(folder / "queries.jsonl", 0, 0, record_query_text=True))
+        gateway.open()
+        started = []
+        try:
+            relay = containers.create_relay(self.engine, self._relay_image, folder / "gateway", labels)
+            started.append(relay.id)
+            containers.start(relay)
+            containers.wait_until_listening(relay)
+            probe = containers.create_contained(self.engine, self._relay_image, [], {}, self.config.container, labels,
+                                                f"container:{relay.id}", ["python3", "-c", SELF_TEST_SCRIPT])
+            started.append(probe.id)
+            probe.start()
+            exit_code = probe.wait(timeout=60)["StatusCode"]
+            output = probe.logs().decode("utf-8", "replace").strip()
+        except (containers.RelayFailed, docker.errors.DockerException, requests.RequestException) as error:
+            return f"the SPARQL gateway's self-test could not run: {error}"
+        finally:
+            gateway.close()
+            for container_id in started:
+                containers.remove(self.engine, container_id)
+            shutil.rmtree(folder, ignore_errors=True)
+        if exit_code != 0:
+            last_line = output.splitlines()[-1] if output else f"exit code {exit_code}"
+            return f"a query from a container through the SPARQL gateway failed: {last_line}"
+        return None
+
+    def note_sparql_problem(self, problem):
+        """Logged when it changes, so a dead endpoint warns once; returns whether the endpoint answers."""
         if problem != self._sparql_problem:
             if problem:
                 log.warning("SPARQL endpoint %s does not answer: %s (runs go on; algorithms that query it "
@@ -186,6 +239,7 @@ class SiteRunner:
             self.give_up(folder, f"the site runner failed: {type(error).__name__}: {error}")
         finally:
             heartbeat.stop()
+            self.close_gateway(run["id"])
             with self._workers_changed:
                 del self._workers[run["id"]]
                 self._workers_changed.notify_all()
@@ -205,12 +259,57 @@ class SiteRunner:
         if "container_id" not in folder.state:
             mounts = folder.prepare_mounts(self.registry.download_input(run["id"]),
                                            self.sessions_dir / str(run["session_id"]) / "temp")
+            network_mode = self.network_for(folder)
+            if network_mode is None:
+                return
             container = containers.create_contained(
                 self.engine, folder.state["image"], mounts, container_environment(self.config, run),
-                self.config.container, containers.labels_for(self.config.site_name, self.config.work_dir, run))
+                self.config.container, containers.labels_for(self.config.site_name, self.config.work_dir, run),
+                network_mode)
             folder.record(container_id=container.id)
             log.info("run %s: container %s of %s", run["id"], container.short_id, folder.state["image"])
         self.run_container(folder, heartbeat)
+
+    def network_for(self, folder):
+        """The algorithm container's network: the site's choice, or by default its relay's namespace, where
+        127.0.0.1 leads to the gateway and nowhere else. None if the relay could not be started (the run failed)."""
+        if not uses_gateway(self.config):
+            return self.config.container.network
+        self.open_gateway(folder)
+        relay_id = folder.state.get("relay_container_id")
+        if relay_id is None or not containers.is_running(self.engine, relay_id):
+            if relay_id:
+                containers.remove(self.engine, relay_id)
+            relay = containers.create_relay(self.engine, self._relay_image, folder.gateway_dir,
+                                            containers.labels_for(self.config.site_name, self.config.work_dir,
+                                                                  folder.claim))
+            folder.record(relay_container_id=relay.id)
+            containers.start(relay)
+            try:
+                containers.wait_until_listening(relay)
+            except containers.RelayFailed as error:
+                folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
+                return None
+        return f"container:{folder.state['relay_container_id']}"
+
+    def open_gateway(self, folder):
+        """Serve the run's gateway (again, after a restart) unless it is open already."""
+        run = folder.claim
+        with self._gateways_lock:
+            if run["id"] in self._gateways:
+                return
+            settings = self.config.sparql_gateway
+            query_log = QueryLog(query_log_path(self.config.work_dir, run["id"]), run["id"], run["task_id"],
+                                 settings.record_query_text)
+            gateway = RunGateway(run["id"], run["task_id"], folder.gateway_dir, self.upstream, settings, query_log)
+            gateway.open()
+            self._gateways[run["id"]] = gateway
+
+    def close_gateway(self, run_id):
+        with self._gateways_lock:
+            gateway = self._gateways.pop(run_id, None)
+        if gateway:
+            gateway.close()
 
     def report_started(self, folder):
         run = folder.claim
@@ -229,6 +328,13 @@ class SiteRunner:
             folder.record(outcome={"exit_code": None,
                                    "failure_reason": "its container was removed while the runner was not running"})
             return
+        if uses_gateway(self.config):
+            if not containers.is_running(self.engine, folder.state.get("relay_container_id")):
+                containers.remove(self.engine, container.id)
+                folder.record(outcome={"exit_code": None, "failure_reason": "its SPARQL relay container was "
+                                       "removed while the runner was not running, so it could not reach its data"})
+                return
+            self.open_gateway(folder)
         if "started_at" not in folder.state:
             folder.record(started_at=time.time())
         containers.start(container)
@@ -247,12 +353,16 @@ class SiteRunner:
             return reason
 
         exit_code, reason = containers.wait_for_end(container, reason_to_stop)
+        sparql = self.end_gateway(folder)
         heartbeat.check()
         reason = reason or folder.state.get("stop_reason")
         if reason is None and containers.was_out_of_memory(container):
             reason = f"out of memory: the algorithm needed more than this site's limit of {limits.memory}"
         containers.save_log(container, folder.log_file)
         notes = [f"ended: {reason}"] if reason else []
+        if sparql:
+            notes.append(f"SPARQL gateway: {sparql['queries']} queries, {sparql['refused']} refused, "
+                         f"{sparql['bytes']} bytes read")
         own_log = folder.read_pytaskmanager_log(MAX_OWN_LOG_BYTES)
         if own_log:
             notes.append("/log.txt follows\n" + own_log)
@@ -267,9 +377,19 @@ class SiteRunner:
                 notes.append(reason)
         with open(folder.log_file, "a", encoding="utf-8") as log_file:
             log_file.writelines(f"\n[site runner] {note}\n" for note in notes)
-        folder.record(outcome={"exit_code": exit_code, "failure_reason": reason})
+        folder.record(outcome={"exit_code": exit_code, "failure_reason": reason, "sparql": sparql})
         log.info("run %s: container ended: %s", run["id"], reason or f"exit code {exit_code}")
         containers.remove(self.engine, container.id)
+
+    def end_gateway(self, folder):
+        """Close the run's gateway and remove its relay; returns what the gateway saw (None without one)."""
+        if not uses_gateway(self.config):
+            return None
+        run = folder.claim
+        self.close_gateway(run["id"])
+        if "relay_container_id" in folder.state:
+            containers.remove(self.engine, folder.state["relay_container_id"])
+        return summarize(read_query_log(query_log_path(self.config.work_dir, run["id"])))
 
     def pack_output(self, folder):
         """Returns (failure reason or None, skipped paths)."""
@@ -297,7 +417,8 @@ class SiteRunner:
                 failure_reason = f"the registry did not accept the output: {error}"
         if folder.log_file.exists():
             self.registry.upload(run["id"], run["lease_id"], "log", sealed(run, folder.log_file))
-        self.registry.finish(run["id"], run["lease_id"], outcome["exit_code"], shortened(failure_reason))
+        self.registry.finish(run["id"], run["lease_id"], outcome["exit_code"], shortened(failure_reason),
+                             sparql=outcome.get("sparql"))
         log.info("run %s reported: exit code %s%s", run["id"], outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
 
@@ -310,8 +431,10 @@ class SiteRunner:
         self.clean_up(folder)
 
     def clean_up(self, folder):
-        if "container_id" in folder.state:
-            containers.remove(self.engine, folder.state["container_id"])
+        self.close_gateway(folder.run_id)
+        for name in ("container_id", "relay_container_id"):
+            if name in folder.state:
+                containers.remove(self.engine, folder.state[name])
         folder.remove()
 
 
@@ -370,15 +493,22 @@ class Heartbeat:
 
 # --- pure decisions -------------------------------------------------------------
 
+def uses_gateway(config):
+    """With network none (the default) algorithms reach the data through the gateway; with a network the site
+    allowed, they query the endpoint directly."""
+    return config.container.network == "none"
+
+
 def container_environment(config, run):
+    sparql_endpoint = ENDPOINT_IN_CONTAINER if uses_gateway(config) else config.sparql_endpoint
     return {
-        "SPARQL_ENDPOINT": config.sparql_endpoint,
+        "SPARQL_ENDPOINT": sparql_endpoint,
         "TASK_ID": str(run["task_id"]),
         "SESSION_ID": str(run["session_id"]),
         "SITE_NAME": config.site_name,
         # The original PyTaskManager's names, so images written for it run unchanged.
         "RUN_ID": str(run["session_id"]),
-        "endpointUrl": config.sparql_endpoint,
+        "endpointUrl": sparql_endpoint,
         "endpointType": config.endpoint_type,
         "endpointToken": config.endpoint_token,
     }

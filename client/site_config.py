@@ -31,7 +31,7 @@ RETIRED = {
     "institute": "the registry's operator keeps who a site is (create-site)",
     "country": "the registry's operator keeps who a site is (create-site)",
     "email": "the registry's operator keeps who a site is (create-site)",
-    "dockerHost": "algorithms reach the SPARQL endpoint through container.network (host, or a Docker network)",
+    "dockerHost": "algorithms reach the SPARQL endpoint through the site's SPARQL gateway (sparql_gateway)",
 }
 
 CONTAINER_DEFAULTS = {
@@ -42,6 +42,15 @@ CONTAINER_DEFAULTS = {
     "timeout_seconds": 3600,
     "max_output_bytes": 1024 ** 3,
     "user": "65534:65534",
+}
+
+SPARQL_GATEWAY_DEFAULTS = {
+    "query_timeout_seconds": 300,
+    "max_response_bytes": 1024 ** 3,
+    "max_queries": 10000,
+    "max_query_bytes": 100_000,
+    "record_query_text": True,
+    "relay_base_image": "pht-base:bookworm",
 }
 
 MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
@@ -68,6 +77,17 @@ class ContainerLimits:
 
 
 @dataclass(frozen=True)
+class SparqlGatewaySettings:
+    """Per-run limits of the SPARQL gateway (sparql_gateway.py), and the image its relay is built on."""
+    query_timeout_seconds: int
+    max_response_bytes: int
+    max_queries: int
+    max_query_bytes: int
+    record_query_text: bool
+    relay_base_image: str
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     registry_url: str
     site_name: str
@@ -83,6 +103,8 @@ class SiteConfig:
     long_poll_seconds: int
     poll_interval_seconds: int
     container: ContainerLimits
+    allow_host_network: bool
+    sparql_gateway: SparqlGatewaySettings
     recipients: dict  # name -> deliveries.Recipient: third parties this site may send files to
 
 
@@ -157,6 +179,12 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     container = _container_limits(take("container", dict, {}), problems)
+    allow_host_network = take("allow_host_network", bool, False)
+    if container.network == "host" and not allow_host_network:
+        problems.append("container.network host lets algorithms reach everything this machine can (the registry, "
+                        "databases, other hosts) and bypass the SPARQL gateway; leave it at none, where algorithms "
+                        "reach the data only through the gateway, or set allow_host_network: true to accept that")
+    sparql_gateway = _sparql_gateway(take("sparql_gateway", dict, {}), problems)
     recipients = _recipients(take("recipients", dict, {}), problems)
     for unknown in sorted(fields):
         problems.append(f"unknown field {unknown!r}; see docs/site-config.md for the fields a site config has")
@@ -168,7 +196,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, long_poll_seconds=long_poll_seconds,
-        poll_interval_seconds=poll_interval_seconds, container=container, recipients=recipients)
+        poll_interval_seconds=poll_interval_seconds, container=container, allow_host_network=allow_host_network,
+        sparql_gateway=sparql_gateway, recipients=recipients)
 
 
 def memory_bytes(memory):
@@ -224,21 +253,38 @@ def _recipients(given, problems):
     return recipients
 
 
-def _container_limits(given, problems):
-    values = dict(CONTAINER_DEFAULTS)
+def _section(given, defaults, section, problems):
+    """The section's settings over its defaults, each of its default's type."""
+    values = dict(defaults)
     for key, value in given.items():
         if key.startswith("//"):
             continue
-        if key not in CONTAINER_DEFAULTS:
-            problems.append(f"container.{key} is not a container setting; known: {', '.join(CONTAINER_DEFAULTS)}")
+        if key not in defaults:
+            problems.append(f"{section}.{key} is not a {section} setting; known: {', '.join(defaults)}")
             continue
-        expected = type(CONTAINER_DEFAULTS[key])
+        expected = type(defaults[key])
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            problems.append(f"container.{key} must be a {expected.__name__}, not {json.dumps(value)}")
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            problems.append(f"{section}.{key} must be a {expected.__name__}, not {json.dumps(value)}")
             continue
         values[key] = value
+    return values
+
+
+def _sparql_gateway(given, problems):
+    values = _section(given, SPARQL_GATEWAY_DEFAULTS, "sparql_gateway", problems)
+    for key, default in SPARQL_GATEWAY_DEFAULTS.items():
+        if type(default) is int and values[key] <= 0:
+            problems.append(f"sparql_gateway.{key} must be greater than 0")
+    if not values["relay_base_image"].strip():
+        problems.append("sparql_gateway.relay_base_image is empty; name a local image with python3, "
+                        "such as pht-base:bookworm (scripts/images.py builds it) or python:3.12-slim")
+    return SparqlGatewaySettings(**values)
+
+
+def _container_limits(given, problems):
+    values = _section(given, CONTAINER_DEFAULTS, "container", problems)
     memory = memory_bytes(values["memory"])
     if memory is None:
         problems.append(f"container.memory {values['memory']!r} must look like 512m or 2g")

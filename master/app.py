@@ -14,7 +14,7 @@ from master.wakeup import Announcements
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ IMAGE_REFERENCE = re.compile(
 # Ids and counts are 32-bit integers in the database (PostgreSQL's integer); larger numbers
 # cannot name anything stored, so they are rejected up front instead of failing in SQL.
 INT_MAX = 2 ** 31 - 1
+# Counts of what a run used are 64-bit (BigInteger: PostgreSQL's bigint, SQLite's integer).
+BIGINT_MAX = 2 ** 63 - 1
 
 # An age X25519 recipient: "age1" and 58 characters of bech32.
 AGE_PUBLIC_KEY = r"^age1[023456789acdefghjklmnpqrstuvwxyz]{58}$"
@@ -58,6 +60,22 @@ class Text(String):
 
 def Id(**kwargs):
     return Integer(validate=Range(min=1, max=INT_MAX), **kwargs)
+
+
+class Count(Integer):
+    """A count the database can store: a whole number from 0 to BIGINT_MAX.
+
+    JSON may spell a whole number 5.0, which is 5; 5.5 is refused rather than cut down to 5,
+    as a plain Integer field would.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=Range(min=0, max=BIGINT_MAX), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, float) and not value.is_integer():
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class TaskIn(Schema):
@@ -99,6 +117,16 @@ class DeliveryOut(Schema):
     at = Timestamp()
 
 
+SPARQL_SUMMARY = ("What the run's algorithm read through the site's SPARQL gateway: number of queries, "
+                  "bytes of results, queries refused.")
+
+
+class SparqlSummary(Schema):
+    queries = Count(required=True, metadata={"description": "SPARQL queries the algorithm made, refused ones included."})
+    bytes = Count(required=True, metadata={"description": "Bytes of query results the gateway passed to the algorithm."})
+    refused = Count(required=True, metadata={"description": "Queries the gateway refused to pass on."})
+
+
 class RunOut(Schema):
     id = Integer()
     site = String(metadata={"description": "Name of the site that runs it."})
@@ -113,6 +141,7 @@ class RunOut(Schema):
     log_size = Integer(allow_none=True)
     updated_at = Timestamp()
     deliveries = List(Nested(DeliveryOut), metadata={"description": "Files the site sent straight to a recipient."})
+    sparql = Nested(SparqlSummary, allow_none=True, metadata={"description": SPARQL_SUMMARY})
 
 
 class TaskOut(Schema):
@@ -208,6 +237,7 @@ class FinishIn(LeaseIn):
                         metadata={"description": "The container's exit code; null if it did not run to its end."})
     failure_reason = Text(allow_none=True, load_default=None, validate=Length(1, 2000),
                             metadata={"description": "Set when the runner, not the algorithm, failed the run."})
+    sparql = Nested(SparqlSummary, allow_none=True, load_default=None, metadata={"description": SPARQL_SUMMARY})
 
 
 class DeliveryIn(LeaseIn):
@@ -225,6 +255,11 @@ class PublicKeyOut(Schema):
     id = Integer()
     public_key = String()
     created_at = Timestamp()
+
+
+class SiteIdentityOut(Schema):
+    id = Integer()
+    name = String(metadata={"description": "The site's name, as the operator registered it."})
 
 
 class HeartbeatOut(Schema):

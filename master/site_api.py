@@ -14,7 +14,7 @@ from flask import current_app, request
 
 from master import auth, blobs, lifecycle, store
 from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, DeliveryIn, FinishIn, HeartbeatOut,
-                            LeaseIn, RefuseIn, StartIn)
+                            LeaseIn, RefuseIn, SiteIdentityOut, StartIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -33,6 +33,17 @@ class UploadHeaders(Schema):
     lease_id = String(required=True, data_key="X-Lease-Id", validate=Length(1, 64))
     sha256 = String(required=True, data_key="X-Content-SHA256",
                     validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+
+
+@bp.get("/me")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.output(SiteIdentityOut)
+def who_am_i():
+    """The calling site's id and name, for a runner to check at start that its token is its own.
+
+    An unknown or revoked token answers 401, as everywhere; a researcher's token 403."""
+    site = auth.caller()
+    return {"id": site.id, "name": site.name}
 
 
 @bp.post("/claim")
@@ -174,12 +185,14 @@ def record_delivery(run_id, json_data):
 @bp.output(HeartbeatOut)
 @bp.doc(responses=[404, 409])
 def finish_run(run_id, json_data):
-    """Report how the run ended, after its output and log are uploaded."""
+    """Report how the run ended, after its output and log are uploaded.
+
+    The same report again (exit code, failure reason and SPARQL summary alike) is fine; another answers 409."""
     registry = _registry()
     status, task_id = store.finish_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
-                                       json_data["exit_code"], json_data["failure_reason"])
+                                       json_data["exit_code"], json_data["failure_reason"], json_data["sparql"])
     registry.ended_tasks.announce([task_id])
-    log.info("run %s %s (exit code %s)", run_id, status, json_data["exit_code"])
+    log.info("run %s %s (exit code %s, SPARQL %s)", run_id, status, json_data["exit_code"], json_data["sparql"])
     if status == lifecycle.FAILED and json_data["failure_reason"]:
         log.info("run %s failure reason: %s", run_id, json_data["failure_reason"])
     return {"status": status}

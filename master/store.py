@@ -3,7 +3,8 @@
 The same code runs on SQLite (the embedded default) and PostgreSQL (give a URL).
 Every function that writes does so in one transaction, so no request leaves a
 half-written record. Times are stored as UNIX seconds (floats) so both databases
-compare them the same way.
+compare them the same way. A database made by an older release is upgraded in
+place when the registry opens it (UPGRADES), in one transaction.
 """
 
 import secrets
@@ -13,8 +14,6 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from master import lifecycle
-
-SCHEMA_VERSION = 1
 
 metadata = sa.MetaData()
 
@@ -97,6 +96,10 @@ runs = sa.Table(
     sa.Column("output_size", sa.BigInteger),
     sa.Column("log_sha256", sa.String(64)),
     sa.Column("log_size", sa.BigInteger),
+    # What the algorithm read through the site's SPARQL gateway; all null when the site did not say.
+    sa.Column("sparql_queries", sa.BigInteger),
+    sa.Column("sparql_bytes", sa.BigInteger),
+    sa.Column("sparql_refused", sa.BigInteger),
     sa.UniqueConstraint("task_id", "site_id"),
     sa.Index("ix_runs_site_status", "site_id", "status"),
     sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
@@ -136,20 +139,63 @@ class LeaseLost(Exception):
     """The caller no longer holds the lease on the run (it expired, was cancelled or is another's)."""
 
 
+# --- the schema's versions -------------------------------------------------
+
+def _add_columns(conn, table, names):
+    """ALTER TABLE ... ADD COLUMN for columns as the table above declares them, in this database's dialect."""
+    table_name = conn.dialect.identifier_preparer.format_table(table)
+    for name in names:
+        column = sa.schema.CreateColumn(table.c[name]).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {column}")
+
+
+# The step that takes a database from each version (the key) to the next. The tables above are
+# always the newest version's; a change to them is one more step here, and create_all makes new
+# tables by itself.
+UPGRADES = {
+    1: lambda conn: _add_columns(conn, runs, ("sparql_queries", "sparql_bytes", "sparql_refused")),
+}
+SCHEMA_VERSION = 1 + len(UPGRADES)
+
+
 def open_database(url):
+    """An engine on the registry's database: created when empty, upgraded in place when older."""
     engine = sa.create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _tune_sqlite)
     metadata.create_all(engine)
     with engine.begin() as conn:
-        found = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+        # A registry starting at the same time waits here until this one has committed its upgrade,
+        # then finds nothing to do: FOR UPDATE on PostgreSQL, the write lock on SQLite.
+        if engine.dialect.name == "sqlite":
+            # Explicitly, too, because pysqlite starts a transaction only before INSERT, UPDATE or
+            # DELETE: ALTER TABLE would otherwise commit on its own.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        found = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")
+                             .with_for_update()).scalar()
         if found is None:
             conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif int(found) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version is {found}, this registry expects {SCHEMA_VERSION}: "
-                "use a registry release that matches the database")
+        else:
+            _upgrade(conn, int(found))
     return engine
+
+
+def _upgrade(conn, version):
+    """Bring a database of this version up to SCHEMA_VERSION, inside the caller's transaction."""
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version is {version}, this registry expects {SCHEMA_VERSION}: "
+            "use a registry release that matches the database")
+    for step_from in range(version, SCHEMA_VERSION):
+        try:
+            UPGRADES[step_from](conn)
+        except sa.exc.DBAPIError as error:
+            raise RuntimeError(
+                f"upgrading the database from schema version {step_from} to {step_from + 1} failed, so it "
+                f"stays at version {version}, unchanged: {error.orig}. Fix that, then start the registry again"
+            ) from error
+    if version != SCHEMA_VERSION:
+        conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
 def _tune_sqlite(dbapi_connection, _record):
@@ -332,6 +378,7 @@ def _with_runs(conn, task_rows):
     for task_runs in runs_by_task.values():
         for run in task_runs:
             run["deliveries"] = deliveries_by_run[run["id"]]
+            run["sparql"] = _sparql_summary(run)
     for row in task_rows:
         task = dict(row)
         task["encrypted_to"] = task.pop("recipients").split()
@@ -339,6 +386,21 @@ def _with_runs(conn, task_rows):
         task["status"] = lifecycle.task_status([r["status"] for r in task["runs"]])
         result.append(task)
     return result
+
+
+# A run's SPARQL summary as the API shows it: its key -> the runs column that stores it.
+_SPARQL_SUMMARY_COLUMNS = {"queries": "sparql_queries", "bytes": "sparql_bytes", "refused": "sparql_refused"}
+
+
+def _sparql_columns(summary):
+    return {column: None if summary is None else summary[key] for key, column in _SPARQL_SUMMARY_COLUMNS.items()}
+
+
+def _sparql_summary(run):
+    """The run's summary, or None when its site reported none (its columns are written all at once)."""
+    if run["sparql_queries"] is None:
+        return None
+    return {key: run[column] for key, column in _SPARQL_SUMMARY_COLUMNS.items()}
 
 
 def get_task_input(engine, task_id):
@@ -458,22 +520,29 @@ def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
             {f"{kind}_sha256": sha256, f"{kind}_size": size}))
 
 
-def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason):
-    """Record how a run ended; returns (status, task id). The same report again is fine, another a conflict."""
+def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, sparql=None):
+    """Record how a run ended; returns (status, task id).
+
+    sparql is the site's SPARQL summary ({"queries", "bytes", "refused"}), or None when it has none.
+    The same report again is fine, another a conflict; the summary is part of the report, so a
+    repeat with other counts (or with none after some) is a conflict too.
+    """
     now = time.time()
     status = lifecycle.status_after_finish(exit_code, failure_reason)
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
+    report = {"status": status, "exit_code": exit_code, "reason": reason, **_sparql_columns(sparql)}
     with engine.begin() as conn:
         row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
         if row is None:
             raise NotFound(f"run {run_id} does not exist")
         if row["status"] in (lifecycle.COMPLETED, lifecycle.FAILED) and row["lease_id"] == lease_id:
-            if (row["status"], row["exit_code"], row["reason"]) == (status, exit_code, reason):
+            if all(row[column] == value for column, value in report.items()):
                 return status, row["task_id"]
-            raise Conflict(f"run {run_id} was already reported as {row['status']}")
+            raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
+                           "reason or SPARQL summary")
         _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
         conn.execute(runs.update().where(runs.c.id == run_id).values(
-            status=status, exit_code=exit_code, reason=reason, updated_at=now, lease_expires_at=None))
+            **report, updated_at=now, lease_expires_at=None))
         _record_event(conn, run_id, status, now, reason)
     return status, row["task_id"]
 

@@ -123,7 +123,7 @@ def wait_command(registry, as_json, task_id, timeout_seconds):
 @click.option("--partial", is_flag=True, help="Show what there is even if some sites did not complete the task.")
 @click.option("--logs", is_flag=True, help="Also print each site's log.")
 def results_command(registry, as_json, task_id, output_dir, partial, logs):
-    """Each site's result: status, exit code, image digest, output files and output.txt."""
+    """Each site's result: status, exit code, SPARQL queries, image digest, output files and output.txt."""
     results = registry.results(task_id, accept_partial=partial)
     if output_dir is not None:
         for result in results:
@@ -131,14 +131,14 @@ def results_command(registry, as_json, task_id, output_dir, partial, logs):
             (output_dir / f"{result.site}.log").write_text(result.log, encoding="utf-8")
     if as_json:
         return print_json([{"run_id": r.run_id, "site": r.site, "status": r.status, "reason": r.reason,
-                            "exit_code": r.exit_code, "image_digest": r.image_digest, "files": sorted(r.files),
-                            "output": r.output, "log": r.log} for r in results])
-    table = new_table("site", "status", "exit code", "image", "files", "output.txt")
+                            "exit_code": r.exit_code, "image_digest": r.image_digest, "sparql": r.sparql,
+                            "files": sorted(r.files), "output": r.output, "log": r.log} for r in results])
+    table = new_table("site", "status", "exit code", "queries", "image", "files", "output.txt")
     for result in results:
         output = result.output if isinstance(result.output, str) else json.dumps(result.output)
         table.add_row(result.site, result.status, str(result.exit_code if result.exit_code is not None else ""),
-                      short_digest(result.image_digest), ", ".join(sorted(result.files)),
-                      "" if result.output is None else output)
+                      describe_sparql(result.sparql), short_digest(result.image_digest),
+                      ", ".join(sorted(result.files)), "" if result.output is None else output)
     print_table(table)
     for result in results if logs else []:
         click.echo(f"\n--- log of {result.site} ---\n{result.log}")
@@ -190,10 +190,10 @@ def keygen(connect_to_registry, identity_file, register):
 
 
 def print_runs(task):
-    table = new_table("site", "status", "exit code", "reason")
+    table = new_table("site", "status", "exit code", "queries", "reason")
     for run in task["runs"]:
         table.add_row(run["site"], run["status"], "" if run["exit_code"] is None else str(run["exit_code"]),
-                      run["reason"] or "")
+                      describe_sparql(run.get("sparql")), run["reason"] or "")
     click.echo(f"task {task['id']} (session {task['session_id']}): {task['status']}")
     print_table(table)
 
@@ -219,6 +219,25 @@ def print_json(value):
 
 def short_digest(digest):
     return digest[:19] + "…" if digest else ""
+
+
+def describe_sparql(summary):
+    """A run's SPARQL summary in one cell: "12 (1 refused), 3.4 MB"; "-" when the site reported none."""
+    if summary is None:
+        return "-"
+    refused = f" ({summary['refused']} refused)" if summary["refused"] else ""
+    return f"{summary['queries']}{refused}, {human_bytes(summary['bytes'])}"
+
+
+def human_bytes(count):
+    """A size in decimal (SI) units, one decimal place: 512 B, 3.4 MB."""
+    if count < 1000:
+        return f"{count} B"
+    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
+        count /= 1000
+        # 999.96 would print as 1000.0: say 1.0 of the next unit instead.
+        if count < 999.95 or unit == "EB":
+            return f"{count:.1f} {unit}"
 
 
 if __name__ == "__main__":

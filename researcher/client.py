@@ -94,7 +94,7 @@ class Registry:
         return self._call("POST", "/api/tasks", json={key: value for key, value in body.items() if value is not None})
 
     def task(self, task_id):
-        """The task with each site's run: status, reason, exit_code, image_digest, …"""
+        """The task with each site's run: status, reason, exit_code, image_digest, sparql, …"""
         return self._call("GET", f"/api/tasks/{task_id}")
 
     def tasks(self, session_id=None, status=None):
@@ -157,9 +157,10 @@ class Registry:
 
         archive = fetch("output") if run["output_sha256"] else None
         log = fetch("log").decode("utf-8", "replace") if run["log_sha256"] else ""
+        # .get: registries before API 1.1 do not send the SPARQL summary.
         return RunResult(run_id=run["id"], site=run["site"], status=run["status"], reason=run["reason"],
                          exit_code=run["exit_code"], image_digest=run["image_digest"], log=log,
-                         output_archive=archive)
+                         output_archive=archive, sparql=run.get("sparql"))
 
     # --- HTTP ------------------------------------------------------------------------------
 

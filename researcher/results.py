@@ -9,6 +9,7 @@ from pathlib import Path
 
 # The file an algorithm writes its main answer to, by convention (the original PyTaskManager's).
 OUTPUT_FILE = "output.txt"
+RUNNER_NOTE = "[site runner] "  # how the site runner starts the lines it adds to a log (docs/container-contract.md)
 
 
 @dataclass
@@ -21,6 +22,9 @@ class RunResult:
     image_digest: str | None  # the image the site ran, by digest
     log: str  # the algorithm's standard output and error
     output_archive: bytes | None = field(default=None, repr=False)  # /output/ as the site uploaded it
+    # What the algorithm read through the site's SPARQL gateway: {"queries", "bytes", "refused"};
+    # None when the site did not report it (no gateway, an older runner, or the run never started).
+    sparql: dict | None = None
 
     @property
     def ok(self):
@@ -69,7 +73,9 @@ class RunResult:
         words = f"{self.site} {self.status}"
         if self.reason:
             words += f": {self.reason}"
-        last_line = next((line for line in reversed(self.log.splitlines()) if line.strip()), None)
+        # The algorithm's own last words: the site runner's notes come after them.
+        last_line = next((line for line in reversed(self.log.splitlines())
+                          if line.strip() and not line.startswith(RUNNER_NOTE)), None)
         if self.exit_code not in (None, 0) and last_line:
             words += f" (log: {last_line.strip()})"
         return words

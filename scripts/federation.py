@@ -85,7 +85,10 @@ class LocalFederation:
     lease_seconds: int = 60
     whitelist: list = field(default_factory=lambda: list(DEFAULT_WHITELIST))
     start_runners: bool = True
-    container_network: str = "host"  # the algorithm must reach the site's SPARQL endpoint on loopback
+    # none: algorithms reach their site's SPARQL endpoint only through the runner's per-run gateway.
+    container_network: str = "none"
+    # Serve each site's store read-write (oxigraph serve), so a test can show the gateway refused an update.
+    writable_sparql: bool = False
     # Extra site config fields for every site; "container" entries are merged into the container limits.
     site_settings: dict = field(default_factory=dict)
     folder: Path | None = None
@@ -152,8 +155,9 @@ class LocalFederation:
         subprocess.run([OXIGRAPH, "load", "--location", str(store), "--file", str(cohort_file)],
                        check=True, capture_output=True)
         port = free_port()
+        serve = "serve" if self.writable_sparql else "serve-read-only"
         endpoint_process = self._spawn(
-            f"{name}-sparql", [OXIGRAPH, "serve-read-only", "--location", str(store), "--bind", f"127.0.0.1:{port}"])
+            f"{name}-sparql", [OXIGRAPH, serve, "--location", str(store), "--bind", f"127.0.0.1:{port}"])
         sparql_endpoint = f"http://127.0.0.1:{port}/query"
         wait_until_answers(f"http://127.0.0.1:{port}/", endpoint_process, f"{name}'s SPARQL endpoint")
         config_path = folder / "config.json"
@@ -168,6 +172,7 @@ class LocalFederation:
             "work_dir": str(folder / "work"),
             "long_poll_seconds": 10,
             "container": {"network": self.container_network, "timeout_seconds": 300, **extra.pop("container", {})},
+            **({"allow_host_network": True} if self.container_network == "host" else {}),
             **extra,
         }
         config_path.write_text(json.dumps(config, indent=2))

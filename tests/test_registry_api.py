@@ -38,9 +38,9 @@ def upload(client, site, run, kind, body, sha256=None):
         "Content-Type": "application/octet-stream"})
 
 
-def finish(client, site, run, exit_code=0, failure_reason=None):
+def finish(client, site, run, exit_code=0, failure_reason=None, **more):
     return client.post(f"/api/site/runs/{run['id']}/finish", headers=site, json={
-        "lease_id": run["lease_id"], "exit_code": exit_code, "failure_reason": failure_reason})
+        "lease_id": run["lease_id"], "exit_code": exit_code, "failure_reason": failure_reason, **more})
 
 
 def test_health_needs_no_token(client):
@@ -186,6 +186,84 @@ def test_same_upload_twice_is_idempotent_and_a_different_one_conflicts(client, a
     finish(client, hospital, run)
     assert finish(client, hospital, run).status_code == 200  # same report again
     assert finish(client, hospital, run, exit_code=1).status_code == 409
+
+
+SPARQL_SUMMARY = {"queries": 12, "bytes": 3_400_000, "refused": 1}
+
+
+def test_the_sites_sparql_summary_reaches_every_run_record_the_researcher_sees(client, alice, make_site):
+    site_a, site_b = make_site("hospital-a"), make_site("hospital-b")
+    task_id = post_task(client, alice, sites=["hospital-a", "hospital-b"]).json["id"]
+    assert [run["sparql"] for run in client.get(f"/api/tasks/{task_id}", headers=alice).json["runs"]] == [None, None]
+    finish(client, site_a, claim(client, site_a).json, sparql=SPARQL_SUMMARY)
+    finish(client, site_b, claim(client, site_b).json)  # a runner without a gateway says nothing
+
+    expected = [("hospital-a", SPARQL_SUMMARY), ("hospital-b", None)]
+    for answer in (client.get(f"/api/tasks/{task_id}", headers=alice).json,
+                   client.get(f"/api/tasks/{task_id}", query_string={"wait_seconds": 30}, headers=alice).json,
+                   client.get("/api/tasks", headers=alice).json["items"][0],
+                   client.post(f"/api/tasks/{task_id}/cancel", headers=alice).json):
+        assert [(run["site"], run["sparql"]) for run in answer["runs"]] == expected
+
+
+def test_the_largest_counts_the_database_holds_are_stored_exactly(client, alice, hospital):
+    post_task(client, alice)
+    largest = {"queries": 2 ** 63 - 1, "bytes": 2 ** 63 - 1, "refused": 2 ** 63 - 1}
+    assert finish(client, hospital, claim(client, hospital).json, sparql=largest).status_code == 200
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["sparql"] == largest
+
+
+@pytest.mark.parametrize("sparql, complaint", [
+    ({**SPARQL_SUMMARY, "rows": 5}, "rows"),             # unknown keys, as everywhere
+    ({"queries": 1, "bytes": 2}, "refused"),
+    ({**SPARQL_SUMMARY, "bytes": -1}, "bytes"),
+    ({**SPARQL_SUMMARY, "queries": 2 ** 63}, "queries"),  # beyond the database's BigInteger
+    ({**SPARQL_SUMMARY, "queries": 2.5}, "queries"),      # refused, not cut down to 2
+    ({**SPARQL_SUMMARY, "refused": True}, "refused"),
+    ([12, 3_400_000, 1], "sparql"),
+])
+def test_a_bad_sparql_summary_is_rejected_and_the_run_stays_open(client, alice, hospital, sparql, complaint):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    response = finish(client, hospital, run, sparql=sparql)
+    assert response.status_code == 422
+    assert complaint in response.get_data(as_text=True)
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "claimed"
+
+
+def test_a_whole_number_spelled_as_a_float_is_that_number(client, alice, hospital):
+    post_task(client, alice)
+    assert finish(client, hospital, claim(client, hospital).json, sparql={**SPARQL_SUMMARY, "queries": 12.0}).json == {
+        "status": "completed"}
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["sparql"] == SPARQL_SUMMARY
+
+
+def test_the_sparql_summary_is_part_of_the_finish_report(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert finish(client, hospital, run, sparql=SPARQL_SUMMARY).status_code == 200
+    assert finish(client, hospital, run, sparql=dict(reversed(SPARQL_SUMMARY.items()))).status_code == 200  # the same
+    assert finish(client, hospital, run, sparql={**SPARQL_SUMMARY, "queries": 13}).status_code == 409
+    assert finish(client, hospital, run).status_code == 409  # no summary after one is another report too
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["sparql"] == SPARQL_SUMMARY
+
+    post_task(client, alice)
+    unreported = claim(client, hospital).json
+    assert finish(client, hospital, unreported).status_code == 200
+    assert finish(client, hospital, unreported, sparql=None).status_code == 200  # null is the same as leaving it out
+    assert finish(client, hospital, unreported, sparql=SPARQL_SUMMARY).status_code == 409
+
+
+def test_a_site_learns_which_site_its_token_is(app, client, alice, make_site):
+    hospital_a, hospital_b = make_site("hospital-a"), make_site("hospital-b")
+    me_a = client.get("/api/site/me", headers=hospital_a).json
+    me_b = client.get("/api/site/me", headers=hospital_b).json
+    assert (me_a["name"], me_b["name"]) == ("hospital-a", "hospital-b") and me_a["id"] != me_b["id"]
+    assert me_a == {"id": me_a["id"], "name": "hospital-a"}
+    assert client.get("/api/site/me", headers=alice).status_code == 403
+    assert client.get("/api/site/me", headers={"Authorization": "Bearer pht_unknown"}).status_code == 401
+    store.revoke_principal(app.extensions["pht"].engine, "hospital-b")
+    assert client.get("/api/site/me", headers=hospital_b).status_code == 401
 
 
 def test_upload_with_wrong_checksum_is_rejected_and_not_stored(app, client, alice, hospital):

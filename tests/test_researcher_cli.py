@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
+from click.testing import CliRunner
 
+from researcher.__main__ import cli as researcher_cli
+from researcher.__main__ import describe_sparql
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +44,16 @@ def cli(federation, tmp_path):
                "PHT_TOKEN": federation.researcher_token, **environment}
         return subprocess.run([sys.executable, "-m", "researcher", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture
+def cli_in_process(federation, tmp_path):
+    """The same CLI, run inside the test's process with click's runner."""
+    def run(*args):
+        env = {"PHT_REGISTRY_URL": federation.registry_url, "PHT_TOKEN": federation.researcher_token,
+               "PHT_CONFIG": str(tmp_path / "no-config.toml"), "PHT_IDENTITY": None}
+        return CliRunner().invoke(researcher_cli, list(args), env=env, catch_exceptions=False)
     return run
 
 
@@ -152,3 +166,47 @@ def test_input_is_given_once(cli, tmp_path):
     config.write_text("{}")
     done = cli("submit", SUMMARY, "--input", "{}", "--input-file", str(config))
     assert done.returncode == 2 and "not both" in done.stderr
+
+
+def complete_at_hospital_c(federation, task_id, **report):
+    """Run the task at hospital-c as a runner reports it, without a container: claim, start, finish."""
+    site = requests.Session()
+    site.headers["Authorization"] = f"Bearer {federation.sites['hospital-c'].token}"
+    run = site.post(f"{federation.registry_url}/api/site/claim", json={"wait_seconds": 0}, timeout=10).json()
+    assert run["task_id"] == task_id
+    runs_url = f"{federation.registry_url}/api/site/runs/{run['id']}"
+    site.post(f"{runs_url}/start", json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "0" * 64},
+              timeout=10).raise_for_status()
+    site.post(f"{runs_url}/finish", json={"lease_id": run["lease_id"], "exit_code": 0, **report},
+              timeout=10).raise_for_status()
+
+
+def test_run_tables_show_what_each_site_read_through_its_sparql_gateway(cli_in_process, federation):
+    summary = {"queries": 12, "bytes": 3_400_000, "refused": 1}
+    task_id = json.loads(cli_in_process("submit", SUMMARY, "--site", "hospital-c", "--json").stdout)["id"]
+    complete_at_hospital_c(federation, task_id, sparql=summary)
+
+    waited = cli_in_process("wait", str(task_id))
+    assert waited.exit_code == 0, waited.stderr
+    assert table_rows(waited.stdout)["hospital-c"] == ["completed", "0", "12", "(1", "refused),", "3.4", "MB"]
+    assert json.loads(cli_in_process("wait", str(task_id), "--json").stdout)["runs"][0]["sparql"] == summary
+    assert "12 (1 refused), 3.4 MB" in cli_in_process("results", str(task_id)).stdout
+    assert json.loads(cli_in_process("results", str(task_id), "--json").stdout)[0]["sparql"] == summary
+
+    unreported = json.loads(cli_in_process("submit", SUMMARY, "--site", "hospital-c", "--json").stdout)["id"]
+    cancelled = cli_in_process("cancel", str(unreported))
+    assert table_rows(cancelled.stdout)["hospital-c"][:2] == ["cancelled", "-"]
+    assert json.loads(cli_in_process("cancel", str(unreported), "--json").stdout)["runs"][0]["sparql"] is None
+
+
+@pytest.mark.parametrize("summary, shown", [
+    (None, "-"),
+    ({"queries": 12, "bytes": 3_400_000, "refused": 1}, "12 (1 refused), 3.4 MB"),
+    ({"queries": 3, "bytes": 512, "refused": 0}, "3, 512 B"),
+    ({"queries": 1, "bytes": 999_960, "refused": 0}, "1, 1.0 MB"),  # not "1000.0 kB"
+    ({"queries": 0, "bytes": 0, "refused": 0}, "0, 0 B"),
+    ({"queries": 2 ** 63 - 1, "bytes": 2 ** 63 - 1, "refused": 2 ** 63 - 1},
+     f"{2 ** 63 - 1} ({2 ** 63 - 1} refused), 9.2 EB"),
+])
+def test_a_sparql_summary_fits_one_table_cell(summary, shown):
+    assert describe_sparql(summary) == shown

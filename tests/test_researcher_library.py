@@ -31,16 +31,33 @@ def registry(federation):
     return federation.researcher()
 
 
-def input_as_the_site_receives_it(federation, task):
-    """Claim the task's run at hospital-b through the site API and download its input."""
+def claim_at_hospital_b(federation, task):
+    """Claim the task's run at hospital-b through the site API, as its runner would; returns
+    (the site's HTTP session, the claimed run)."""
     site = requests.Session()
     site.headers["Authorization"] = f"Bearer {federation.sites['hospital-b'].token}"
     claimed = site.post(f"{federation.registry_url}/api/site/claim", json={"wait_seconds": 0}, timeout=10)
     claimed.raise_for_status()
     assert claimed.json()["task_id"] == task["id"]
-    received = site.get(f"{federation.registry_url}/api/site/runs/{claimed.json()['id']}/input", timeout=10)
+    return site, claimed.json()
+
+
+def input_as_the_site_receives_it(federation, task):
+    """Claim the task's run at hospital-b and download its input."""
+    site, run = claim_at_hospital_b(federation, task)
+    received = site.get(f"{federation.registry_url}/api/site/runs/{run['id']}/input", timeout=10)
     received.raise_for_status()
     return received.content
+
+
+def complete_at_hospital_b(federation, task, **report):
+    """Run the task at hospital-b as a runner reports it, without a container: claim, start, finish."""
+    site, run = claim_at_hospital_b(federation, task)
+    runs_url = f"{federation.registry_url}/api/site/runs/{run['id']}"
+    site.post(f"{runs_url}/start", json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "0" * 64},
+              timeout=10).raise_for_status()
+    site.post(f"{runs_url}/finish", json={"lease_id": run["lease_id"], "exit_code": 0, **report},
+              timeout=10).raise_for_status()
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -101,6 +118,19 @@ def test_a_task_that_does_not_finish_in_time_raises_and_can_be_cancelled(registr
     completed, cancelled = registry.wait_for_results(task["id"], timeout_seconds=120, accept_partial=True)
     assert (completed.site, completed.status, cancelled.status) == ("hospital-a", "completed", "cancelled")
     assert completed.output["patients"] == 30 and cancelled.files == {} and cancelled.output is None
+
+
+def test_each_result_carries_what_its_site_reported_of_the_sparql_gateway(federation, registry):
+    summary = {"queries": 12, "bytes": 3_400_000, "refused": 1}
+    with_gateway = registry.submit(SUMMARY, {}, sites=["hospital-b"])
+    complete_at_hospital_b(federation, with_gateway, sparql=summary)
+    without_gateway = registry.submit(SUMMARY, {}, sites=["hospital-b"])
+    complete_at_hospital_b(federation, without_gateway)
+
+    [reported] = registry.wait_for_results(with_gateway["id"], timeout_seconds=30)
+    [unreported] = registry.wait_for_results(without_gateway["id"], timeout_seconds=30)
+    assert (reported.sparql, unreported.sparql) == (summary, None)
+    assert registry.task(with_gateway["id"])["runs"][0]["sparql"] == summary
 
 
 def test_sites_report_whether_their_runner_is_online_and_their_sparql_answers(registry):

@@ -100,7 +100,7 @@ def test_original_pytaskmanager_config_says_what_to_remove():
     assert sorted(line.split(": ")[1].split(" ")[0] for line in caught.value.problems) == retired
     for line in caught.value.problems:
         assert "original PyTaskManager" in line and line.endswith("remove it")
-    assert any("container.network" in line for line in caught.value.problems if "dockerHost" in line)
+    assert any("SPARQL gateway" in line for line in caught.value.problems if "dockerHost" in line)
 
 
 def test_documentation_and_example_describe_every_field():

@@ -6,6 +6,7 @@ import base64
 
 import pytest
 
+from client.sparql_gateway import ENDPOINT_IN_CONTAINER
 from scripts.federation import LocalFederation
 from tests.images import (engine_or_fail, only_run, output_files, output_json, pushed_test_image,
                           registry_digest, run_log)
@@ -42,7 +43,7 @@ def test_what_the_algorithm_sees(federation, probe):
     seen = output_json(federation, run, "seen.json")
     assert base64.b64decode(seen["input_base64"]) == task_input
     assert seen["input_txt_is_the_input"]
-    endpoint = federation.sites[SITE].sparql_endpoint
+    endpoint = ENDPOINT_IN_CONTAINER  # the run's SPARQL gateway, never the real endpoint
     assert seen["environment"] == {
         "SPARQL_ENDPOINT": endpoint,
         "TASK_ID": str(task["id"]),
@@ -103,7 +104,7 @@ def test_image_written_for_the_original_pytaskmanager_runs_unchanged(federation)
         assert set(output_files(federation, run)) == {"output.txt"}
         answers.append(output_json(federation, run, "output.txt"))
         assert f"internal log: round {len(answers)} of run {first['session_id']}" in run_log(federation, run)
-    endpoint = federation.sites[SITE].sparql_endpoint
+    endpoint = ENDPOINT_IN_CONTAINER  # the run's SPARQL gateway, never the real endpoint
     assert answers == [
         {"input": "age > 50", "runId": str(first["session_id"]), "round": 1,
          "endpointUrl": endpoint, "endpointType": "sparql", "endpointToken": "token-for-the-endpoint"},

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from client import containers
+
 from scripts.federation import IMAGE_REGISTRY, LocalFederation, free_port
 from tests.images import (built_test_image, engine_or_fail, only_run, output_json, present, pushed_test_image,
                           registry_digest)
@@ -117,7 +119,8 @@ def test_image_is_pulled_every_time_and_run_by_the_pulled_digest(federation, eng
 def wait_for_container_of(engine, task, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = engine.containers.list(filters={"label": f"org.personalhealthtrain.task={task['id']}"})
+        found = [container for container in engine.containers.list(filters={"label": f"{containers.TASK_LABEL}={task['id']}"})
+                 if containers.ROLE_LABEL not in container.labels]  # the algorithm's, not its SPARQL relay
         if found:
             return found[0]
         time.sleep(0.2)

@@ -58,7 +58,8 @@ def run_state(federation, run):
 
 def container_of(federation, run):
     for container in containers.containers_of(docker.from_env(), SITE, work_dir(federation)):
-        if container.labels[containers.RUN_LABEL] == str(run["id"]):
+        # The run's algorithm, not its SPARQL relay (which carries the run's labels too).
+        if container.labels[containers.RUN_LABEL] == str(run["id"]) and containers.ROLE_LABEL not in container.labels:
             return container
     return None
 

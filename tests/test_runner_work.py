@@ -33,7 +33,9 @@ def probe():
 
 
 def site_containers(federation):
-    return containers.containers_of(docker.from_env(), SITE, federation.folder / SITE / "work")
+    """The site's algorithm containers (not their SPARQL relays)."""
+    return [container for container in containers.containers_of(docker.from_env(), SITE, federation.folder / SITE / "work")
+            if containers.ROLE_LABEL not in container.labels]
 
 
 class Tarpit:

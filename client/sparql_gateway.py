@@ -1,0 +1,361 @@
+"""The per-run SPARQL gateway: the only way an algorithm reaches the site's data.
+
+    algorithm ──TCP 127.0.0.1:8890──> relay container ──Unix socket──> RunGateway (here, in the runner)
+    (network namespace shared with the relay, no route out)                   │ checks, records
+                                                                              └──HTTP──> the site's endpoint
+
+The runner serves one RunGateway per run on a Unix socket in the run's folder
+(work_dir/runs/<id>/gateway/sparql.sock); the relay (sparql_relay/) connects the
+container's loopback to it. Each request is judged by sparql_queries.py; an allowed
+query is forwarded to the endpoint and its answer streamed back chunk by chunk,
+so a large result costs the runner no more than a chunk of memory. Limits: the size
+of a query, the time and bytes of an answer, the number of queries in a run (after
+which the gateway closes for that run). Every query is recorded, one JSON line each, in
+work_dir/sparql-queries/<run id>.jsonl, which stays after the run's folder is removed.
+
+A runner killed mid-run takes the gateway with it: the relay then finds nothing to
+connect to and the algorithm's queries fail. The next runner opens the gateway again
+at the same path, and its queries are answered again.
+"""
+
+import json
+import logging
+import os
+import socketserver
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import requests
+import urllib3
+
+from client.sparql_queries import QueryRequest, query_sha256, read_request, refused
+from client.sparql_results import row_counter
+
+log = logging.getLogger("pht.runner")
+
+SOCKET_NAME = "sparql.sock"
+PORT_IN_CONTAINER = 8890
+ENDPOINT_IN_CONTAINER = f"http://127.0.0.1:{PORT_IN_CONTAINER}/sparql"
+CHUNK_BYTES = 64 * 1024
+IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
+CONNECTIONS_PER_RUN = 8  # more wait in the socket's backlog; an algorithm cannot make the runner spawn threads
+CONNECT_SECONDS = 10
+MAX_ACCEPT_HEADER = 1000
+
+
+class Upstream:
+    """The site's real SPARQL endpoint, as the gateway asks it."""
+
+    def __init__(self, url, connections=4):
+        self.url = url
+        self.http = requests.Session()
+        # Never through a proxy from the environment: the endpoint is the site's own.
+        self.http.trust_env = False
+        self.http.mount(url, requests.adapters.HTTPAdapter(pool_maxsize=connections))
+
+    def open(self, query, accept, timeout_seconds):
+        """The endpoint's streamed response to one checked query."""
+        headers = {"Accept": accept} if accept else {}
+        return self.http.post(self.url, data=[("query", query.text), *query.dataset], headers=headers,
+                              stream=True, timeout=(CONNECT_SECONDS, timeout_seconds))
+
+
+def endpoint_problem(upstream, timeout_seconds=5):
+    """None if the endpoint answers an ASK sent the way the gateway sends queries, else what went wrong."""
+    ask = QueryRequest("ASK { ?s ?p ?o }", "ASK", ())
+    try:
+        with upstream.open(ask, "application/sparql-results+json", timeout_seconds) as response:
+            if not response.ok:
+                return f"it answered {response.status_code} {response.reason}"
+            answer = json.loads(response.raw.read(CHUNK_BYTES, decode_content=True))
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    except ValueError:
+        return "the answer to an ASK query was not a SPARQL JSON result"
+    if not isinstance(answer, dict) or "boolean" not in answer:
+        return "the answer to an ASK query was not a SPARQL result"
+    return None
+
+
+# What the start-up self-test runs in a container on the relay's image: an ASK, as an algorithm would send it.
+SELF_TEST_SCRIPT = f"""
+import json, urllib.request
+request = urllib.request.Request("{ENDPOINT_IN_CONTAINER}", data=b"query=ASK%20%7B%20%3Fs%20%3Fp%20%3Fo%20%7D",
+    headers={{"Accept": "application/sparql-results+json", "Content-Type": "application/x-www-form-urlencoded"}})
+answer = json.load(urllib.request.urlopen(request, timeout=30))
+assert isinstance(answer, dict) and "boolean" in answer, "not a SPARQL result: " + repr(answer)[:200]
+"""
+
+
+# --- the record of a run's queries ---------------------------------------------------------
+
+def query_log_path(work_dir, run_id):
+    return Path(work_dir) / "sparql-queries" / f"{int(run_id)}.jsonl"
+
+
+def read_query_log(path):
+    """The recorded queries, oldest first; a line cut short by a crash is left out."""
+    entries = []
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return entries
+
+
+def summarize(entries):
+    """What the researcher learns of a run's queries: how many, bytes read, how many refused."""
+    return {"queries": len(entries), "bytes": sum(entry.get("bytes", 0) for entry in entries),
+            "refused": sum(1 for entry in entries if entry.get("status") == "refused")}
+
+
+class QueryLog:
+    """Appends one JSON line per query; safe from the gateway's several connection threads."""
+
+    def __init__(self, path, run_id, task_id, record_query_text):
+        self.path = Path(path)
+        self.run_id, self.task_id = run_id, task_id
+        self.record_query_text = record_query_text
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.recorded = len(read_query_log(self.path))  # after a restart, the queries made before count
+
+    def record(self, *, form, text, sha256, status, http_status, reason, rows, sent, started):
+        entry = {
+            "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "run": self.run_id, "task": self.task_id, "form": form,
+            "query": text if self.record_query_text else None, "query_sha256": sha256,
+            "status": status, "http_status": http_status, "reason": reason, "rows": rows, "bytes": sent,
+            "duration_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+        # ensure_ascii: whatever an algorithm sends, each entry is one line of plain ASCII.
+        line = json.dumps(entry, ensure_ascii=True) + "\n"
+        with self._lock, open(self.path, "a", encoding="ascii") as log_file:
+            log_file.write(line)
+
+
+# --- one run's gateway ---------------------------------------------------------------------
+
+class RunGateway:
+    def __init__(self, run_id, task_id, socket_dir, upstream, limits, query_log):
+        """limits: the site's sparql_gateway settings (site_config.SparqlGatewaySettings)."""
+        self.run_id, self.task_id = run_id, task_id
+        self.socket_dir = Path(socket_dir)
+        self.upstream, self.limits, self.query_log = upstream, limits, query_log
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread = None
+
+    def open(self):
+        """Listen on the run's socket (again, after a restart); the relay finds it at the same path."""
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o755)
+        if self.query_log.recorded >= self.limits.max_queries:
+            log.info("run %s: it used up its %d SPARQL queries; the gateway stays closed", self.run_id,
+                     self.limits.max_queries)
+            return
+        # Through the folder's descriptor: a Unix socket's path may be at most 107 bytes, a work_dir's longer.
+        folder = os.open(self.socket_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            try:
+                os.unlink(SOCKET_NAME, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+            self._server = _Server(f"/proc/self/fd/{folder}/{SOCKET_NAME}", self)
+            # The relay runs as an unprivileged user; the folder is reachable only through its bind mount.
+            os.chmod(SOCKET_NAME, 0o666, dir_fd=folder)
+        finally:
+            os.close(folder)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name=f"gateway-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    def close(self):
+        """Stop answering: no new connections; those under way end with their answers."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        server.closing = True
+        server.shutdown()
+        server.server_close()
+        try:
+            (self.socket_dir / SOCKET_NAME).unlink()
+        except FileNotFoundError:
+            pass
+
+    def answer(self, handler):
+        """One HTTP request from the algorithm: judge it, forward it or refuse it, and record it."""
+        started = time.monotonic()
+        limits = self.limits
+        with self._lock:
+            self.query_log.recorded += 1
+            over_the_limit = self.query_log.recorded > limits.max_queries
+        body = b""
+        if handler.command == "POST":
+            length = handler.headers.get("Content-Length", "")
+            if not length.isdigit():
+                return self._refuse(handler, refused(411, "send the POST body with a Content-Length"), None, b"",
+                                    started)
+            if int(length) > limits.max_query_bytes:
+                return self._refuse(handler, refused(413, f"the query is longer than this site's limit of "
+                                                          f"{limits.max_query_bytes} bytes"), None, b"", started)
+            body = handler.rfile.read(int(length))
+        _path, _, query_string = handler.path.partition("?")
+        query, refusal, text = read_request(handler.command, query_string, handler.headers.get("Content-Type"),
+                                            body, limits.max_query_bytes)
+        if over_the_limit:
+            # Refused, recorded, and then nothing more: the record of a run stays at most max_queries + 1 lines.
+            self._refuse(handler, refused(429, f"this run reached this site's limit of {limits.max_queries} "
+                                               "queries; the gateway is closed for it"), text, body, started)
+            threading.Thread(target=self.close, name=f"gateway-{self.run_id}-close", daemon=True).start()
+            return
+        if refusal:
+            return self._refuse(handler, refusal, text, body, started)
+        self._forward(handler, query, started)
+
+    def _forward(self, handler, query, started):
+        limits = self.limits
+        record = dict(form=query.form, text=query.text, sha256=query_sha256(query.text), started=started)
+        accept = (handler.headers.get("Accept") or "")[:MAX_ACCEPT_HEADER]
+        try:
+            response = self.upstream.open(query, accept, limits.query_timeout_seconds)
+        except requests.Timeout:
+            return self._fail(handler, 504, f"the site's SPARQL endpoint did not answer within "
+                                            f"{limits.query_timeout_seconds} s", record)
+        except requests.RequestException as error:
+            return self._fail(handler, 502, f"the site's SPARQL endpoint did not answer ({type(error).__name__})",
+                              record)
+        status = "answered" if response.ok else "failed"
+        reason = None if response.ok else f"the site's SPARQL endpoint answered {response.status_code}"
+        counter = row_counter(response.headers.get("Content-Type")) if response.ok and query.form != "ASK" else None
+        sent, deadline, ended = 0, started + limits.query_timeout_seconds, False
+        with response:
+            handler.send_response(response.status_code)
+            handler.send_header("Content-Type", response.headers.get("Content-Type", "application/octet-stream"))
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            chunks = response.raw.stream(CHUNK_BYTES, decode_content=True)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except (urllib3.exceptions.HTTPError, OSError) as error:
+                    status, reason = "cut", f"reading the endpoint's answer failed ({type(error).__name__})"
+                    break
+                if chunk is None:
+                    ended = True
+                    break
+                if sent + len(chunk) > limits.max_response_bytes:
+                    status, reason = "cut", f"the answer is longer than this site's limit of " \
+                                            f"{limits.max_response_bytes} bytes"
+                    break
+                if time.monotonic() > deadline:
+                    status, reason = "cut", f"the answer took longer than {limits.query_timeout_seconds} s"
+                    break
+                try:
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                except OSError:
+                    status, reason = "failed", "the algorithm closed the connection before the answer's end"
+                    break
+                sent += len(chunk)
+                if counter:
+                    counter.feed(chunk)
+        if ended:
+            self._end_chunks(handler)
+        else:
+            # No closing chunk: the algorithm's HTTP client sees the answer end early, never a short success.
+            handler.close_connection = True
+        self.query_log.record(status=status, http_status=response.status_code, reason=reason,
+                              rows=counter.rows() if counter and status == "answered" else None, sent=sent, **record)
+
+    def _refuse(self, handler, refusal, text, body, started):
+        log.info("run %s: SPARQL gateway %s", self.run_id, refusal.reason)
+        self._send_plain(handler, refusal.status, refusal.reason)
+        self.query_log.record(form=None, text=text, sha256=query_sha256(text if text is not None else body),
+                              status="refused", http_status=refusal.status, reason=refusal.reason, rows=None,
+                              sent=0, started=started)
+
+    def _fail(self, handler, status, reason, record):
+        self._send_plain(handler, status, reason)
+        self.query_log.record(status="failed", http_status=status, reason=reason, rows=None, sent=0, **record)
+
+    @staticmethod
+    def _send_plain(handler, status, reason):
+        """The reason as the status line's phrase too: urllib and SPARQLWrapper show only that."""
+        body = (reason + "\n").encode("utf-8")
+        # A refused request's connection is not reused: its body may not have been read.
+        handler.close_connection = True
+        try:
+            handler.send_response(status, reason)
+            handler.send_header("Content-Type", "text/plain; charset=utf-8")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        except OSError:
+            handler.close_connection = True
+
+    @staticmethod
+    def _end_chunks(handler):
+        try:
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            handler.close_connection = True
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 16
+
+    def __init__(self, path, gateway):
+        self.gateway = gateway
+        self.closing = False
+        self.slots = threading.BoundedSemaphore(CONNECTIONS_PER_RUN)
+        super().__init__(path, _Handler)
+
+    def process_request(self, request, client_address):
+        while not self.slots.acquire(timeout=0.5):
+            if self.closing:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        log.exception("run %s: SPARQL gateway: a request failed", self.gateway.run_id)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pht-sparql-gateway"
+    sys_version = ""
+    timeout = IDLE_SECONDS
+
+    def __getattr__(self, name):
+        # Every method reaches the gateway, which refuses all but GET and POST with its own reason.
+        if name.startswith("do_"):
+            return lambda: self.server.gateway.answer(self)
+        raise AttributeError(name)
+
+    def address_string(self):
+        return "algorithm"
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        log.debug("run %s: SPARQL gateway: " + format, self.server.gateway.run_id, *args)
