@@ -4,9 +4,12 @@
 
 A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks
 of a trivial algorithm (patient-count) in one session, one after the other, as an iterative
-analysis does. In the same run, the same image is started with a bare `docker run` (docker SDK,
-same network, same endpoint) ROUNDS times, alone and N at once (as the N sites of a round run it on
-this one machine). Printed: the median wall time of a round, of the bare runs, and the ratios.
+analysis does; each of its runs goes through the site's SPARQL gateway (a relay container started
+for the run, then the query checked and forwarded). In the same run, the same image is started
+with a bare `docker run` (docker SDK) ROUNDS times, alone and N at once (as the N sites of a round
+run it on this one machine), querying the same endpoint directly: host networking, the only way a
+bare container reaches loopback, and what the PHT did before the gateway. Printed: the median
+wall time of a round, of the bare runs, and the ratios.
 Target: ratio <= 1.5. Needs scripts/setup.sh to have run.
 """
 

@@ -70,9 +70,8 @@ def cpus_problem(engine, cpus):
     return None
 
 
-def labels_for(site_name, work_dir, run):
-    return {SITE_LABEL: site_name, WORK_DIR_LABEL: str(work_dir),
-            TASK_LABEL: str(run["task_id"]), RUN_LABEL: str(run["id"])}
+def labels_for(site_name, work_dir, task_id, run_id):
+    return {SITE_LABEL: site_name, WORK_DIR_LABEL: str(work_dir), TASK_LABEL: str(task_id), RUN_LABEL: str(run_id)}
 
 
 def containers_of(engine, site_name, work_dir):

@@ -9,12 +9,17 @@ recipient's FileService (deliveries.py) are retried the same way.
 import hashlib
 import logging
 import time
+from pathlib import Path
 
 import requests
 
+from client.claim import InvalidClaim, parse_claim
+from client.printable import printable
+
 log = logging.getLogger("pht.runner")
 
-RUNNER_VERSION = "pht-runner/0.2"
+RUNNER_VERSION = "pht-runner/0.3"
+MAX_MESSAGE_CHARS = 500
 
 
 class LeaseLost(Exception):
@@ -23,6 +28,14 @@ class LeaseLost(Exception):
 
 class RegistryRefused(Exception):
     """The registry rejected a request for a reason retrying cannot fix."""
+
+
+class TokenRefused(RegistryRefused):
+    """The registry does not accept this site's token (401/403): it is wrong, another's, or revoked."""
+
+
+class InputTooLarge(Exception):
+    """The task's input is over this site's limit."""
 
 
 class Unreachable(Exception):
@@ -44,7 +57,8 @@ class RegistryClient:
         self.http.headers["User-Agent"] = RUNNER_VERSION
 
     def claim_run(self, wait_seconds, sparql_ok):
-        """The next run for this site, waiting up to wait_seconds; None if none came."""
+        """The next run for this site as a checked Claim, waiting up to wait_seconds; None if none came.
+        Raises InvalidClaim for an answer the runner must not act on."""
         response = self.http.post(
             f"{self.url}/api/site/claim",
             json={"wait_seconds": wait_seconds, "runner_version": RUNNER_VERSION, "sparql_ok": sparql_ok},
@@ -52,23 +66,56 @@ class RegistryClient:
         if response.status_code == 204:
             return None
         _raise_for(response)
-        return response.json()
+        try:
+            answer = response.json()
+        except ValueError:
+            raise InvalidClaim(["the registry's answer to a claim is not JSON"]) from None
+        return parse_claim(answer)
 
-    def download_input(self, run_id):
-        """The task's configuration file, as bytes (the registry keeps these small)."""
-        return self._reliably(lambda: self.http.get(f"{self.url}/api/site/runs/{run_id}/input", timeout=60),
-                              f"download of the input of run {run_id}").content
+    def site_name(self):
+        """One try: the name the registry knows this token by; None from a registry too old to say."""
+        response = self.http.get(f"{self.url}/api/site/me", timeout=30)
+        if response.status_code == 404:
+            return None
+        _raise_for(response)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+            raise RegistryRefused(f"GET {response.url}: the answer is not a site's identity")
+        return answer["name"]
+
+    def download_input(self, run_id, destination, max_bytes):
+        """Stream the task's configuration file to destination, never whole in memory; raises InputTooLarge
+        past max_bytes, and Unreachable if the registry went away meanwhile (the next try starts over)."""
+        what = f"download of the input of run {run_id}"
+        response = self._reliably(
+            lambda: self.http.get(f"{self.url}/api/site/runs/{run_id}/input", timeout=60, stream=True), what)
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        size = 0
+        try:
+            with response, open(destination, "wb") as file:
+                for chunk in response.iter_content(1024 * 1024):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise InputTooLarge(f"the task's input is over this site's limit of {max_bytes} bytes "
+                                            "(max_input_bytes in its config)")
+                    file.write(chunk)
+        except requests.RequestException as error:
+            raise Unreachable(f"{what}: interrupted ({type(error).__name__})") from None
 
     def heartbeat(self, run_id, lease_id):
         """One try: the run's status at the registry ('cancelled' means: stop it)."""
         response = self.http.post(f"{self.url}/api/site/runs/{run_id}/heartbeat",
                                   json={"lease_id": lease_id}, timeout=30)
         _raise_for(response)
-        return response.json()["status"]
+        return _status_in(response)
 
     def run_status(self, run_id, lease_id):
         """Like heartbeat, but retried while the registry is unreachable."""
-        return self._post_reliably(f"/api/site/runs/{run_id}/heartbeat", {"lease_id": lease_id}).json()["status"]
+        return _status_in(self._post_reliably(f"/api/site/runs/{run_id}/heartbeat", {"lease_id": lease_id}))
 
     def report_started(self, run_id, lease_id, image_digest):
         self._post_reliably(f"/api/site/runs/{run_id}/start", {"lease_id": lease_id, "image_digest": image_digest})
@@ -127,15 +174,31 @@ def send_reliably(send, what, retry_for_seconds, peer="registry"):
         delay = min(delay * 2, 30)
 
 
+def _status_in(response):
+    """A run's status from the registry's answer; a malformed answer is the registry's fault, not a crash."""
+    try:
+        status = response.json()["status"]
+    except (ValueError, KeyError, TypeError):
+        status = None
+    if not isinstance(status, str) or not status.isidentifier():
+        raise RegistryRefused(f"{response.request.method} {response.url}: the answer is not a run's status")
+    return status
+
+
 def _raise_for(response):
     if response.ok:
         return
     try:
-        message = response.json().get("message", response.text)
+        answer = response.json()
     except ValueError:
-        message = response.text
+        answer = None
+    message = answer.get("message") if isinstance(answer, dict) else None
+    # The registry's words go into the site's log: one line, printable, not too long.
+    message = printable(str(message if message is not None else response.text))[:MAX_MESSAGE_CHARS]
     if response.status_code == 409:
         raise LeaseLost(message)
+    if response.status_code in (401, 403):
+        raise TokenRefused(f"{response.status_code} {message}")
     raise RegistryRefused(f"{response.request.method} {response.url}: {response.status_code} {message}")
 
 

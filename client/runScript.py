@@ -28,9 +28,9 @@ import docker.errors  # noqa: E402
 
 from client import containers  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
-from client.runner import SiteRunner, uses_gateway  # noqa: E402
+from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
 from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
-from client.sparql_queries import printable  # noqa: E402
+from client.printable import printable  # noqa: E402
 from client.site_config import ConfigError, load_site_config  # noqa: E402
 
 log = logging.getLogger("pht.runner")
@@ -92,7 +92,12 @@ def main(argv=None):
     else:
         log.warning("container.network is the Docker network %s: algorithms reach whatever it reaches, and query "
                     "%s directly, not through the SPARQL gateway", network, config.sparql_endpoint)
-    runner.run_until_stopped(once=args.once)
+    try:
+        runner.run_until_stopped(once=args.once)
+    except WrongIdentity as error:
+        sys.exit(f"{args.config}: {error}")
+    if runner.wrong_identity:
+        sys.exit(f"{args.config}: {runner.wrong_identity}")
     log.info("runner stopped")
 
 

@@ -14,22 +14,33 @@
 
 state.json is replaced atomically after each step, so after a crash the runner
 knows how far each run got and carries on from there (runner.py); the folder is
-deleted only once the registry has confirmed the run's end.
+deleted only once the registry has confirmed the run's end. Every path here is made
+from the claim's checked integer ids (claim.py), so no value from the registry can
+point outside work_dir. A folder whose state no longer reads as a valid claim is
+moved to work_dir/set-aside/ with a log line, never read again at every start.
 """
 
 import json
+import logging
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
+
+from client.claim import InvalidClaim, parse_claim
+
+log = logging.getLogger("pht.runner")
 
 STATE_FILE = "state.json"
 
 
 class RunFolder:
     def __init__(self, path, state):
+        """Raises InvalidClaim if the state's claim does not validate."""
         self.path = Path(path)
         self.state = state
+        self.claim = parse_claim(state.get("run") if isinstance(state, dict) else None)
         self.input_file = self.path / "input" / "input.txt"
         self.output_dir = self.path / "output"
         # Original PyTaskManager images write /output.txt: bound to a file inside /output/, it
@@ -43,31 +54,33 @@ class RunFolder:
 
     @property
     def run_id(self):
-        return self.state["run"]["id"]
-
-    @property
-    def claim(self):
-        """The run as the registry handed it out: id, task_id, session_id, image, lease_id, ..."""
-        return self.state["run"]
+        return self.claim.id
 
     @classmethod
-    def create(cls, runs_dir, claimed_run):
-        path = Path(runs_dir) / str(claimed_run["id"])
+    def create(cls, runs_dir, claim):
+        """A new folder for a checked claim (client.claim.Claim)."""
+        path = Path(runs_dir) / str(claim.id)
         # A folder left from an earlier claim of this run that the registry took back is stale.
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
-        folder = cls(path, {"run": claimed_run})
+        folder = cls(path, {"run": claim.as_dict()})
         folder.save()
         return folder
 
     @classmethod
     def load(cls, path):
-        """The folder's run, or None if the runner stopped before writing state.json (nothing happened yet)."""
+        """The folder's run, or None if the runner stopped before writing state.json (nothing happened yet).
+        Raises InvalidClaim if what is there is not a valid run's state, or belongs in another folder."""
         try:
             state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             return None
-        return cls(path, state)
+        except ValueError as error:  # state.json is replaced atomically, so this is no crash's doing
+            raise InvalidClaim([f"{STATE_FILE} is not JSON ({error})"]) from None
+        folder = cls(path, state)
+        if folder.path.name != str(folder.run_id):
+            raise InvalidClaim([f"it holds run {folder.run_id}"])
+        return folder
 
     def save(self):
         temporary = self.path / (STATE_FILE + ".new")
@@ -78,10 +91,9 @@ class RunFolder:
         self.state.update(progress)
         self.save()
 
-    def prepare_mounts(self, task_input, session_temp):
-        """Write what the container sees; returns (host path, path inside, mode) for each bind mount."""
-        self.input_file.parent.mkdir(parents=True, exist_ok=True)
-        self.input_file.write_bytes(task_input)
+    def prepare_mounts(self, session_temp):
+        """Prepare what the container sees, the input already downloaded to input_file; returns
+        (host path, path inside, mode) for each bind mount."""
         self.output_dir.mkdir(exist_ok=True)
         session_temp.mkdir(parents=True, exist_ok=True)
         self.pytaskmanager_output.touch()
@@ -126,14 +138,27 @@ class RunFolder:
 
 
 def unfinished_runs(runs_dir):
-    """Every run folder with a state, oldest run first; folders without one are left-overs and removed."""
+    """Every run folder with a state, oldest run first; folders without one are left-overs and removed,
+    folders whose state is not a valid run's are set aside."""
     folders = []
     for path in sorted(Path(runs_dir).glob("*"), key=lambda p: (len(p.name), p.name)):
-        if not path.is_dir():
+        if not path.is_dir() or path.is_symlink():
             continue
-        folder = RunFolder.load(path)
+        try:
+            folder = RunFolder.load(path)
+        except InvalidClaim as error:
+            set_aside(path, error)
+            continue
         if folder is None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             folders.append(folder)
     return folders
+
+
+def set_aside(path, why):
+    """Move a run folder the runner cannot carry on with out of its way, keeping it for a person to look at."""
+    aside = Path(path).parent.parent / "set-aside" / f"{Path(path).name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, aside)
+    log.warning("run folder %s is not a run this runner can carry on with (%s); moved it to %s", path, why, aside)

@@ -30,7 +30,10 @@ import requests
 from client import containers, deliveries, image_policy, output_archive
 from client.encryption import encrypt_once
 from client.image_source import ImageSource, ImageUnavailable
-from client.registry_client import TRANSIENT_ERRORS, LeaseLost, RegistryRefused, Unreachable
+from client.claim import InvalidClaim
+from client.printable import printable
+from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
+                                    Unreachable)
 from client.run_folder import RunFolder, unfinished_runs
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
@@ -47,6 +50,11 @@ class RunTakenBack(Exception):
     """The researcher cancelled the run, or its lease ran out and the registry gave it up."""
 
 
+class WrongIdentity(Exception):
+    """The registry does not accept this site's token, or knows it as another site's: the runner must stop.
+    The message is the one line the IT officer sees, naming what to do."""
+
+
 class SiteRunner:
     def __init__(self, config, engine, registry):
         self.config = config
@@ -60,6 +68,7 @@ class SiteRunner:
         self._workers_changed = threading.Condition()
         self._sparql_problem = "not checked yet"
         self._registry_problem = None
+        self.wrong_identity = None  # set when the registry stops accepting the token
         self.upstream = Upstream(config.sparql_endpoint, CONNECTIONS_PER_RUN * config.max_concurrent_runs + 1)
         self._gateways = {}  # run id -> its open RunGateway
         self._gateways_lock = threading.Lock()
@@ -68,6 +77,8 @@ class SiteRunner:
     # --- the main loop -------------------------------------------------------
 
     def run_until_stopped(self, once=False):
+        """Raises WrongIdentity if the registry does not take this site's token as this site's."""
+        self.check_identity()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
         if uses_gateway(self.config):
@@ -86,6 +97,31 @@ class SiteRunner:
             if once:
                 break
         self.wait_for_workers()
+
+    def check_identity(self):
+        """Before anything else: whose token is this? Asked until the registry answers (or the runner stops)."""
+        while not self.stopping.is_set():
+            try:
+                name = self.registry.site_name()
+            except TRANSIENT_ERRORS as error:
+                self.note_registry_problem(f"unreachable ({type(error).__name__})")
+                self.stopping.wait(self.config.poll_interval_seconds)
+                continue
+            except TokenRefused as error:
+                raise WrongIdentity(token_refused(self.config, error)) from None
+            except RegistryRefused as error:
+                self.note_registry_problem(str(error))
+                self.stopping.wait(self.config.poll_interval_seconds)
+                continue
+            self.note_registry_problem(None)
+            if name is None:
+                log.warning("registry %s cannot say which site this token belongs to (no /api/site/me); "
+                            "site_name %s is not checked", self.config.registry_url, self.config.site_name)
+            elif name != self.config.site_name:
+                raise WrongIdentity(
+                    f"site_name is {self.config.site_name!r}, but the registry {self.config.registry_url} knows this "
+                    f"token as site {printable(name)!r}: use {self.config.site_name}'s own token, or correct site_name")
+            return
 
     def remove_unrecorded_containers(self):
         """Containers the runner created but was stopped before noting (so they never started)."""
@@ -113,7 +149,7 @@ class SiteRunner:
         None if it was answered, else what went wrong."""
         folder = self.config.work_dir / "gateway-self-test"
         shutil.rmtree(folder, ignore_errors=True)
-        labels = containers.labels_for(self.config.site_name, self.config.work_dir, {"id": 0, "task_id": 0})
+        labels = containers.labels_for(self.config.site_name, self.config.work_dir, task_id=0, run_id=0)
         gateway = RunGateway(0, 0, folder / "gateway", self.upstream, self.config.sparql_gateway,
                              QueryLog(folder / "queries.jsonl", 0, 0, record_query_text=True))
         gateway.open()
@@ -158,8 +194,15 @@ class SiteRunner:
             run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint())
         except TRANSIENT_ERRORS as error:
             self.note_registry_problem(f"unreachable ({type(error).__name__})")
-        except RegistryRefused as error:  # a revoked token, say: the message names it
+        except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
+            self.wrong_identity = WrongIdentity(token_refused(self.config, error))
+            log.error("%s", self.wrong_identity)
+            self.stopping.set()
+            return None
+        except RegistryRefused as error:
             self.note_registry_problem(str(error))
+        except InvalidClaim as error:
+            self.refuse_invalid_claim(error)
         else:
             self.note_registry_problem(None)
             if run is not None or self.config.long_poll_seconds > 0:
@@ -168,6 +211,17 @@ class SiteRunner:
             # (the original PyTaskManager's way; kept for registries without long-polls).
         self.stopping.wait(self.config.poll_interval_seconds)
         return None
+
+    def refuse_invalid_claim(self, error):
+        """A claim the runner will not act on: refused at the registry when it can be named, else only logged.
+        Either way the runner waits a poll interval, so a registry that sends nothing else is not asked in a loop."""
+        reason = f"the site runner refused the claim: {error}"
+        log.warning("invalid claim from the registry: %s", error)
+        if error.refusable:
+            try:
+                self.registry.refuse(error.run_id, error.lease_id, shortened(reason))
+            except (LeaseLost, Unreachable, RegistryRefused) as failure:
+                log.warning("run %s: the refusal was not recorded: %s", error.run_id, failure)
 
     def note_registry_problem(self, problem):
         """Logged when it starts and ends, so an outage does not flood the log."""
@@ -185,30 +239,30 @@ class SiteRunner:
             return len(self._workers) < self.config.max_concurrent_runs and not self.stopping.is_set()
 
     def take_on(self, run):
-        log.info("run %s (task %s, session %s): image %s", run["id"], run["task_id"], run["session_id"], run["image"])
-        stale = self._workers.get(run["id"])
+        log.info("run %s (task %s, session %s): image %s", run.id, run.task_id, run.session_id, run.image)
+        stale = self._workers.get(run.id)
         if stale:
             # The registry hands a run out again only once the lease held on it before ran out.
             stale.heartbeat.stop_work("the registry handed the run out again")
             stale.thread.join()
-        reason = image_policy.refusal_reason(run["image"], self.config.whitelist, self.config.require_digest)
+        reason = image_policy.refusal_reason(run.image, self.config.whitelist, self.config.require_digest)
         if reason is None:
             self.start_worker(RunFolder.create(self.runs_dir, run))
             return
-        log.warning("run %s refused: %s", run["id"], reason)
+        log.warning("run %s refused: %s", run.id, reason)
         try:
-            self.registry.refuse(run["id"], run["lease_id"], reason)
+            self.registry.refuse(run.id, run.lease_id, reason)
         except (LeaseLost, Unreachable, RegistryRefused) as error:
             # The lease runs out, the run comes back, and it is refused again then.
-            log.warning("run %s: the refusal was not recorded: %s", run["id"], error)
+            log.warning("run %s: the refusal was not recorded: %s", run.id, error)
 
     def start_worker(self, folder):
         run = folder.claim
-        heartbeat = Heartbeat(self.registry, run["id"], run["lease_id"], run["lease_seconds"])
+        heartbeat = Heartbeat(self.registry, run.id, run.lease_id, run.lease_seconds)
         worker = Worker(heartbeat=heartbeat, thread=threading.Thread(
-            target=self.work_on, args=(folder, heartbeat), name=f"run-{run['id']}", daemon=True))
+            target=self.work_on, args=(folder, heartbeat), name=f"run-{run.id}", daemon=True))
         with self._workers_changed:
-            self._workers[run["id"]] = worker
+            self._workers[run.id] = worker
         worker.thread.start()
 
     def wait_for_workers(self):
@@ -229,26 +283,26 @@ class SiteRunner:
             self.report(folder)
             self.clean_up(folder)
         except (RunTakenBack, LeaseLost) as error:
-            log.info("run %s: %s; its container and files are removed, nothing is reported", run["id"], error)
+            log.info("run %s: %s; its container and files are removed, nothing is reported", run.id, error)
             self.clean_up(folder)
         except Unreachable as error:
             log.warning("run %s: %s; its files stay in %s and are reported once it answers",
-                        run["id"], error, folder.path)
+                        run.id, error, folder.path)
         except Exception as error:  # a bug or a broken machine: report it rather than retry forever
-            log.exception("run %s: the site runner failed", run["id"])
+            log.exception("run %s: the site runner failed", run.id)
             self.give_up(folder, f"the site runner failed: {type(error).__name__}: {error}")
         finally:
             heartbeat.stop()
-            self.close_gateway(run["id"])
+            self.close_gateway(run.id)
             with self._workers_changed:
-                del self._workers[run["id"]]
+                del self._workers[run.id]
                 self._workers_changed.notify_all()
 
     def execute(self, folder, heartbeat):
         run = folder.claim
         if "image" not in folder.state:
             try:
-                pinned = self.images.fetch(image_policy.parse_image_reference(run["image"]))
+                pinned = self.images.fetch(image_policy.parse_image_reference(run.image))
             except ImageUnavailable as error:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
@@ -257,17 +311,22 @@ class SiteRunner:
         if not folder.state.get("start_reported"):
             self.report_started(folder)
         if "container_id" not in folder.state:
-            mounts = folder.prepare_mounts(self.registry.download_input(run["id"]),
-                                           self.sessions_dir / str(run["session_id"]) / "temp")
+            try:
+                self.registry.download_input(run.id, folder.input_file, self.config.max_input_bytes)
+            except InputTooLarge as error:
+                folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
+                return
+            mounts = folder.prepare_mounts(self.sessions_dir / str(run.session_id) / "temp")
             network_mode = self.network_for(folder)
             if network_mode is None:
                 return
             container = containers.create_contained(
                 self.engine, folder.state["image"], mounts, container_environment(self.config, run),
-                self.config.container, containers.labels_for(self.config.site_name, self.config.work_dir, run),
+                self.config.container, containers.labels_for(self.config.site_name, self.config.work_dir,
+                                                             run.task_id, run.id),
                 network_mode)
             folder.record(container_id=container.id)
-            log.info("run %s: container %s of %s", run["id"], container.short_id, folder.state["image"])
+            log.info("run %s: container %s of %s", run.id, container.short_id, folder.state["image"])
         self.run_container(folder, heartbeat)
 
     def network_for(self, folder):
@@ -282,7 +341,7 @@ class SiteRunner:
                 containers.remove(self.engine, relay_id)
             relay = containers.create_relay(self.engine, self._relay_image, folder.gateway_dir,
                                             containers.labels_for(self.config.site_name, self.config.work_dir,
-                                                                  folder.claim))
+                                                                  folder.claim.task_id, folder.run_id))
             folder.record(relay_container_id=relay.id)
             containers.start(relay)
             try:
@@ -296,14 +355,14 @@ class SiteRunner:
         """Serve the run's gateway (again, after a restart) unless it is open already."""
         run = folder.claim
         with self._gateways_lock:
-            if run["id"] in self._gateways:
+            if run.id in self._gateways:
                 return
             settings = self.config.sparql_gateway
-            query_log = QueryLog(query_log_path(self.config.work_dir, run["id"]), run["id"], run["task_id"],
+            query_log = QueryLog(query_log_path(self.config.work_dir, run.id), run.id, run.task_id,
                                  settings.record_query_text)
-            gateway = RunGateway(run["id"], run["task_id"], folder.gateway_dir, self.upstream, settings, query_log)
+            gateway = RunGateway(run.id, run.task_id, folder.gateway_dir, self.upstream, settings, query_log)
             gateway.open()
-            self._gateways[run["id"]] = gateway
+            self._gateways[run.id] = gateway
 
     def close_gateway(self, run_id):
         with self._gateways_lock:
@@ -314,10 +373,10 @@ class SiteRunner:
     def report_started(self, folder):
         run = folder.claim
         try:
-            self.registry.report_started(run["id"], run["lease_id"], folder.state["digest"])
+            self.registry.report_started(run.id, run.lease_id, folder.state["digest"])
         except LeaseLost:
             # A runner killed right after reporting cannot have recorded that it did.
-            if self.registry.run_status(run["id"], run["lease_id"]) != "running":
+            if self.registry.run_status(run.id, run.lease_id) != "running":
                 raise
         folder.record(start_reported=True)
 
@@ -378,7 +437,7 @@ class SiteRunner:
         with open(folder.log_file, "a", encoding="utf-8") as log_file:
             log_file.writelines(f"\n[site runner] {note}\n" for note in notes)
         folder.record(outcome={"exit_code": exit_code, "failure_reason": reason, "sparql": sparql})
-        log.info("run %s: container ended: %s", run["id"], reason or f"exit code {exit_code}")
+        log.info("run %s: container ended: %s", run.id, reason or f"exit code {exit_code}")
         containers.remove(self.engine, container.id)
 
     def end_gateway(self, folder):
@@ -386,10 +445,10 @@ class SiteRunner:
         if not uses_gateway(self.config):
             return None
         run = folder.claim
-        self.close_gateway(run["id"])
+        self.close_gateway(run.id)
         if "relay_container_id" in folder.state:
             containers.remove(self.engine, folder.state["relay_container_id"])
-        return summarize(read_query_log(query_log_path(self.config.work_dir, run["id"])))
+        return summarize(read_query_log(query_log_path(self.config.work_dir, run.id)))
 
     def pack_output(self, folder):
         """Returns (failure reason or None, skipped paths)."""
@@ -407,27 +466,27 @@ class SiteRunner:
             try:
                 deliveries.deliver(folder.outbox, self.config.recipients, retry_for_seconds=self.registry.retry_for_seconds,
                                    record_receipt=lambda *receipt: self.registry.record_delivery(
-                                       run["id"], run["lease_id"], *receipt))
+                                       run.id, run.lease_id, *receipt))
             except deliveries.DeliveryRefused as error:
                 failure_reason = str(error)
         if failure_reason is None and folder.archive.exists():
             try:
-                self.registry.upload(run["id"], run["lease_id"], "output", sealed(run, folder.archive))
+                self.registry.upload(run.id, run.lease_id, "output", sealed(run, folder.archive))
             except RegistryRefused as error:
                 failure_reason = f"the registry did not accept the output: {error}"
         if folder.log_file.exists():
-            self.registry.upload(run["id"], run["lease_id"], "log", sealed(run, folder.log_file))
-        self.registry.finish(run["id"], run["lease_id"], outcome["exit_code"], shortened(failure_reason),
+            self.registry.upload(run.id, run.lease_id, "log", sealed(run, folder.log_file))
+        self.registry.finish(run.id, run.lease_id, outcome["exit_code"], shortened(failure_reason),
                              sparql=outcome.get("sparql"))
-        log.info("run %s reported: exit code %s%s", run["id"], outcome["exit_code"],
+        log.info("run %s reported: exit code %s%s", run.id, outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
 
     def give_up(self, folder, reason):
         run = folder.claim
         try:
-            self.registry.finish(run["id"], run["lease_id"], None, shortened(reason))
+            self.registry.finish(run.id, run.lease_id, None, shortened(reason))
         except (LeaseLost, RegistryRefused, Unreachable) as error:
-            log.warning("run %s: could not report the failure either (%s)", run["id"], error)
+            log.warning("run %s: could not report the failure either (%s)", run.id, error)
         self.clean_up(folder)
 
     def clean_up(self, folder):
@@ -493,6 +552,11 @@ class Heartbeat:
 
 # --- pure decisions -------------------------------------------------------------
 
+def token_refused(config, error):
+    return (f"the registry {config.registry_url} refused this site's token ({error}): it is wrong or was revoked; "
+            f"ask the registry's operator for site {config.site_name}'s token and set site_token (or site_token_env)")
+
+
 def uses_gateway(config):
     """With network none (the default) algorithms reach the data through the gateway; with a network the site
     allowed, they query the endpoint directly."""
@@ -503,11 +567,11 @@ def container_environment(config, run):
     sparql_endpoint = ENDPOINT_IN_CONTAINER if uses_gateway(config) else config.sparql_endpoint
     return {
         "SPARQL_ENDPOINT": sparql_endpoint,
-        "TASK_ID": str(run["task_id"]),
-        "SESSION_ID": str(run["session_id"]),
+        "TASK_ID": str(run.task_id),
+        "SESSION_ID": str(run.session_id),
         "SITE_NAME": config.site_name,
         # The original PyTaskManager's names, so images written for it run unchanged.
-        "RUN_ID": str(run["session_id"]),
+        "RUN_ID": str(run.session_id),
         "endpointUrl": sparql_endpoint,
         "endpointType": config.endpoint_type,
         "endpointToken": config.endpoint_token,
@@ -516,13 +580,14 @@ def container_environment(config, run):
 
 def sealed(run, path):
     """The file as it may leave the site: for an encrypted task, encrypted to the researcher's keys."""
-    researcher_keys = run.get("recipients") or []
-    return encrypt_once(path, path.with_name(path.name + ".age"), researcher_keys) if researcher_keys else path
+    if not run.recipients:
+        return path
+    return encrypt_once(path, path.with_name(path.name + ".age"), run.recipients)
 
 
 def timeout_for(run, limits):
     """A task may ask for less time than the site allows, never more."""
-    return min(run.get("timeout_seconds") or limits.timeout_seconds, limits.timeout_seconds)
+    return min(run.timeout_seconds or limits.timeout_seconds, limits.timeout_seconds)
 
 
 def timeout_reason(started_at, timeout_seconds, now):

@@ -100,6 +100,7 @@ class SiteConfig:
     work_dir: Path
     image_import_folder: Path | None
     max_concurrent_runs: int
+    max_input_bytes: int
     long_poll_seconds: int
     poll_interval_seconds: int
     container: ContainerLimits
@@ -176,6 +177,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     work_dir = _folder(take("work_dir", str, "site-work"), base_dir)
     import_folder = take("image_import_folder", str)
     max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)
+    max_input_bytes = take("max_input_bytes", int, 16 * 1024 ** 2, at_least=1, at_most=2 ** 40)
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     container = _container_limits(take("container", dict, {}), problems)
@@ -195,7 +197,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         sparql_endpoint=sparql_endpoint, endpoint_type=endpoint_type, endpoint_token=endpoint_token,
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
-        max_concurrent_runs=max_concurrent_runs, long_poll_seconds=long_poll_seconds,
+        max_concurrent_runs=max_concurrent_runs, max_input_bytes=max_input_bytes, long_poll_seconds=long_poll_seconds,
         poll_interval_seconds=poll_interval_seconds, container=container, allow_host_network=allow_host_network,
         sparql_gateway=sparql_gateway, recipients=recipients)
 

@@ -22,6 +22,8 @@ from pyparsing import ParseException, ParseResults
 from rdflib.plugins.sparql import parser as sparql_parser
 from rdflib.plugins.sparql.parserutils import CompValue
 
+from client.printable import printable
+
 REFUSED = "refused by this site's SPARQL gateway: "
 QUERY_FORMS = {"SelectQuery": "SELECT", "AskQuery": "ASK", "ConstructQuery": "CONSTRUCT", "DescribeQuery": "DESCRIBE"}
 # The protocol's dataset parameters are forwarded; anything else (SPARQLWrapper's format=, output=, ...)
@@ -52,12 +54,9 @@ class QueryRequest:
 
 
 def refused(status, why):
+    # Printable: a reason becomes an HTTP status line and a log line, and may quote a hostile query.
     return Refusal(status, printable(REFUSED + why))
 
-
-def printable(text):
-    """Only printable ASCII: a reason becomes an HTTP status line and a log line, and may quote a hostile query."""
-    return "".join(char if " " <= char <= "~" else "?" for char in text)
 
 
 def query_sha256(text_or_bytes):

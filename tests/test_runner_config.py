@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.site_config import CONTAINER_DEFAULTS, ConfigError, parse_site_config
+from client.site_config import CONTAINER_DEFAULTS, SPARQL_GATEWAY_DEFAULTS, ConfigError, parse_site_config
 from tests.conftest import ROOT
 from tests.test_site_config import VALID
 
@@ -114,6 +114,9 @@ def test_documentation_and_example_describe_every_field():
     example = json.loads((ROOT / "config.json").read_text())
     assert fields_in(container_part) == set(CONTAINER_DEFAULTS)
     assert {key for key in example["container"] if not key.startswith("//")} == set(CONTAINER_DEFAULTS)
+    gateway_part = text.partition("`sparql_gateway` fields")[2].partition("\n## ")[0]
+    assert fields_in(gateway_part) == set(SPARQL_GATEWAY_DEFAULTS)
+    assert {key for key in example["sparql_gateway"] if not key.startswith("//")} == set(SPARQL_GATEWAY_DEFAULTS)
     documented = fields_in(top_level)
     in_example = {key.removeprefix("//") for key in example if key != "//"}
     assert documented == in_example, documented ^ in_example

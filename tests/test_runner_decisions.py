@@ -7,19 +7,25 @@ from pathlib import Path
 import pytest
 
 from client import output_archive
+from client.claim import parse_claim
 from client.image_policy import refusal_reason
 from client.runner import container_environment, progress_of, shortened, timeout_for, timeout_reason
 from client.site_config import parse_site_config
 
-CONFIG = parse_site_config({
-    "registry_url": "http://127.0.0.1:5000", "site_name": "hospital-a", "site_token": "pht_x",
-    "sparql_endpoint": "http://127.0.0.1:7878/query", "whitelist": [".*"], "endpoint_token": "t",
-    "container": {"timeout_seconds": 600}})
+SITE = {"registry_url": "http://127.0.0.1:5000", "site_name": "hospital-a", "site_token": "pht_x",
+        "sparql_endpoint": "http://127.0.0.1:7878/query", "whitelist": [".*"], "endpoint_token": "t",
+        "container": {"timeout_seconds": 600}}
+CONFIG = parse_site_config(SITE)
+
+
+def claim(**fields):
+    return parse_claim({"id": 7, "task_id": 5, "session_id": 3, "image": "127.0.0.1:5050/pht/x:1",
+                        "lease_id": "lease", "lease_seconds": 60, **fields})
 
 
 @pytest.mark.parametrize("asked, allowed", [(None, 600), (60, 60), (6000, 600)])
 def test_a_task_may_ask_for_less_time_never_more(asked, allowed):
-    assert timeout_for({"timeout_seconds": asked}, CONFIG.container) == allowed
+    assert timeout_for(claim(timeout_seconds=asked), CONFIG.container) == allowed
 
 
 def test_timeout_reason_only_once_the_time_is_over():
@@ -33,11 +39,18 @@ def test_output_limit():
 
 
 def test_container_environment_has_the_contract_and_the_pytaskmanager_names():
-    environment = container_environment(CONFIG, {"id": 7, "task_id": 5, "session_id": 3})
+    environment = container_environment(CONFIG, claim())
+    # The run's SPARQL gateway, on the loopback of the relay's network namespace: never the endpoint itself.
     assert environment == {
-        "SPARQL_ENDPOINT": "http://127.0.0.1:7878/query", "TASK_ID": "5", "SESSION_ID": "3",
-        "SITE_NAME": "hospital-a", "RUN_ID": "3", "endpointUrl": "http://127.0.0.1:7878/query",
+        "SPARQL_ENDPOINT": "http://127.0.0.1:8890/sparql", "TASK_ID": "5", "SESSION_ID": "3",
+        "SITE_NAME": "hospital-a", "RUN_ID": "3", "endpointUrl": "http://127.0.0.1:8890/sparql",
         "endpointType": "sparql", "endpointToken": "t"}
+
+
+def test_with_host_networking_algorithms_get_the_endpoint_itself():
+    config = parse_site_config({**SITE, "container": {"network": "host"}, "allow_host_network": True})
+    environment = container_environment(config, claim())
+    assert environment["SPARQL_ENDPOINT"] == environment["endpointUrl"] == "http://127.0.0.1:7878/query"
 
 
 def test_progress_in_words_for_the_log():

@@ -185,11 +185,10 @@ def test_container_created_but_never_recorded_is_removed_at_start(federation, ru
     """A runner stopped between creating a container and noting it: that container never started."""
     assert federation.stop_runner(SITE) == 0
     engine = docker.from_env()
-    run = {"id": 999999, "task_id": 999999}
     unrecorded = engine.containers.create("pht-base:bookworm", ["sleep", "60"], network_mode="none",
-                                          labels=containers.labels_for(SITE, work_dir(federation), run))
+                                          labels=containers.labels_for(SITE, work_dir(federation), 999999, 999999))
     another_runners = engine.containers.create("pht-base:bookworm", ["sleep", "60"], network_mode="none",
-                                               labels=containers.labels_for(SITE, "/another/work/dir", run))
+                                               labels=containers.labels_for(SITE, "/another/work/dir", 999999, 999999))
     try:
         federation.start_runner(SITE)
         wait_until(lambda: containers.find(engine, unrecorded.id) is None, "the unrecorded container is removed")
