@@ -21,6 +21,7 @@ LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 3, 24 * 3600
 MAX_IMAGE_CHARS = 512
 MAX_NAME_CHARS = 256
+MAX_RESEARCHER_CHARS = 128
 MAX_RECIPIENTS = 20
 
 
@@ -49,6 +50,7 @@ class Claim:
     timeout_seconds: int | None
     recipients: tuple  # age public keys to encrypt output and log to; empty: not encrypted
     name: str | None
+    researcher: str | None  # who posted the task (None from a registry too old to say)
 
     def as_dict(self):
         """As the registry sent it (and as it is kept in the run's folder)."""
@@ -88,6 +90,7 @@ def parse_claim(raw):
         timeout_seconds=take("timeout_seconds", _whole_number(1, INT_MAX), optional=True),
         recipients=take("recipients", _recipients, optional=True),
         name=take("name", _name, optional=True),
+        researcher=take("researcher", _researcher, optional=True),
     )
     if problems:
         raise InvalidClaim(problems, run_id, lease_id)
@@ -132,6 +135,12 @@ def _recipients(value):
             parse_public_key(key if isinstance(key, str) else "")
         except ValueError:
             return "must hold age public keys (age1...) only"
+    return None
+
+
+def _researcher(value):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_RESEARCHER_CHARS:
+        return f"must be a name of at most {MAX_RESEARCHER_CHARS} characters"
     return None
 
 

@@ -37,7 +37,8 @@ ROLE_LABEL = LABEL_PREFIX + "role"  # "sparql-relay" on relays; algorithms' cont
 RELAY_FOLDER = Path(__file__).resolve().parent / "sparql_relay"
 RELAY_FILES = ("Dockerfile", "relay.py")
 RELAY_IMAGE = "pht-sparql-relay"
-RELAY_USER = "65534:65534"
+RELAY_UID = 65534
+RELAY_USER = f"{RELAY_UID}:{RELAY_UID}"
 RELAY_READY = b"relay ready"
 
 # An algorithm that prints without end must not fill the site's disk: Docker keeps the last
@@ -149,6 +150,7 @@ def create_relay(engine, image, socket_dir, labels):
         mem_limit="64m",
         memswap_limit="64m",
         pids_limit=16,
+        nano_cpus=10 ** 9,
         log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
     )
 

@@ -108,11 +108,9 @@ def list_queries(config_path, run_id, as_json):
     except ConfigError as error:
         return str(error)
     path = query_log_path(config.work_dir, run_id)
-    entries = read_query_log(path)
-    if not entries:
-        print(f"run {run_id}: no SPARQL queries recorded at this site ({path} is missing or empty)", file=sys.stderr)
-        return 0
-    for entry in entries:
+    listed = 0
+    for entry in read_query_log(path):
+        listed += 1
         if as_json:
             print(json.dumps(entry))
             continue
@@ -122,6 +120,8 @@ def list_queries(config_path, run_id, as_json):
         print(printable(f"{entry.get('at')} {entry.get('status')} {entry.get('http_status')} "
                         f"{entry.get('form') or '-'}{rows} {entry.get('bytes')} bytes {entry.get('duration_ms')} ms: "
                         f"{what[:200]}{why}"))
+    if not listed:
+        print(f"run {run_id}: no SPARQL queries recorded at this site ({path} is missing or empty)", file=sys.stderr)
     return 0
 
 

@@ -28,15 +28,16 @@ import docker
 import requests
 
 from client import containers, deliveries, image_policy, output_archive
-from client.encryption import encrypt_once
-from client.image_source import ImageSource, ImageUnavailable
 from client.claim import InvalidClaim
+from client.encryption import encrypt_once, keys_for
+from client.image_source import ImageSource, ImageUnavailable
 from client.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
                                     Unreachable)
 from client.run_folder import RunFolder, unfinished_runs
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
+from client.sparql_parsing import ParserPool
 
 log = logging.getLogger("pht.runner")
 
@@ -72,6 +73,7 @@ class SiteRunner:
         self.upstream = Upstream(config.sparql_endpoint, CONNECTIONS_PER_RUN * config.max_concurrent_runs + 1)
         self._gateways = {}  # run id -> its open RunGateway
         self._gateways_lock = threading.Lock()
+        self.parser = ParserPool()
         self._relay_image = None
 
     # --- the main loop -------------------------------------------------------
@@ -82,10 +84,18 @@ class SiteRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
         if uses_gateway(self.config):
+            self.parser.start()
             self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
             self.note_sparql_problem(self.gateway_self_test())
         else:
             self.check_sparql_endpoint()
+        try:
+            self.take_runs(once)
+        finally:
+            self.parser.close()
+
+    def take_runs(self, once):
+        """The main loop, until stopped (or one claim with once)."""
         while not self.stopping.is_set():
             self.carry_on_unfinished_runs()
             self.images.load_dropped_archives()
@@ -151,7 +161,8 @@ class SiteRunner:
         shutil.rmtree(folder, ignore_errors=True)
         labels = containers.labels_for(self.config.site_name, self.config.work_dir, task_id=0, run_id=0)
         gateway = RunGateway(0, 0, folder / "gateway", self.upstream, self.config.sparql_gateway,
-                             QueryLog(folder / "queries.jsonl", 0, 0, record_query_text=True))
+                             QueryLog(folder / "queries.jsonl", 0, 0, record_query_text=True),
+                             socket_owner=containers.RELAY_UID, parse=self.parser.judge)
         gateway.open()
         started = []
         try:
@@ -245,7 +256,8 @@ class SiteRunner:
             # The registry hands a run out again only once the lease held on it before ran out.
             stale.heartbeat.stop_work("the registry handed the run out again")
             stale.thread.join()
-        reason = image_policy.refusal_reason(run.image, self.config.whitelist, self.config.require_digest)
+        reason = (image_policy.refusal_reason(run.image, self.config.whitelist, self.config.require_digest)
+                  or keys_for(run, self.config.researcher_keys)[1])
         if reason is None:
             self.start_worker(RunFolder.create(self.runs_dir, run))
             return
@@ -360,7 +372,8 @@ class SiteRunner:
             settings = self.config.sparql_gateway
             query_log = QueryLog(query_log_path(self.config.work_dir, run.id), run.id, run.task_id,
                                  settings.record_query_text)
-            gateway = RunGateway(run.id, run.task_id, folder.gateway_dir, self.upstream, settings, query_log)
+            gateway = RunGateway(run.id, run.task_id, folder.gateway_dir, self.upstream, settings, query_log,
+                                 socket_owner=containers.RELAY_UID, parse=self.parser.judge)
             gateway.open()
             self._gateways[run.id] = gateway
 
@@ -387,11 +400,14 @@ class SiteRunner:
             folder.record(outcome={"exit_code": None,
                                    "failure_reason": "its container was removed while the runner was not running"})
             return
-        if uses_gateway(self.config):
+        container.reload()
+        if uses_gateway(self.config) and container.status in ("created", "running"):
+            # An algorithm that already ended needs no gateway: only one still to run or running does.
             if not containers.is_running(self.engine, folder.state.get("relay_container_id")):
                 containers.remove(self.engine, container.id)
                 folder.record(outcome={"exit_code": None, "failure_reason": "its SPARQL relay container was "
-                                       "removed while the runner was not running, so it could not reach its data"})
+                                       "stopped or removed while the runner was not running, so it could not "
+                                       "reach its data"})
                 return
             self.open_gateway(folder)
         if "started_at" not in folder.state:
@@ -471,15 +487,21 @@ class SiteRunner:
                 failure_reason = str(error)
         if failure_reason is None and folder.archive.exists():
             try:
-                self.registry.upload(run.id, run.lease_id, "output", sealed(run, folder.archive))
+                self.registry.upload(run.id, run.lease_id, "output", self.sealed(run, folder.archive))
             except RegistryRefused as error:
                 failure_reason = f"the registry did not accept the output: {error}"
         if folder.log_file.exists():
-            self.registry.upload(run.id, run.lease_id, "log", sealed(run, folder.log_file))
+            self.registry.upload(run.id, run.lease_id, "log", self.sealed(run, folder.log_file))
         self.registry.finish(run.id, run.lease_id, outcome["exit_code"], shortened(failure_reason),
                              sparql=outcome.get("sparql"))
         log.info("run %s reported: exit code %s%s", run.id, outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
+
+    def sealed(self, run, path):
+        """The file as it may leave the site: for an encrypted task, encrypted to the researcher's keys
+        (as this site pinned them, if it pins keys: a run whose keys it refused never got this far)."""
+        keys, _refused = keys_for(run, self.config.researcher_keys)
+        return encrypt_once(path, path.with_name(path.name + ".age"), keys) if keys else path
 
     def give_up(self, folder, reason):
         run = folder.claim
@@ -576,13 +598,6 @@ def container_environment(config, run):
         "endpointType": config.endpoint_type,
         "endpointToken": config.endpoint_token,
     }
-
-
-def sealed(run, path):
-    """The file as it may leave the site: for an encrypted task, encrypted to the researcher's keys."""
-    if not run.recipients:
-        return path
-    return encrypt_once(path, path.with_name(path.name + ".age"), run.recipients)
 
 
 def timeout_for(run, limits):

@@ -107,6 +107,7 @@ class SiteConfig:
     allow_host_network: bool
     sparql_gateway: SparqlGatewaySettings
     recipients: dict  # name -> deliveries.Recipient: third parties this site may send files to
+    researcher_keys: dict | None  # researcher name -> tuple of pinned age keys; None: keys are not pinned
 
 
 def load_site_config(path):
@@ -188,6 +189,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
                         "reach the data only through the gateway, or set allow_host_network: true to accept that")
     sparql_gateway = _sparql_gateway(take("sparql_gateway", dict, {}), problems)
     recipients = _recipients(take("recipients", dict, {}), problems)
+    researcher_keys = _researcher_keys(take("researcher_keys", dict), problems)
     for unknown in sorted(fields):
         problems.append(f"unknown field {unknown!r}; see docs/site-config.md for the fields a site config has")
     if problems:
@@ -199,7 +201,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, max_input_bytes=max_input_bytes, long_poll_seconds=long_poll_seconds,
         poll_interval_seconds=poll_interval_seconds, container=container, allow_host_network=allow_host_network,
-        sparql_gateway=sparql_gateway, recipients=recipients)
+        sparql_gateway=sparql_gateway, recipients=recipients, researcher_keys=researcher_keys)
 
 
 def memory_bytes(memory):
@@ -283,6 +285,28 @@ def _sparql_gateway(given, problems):
         problems.append("sparql_gateway.relay_base_image is empty; name a local image with python3, "
                         "such as pht-base:bookworm (scripts/images.py builds it) or python:3.12-slim")
     return SparqlGatewaySettings(**values)
+
+
+def _researcher_keys(given, problems):
+    """Researcher name -> the age keys this site encrypts their results to; None when not given (no pinning)."""
+    if given is None:
+        return None
+    pinned = {}
+    for name, keys in given.items():
+        if name.startswith("//"):
+            continue
+        keys = [keys] if isinstance(keys, str) else keys
+        if not isinstance(keys, list) or not keys:
+            problems.append(f"researcher_keys.{name} must be an age public key or a list of them")
+            continue
+        for key in keys:
+            try:
+                encryption.parse_public_key(key if isinstance(key, str) else "")
+            except ValueError as error:
+                problems.append(f"researcher_keys.{name}: {error}; ask the researcher for the public key "
+                                "`python -m researcher keygen` printed")
+        pinned[name] = tuple(keys)
+    return pinned
 
 
 def _container_limits(given, problems):

@@ -21,6 +21,7 @@ at the same path, and its queries are answered again.
 import json
 import logging
 import os
+import re
 import socketserver
 import threading
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import requests
 import urllib3
 
+from client.printable import shown
 from client.sparql_queries import QueryRequest, query_sha256, read_request, refused
 from client.sparql_results import row_counter
 
@@ -44,6 +46,12 @@ IDLE_SECONDS = 30  # a connection that sends nothing for this long is closed
 CONNECTIONS_PER_RUN = 8  # more wait in the socket's backlog; an algorithm cannot make the runner spawn threads
 CONNECT_SECONDS = 10
 MAX_ACCEPT_HEADER = 1000
+CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+# The query log keeps the start of each query's text (its sha256 names all of it), and no text at all
+# once a run's log has grown this large: a run cannot fill the site's disk through it.
+MAX_RECORDED_QUERY_CHARS = 2000
+MAX_LOG_BYTES_WITH_TEXT = 20 * 1024 ** 2
+IN_FLIGHT_GRACE_SECONDS = 10  # how long closing waits for answers under way, so the run's summary counts them
 
 
 class Upstream:
@@ -59,8 +67,9 @@ class Upstream:
     def open(self, query, accept, timeout_seconds):
         """The endpoint's streamed response to one checked query."""
         headers = {"Accept": accept} if accept else {}
+        # No redirects: the gateway talks to the endpoint the site configured, and to nothing it points at.
         return self.http.post(self.url, data=[("query", query.text), *query.dataset], headers=headers,
-                              stream=True, timeout=(CONNECT_SECONDS, timeout_seconds))
+                              stream=True, timeout=(CONNECT_SECONDS, timeout_seconds), allow_redirects=False)
 
 
 def endpoint_problem(upstream, timeout_seconds=5):
@@ -97,24 +106,29 @@ def query_log_path(work_dir, run_id):
 
 
 def read_query_log(path):
-    """The recorded queries, oldest first; a line cut short by a crash is left out."""
-    entries = []
+    """The recorded queries one by one, oldest first, never all in memory; a line cut short by a crash is
+    left out."""
     try:
         with open(path, encoding="utf-8") as lines:
             for line in lines:
                 try:
-                    entries.append(json.loads(line))
+                    entry = json.loads(line)
                 except ValueError:
                     continue
+                if isinstance(entry, dict):
+                    yield entry
     except FileNotFoundError:
-        pass
-    return entries
+        return
 
 
 def summarize(entries):
     """What the researcher learns of a run's queries: how many, bytes read, how many refused."""
-    return {"queries": len(entries), "bytes": sum(entry.get("bytes", 0) for entry in entries),
-            "refused": sum(1 for entry in entries if entry.get("status") == "refused")}
+    summary = {"queries": 0, "bytes": 0, "refused": 0}
+    for entry in entries:
+        summary["queries"] += 1
+        summary["bytes"] += entry.get("bytes", 0) if isinstance(entry.get("bytes"), int) else 0
+        summary["refused"] += entry.get("status") == "refused"
+    return summary
 
 
 class QueryLog:
@@ -125,14 +139,19 @@ class QueryLog:
         self.run_id, self.task_id = run_id, task_id
         self.record_query_text = record_query_text
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.chmod(0o700)  # queries may quote patients' data
         self._lock = threading.Lock()
-        self.recorded = len(read_query_log(self.path))  # after a restart, the queries made before count
+        # After a restart, the queries made before count.
+        self.recorded = summarize(read_query_log(self.path))["queries"]
+        self._bytes = self.path.stat().st_size if self.path.exists() else 0
 
     def record(self, *, form, text, sha256, status, http_status, reason, rows, sent, started):
+        keep_text = self.record_query_text and text is not None and self._bytes < MAX_LOG_BYTES_WITH_TEXT
         entry = {
             "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "run": self.run_id, "task": self.task_id, "form": form,
-            "query": text if self.record_query_text else None, "query_sha256": sha256,
+            "query": text[:MAX_RECORDED_QUERY_CHARS] if keep_text else None, "query_sha256": sha256,
+            "query_chars": len(text) if text is not None else None,
             "status": status, "http_status": http_status, "reason": reason, "rows": rows, "bytes": sent,
             "duration_ms": round((time.monotonic() - started) * 1000, 2),
         }
@@ -140,24 +159,36 @@ class QueryLog:
         line = json.dumps(entry, ensure_ascii=True) + "\n"
         with self._lock, open(self.path, "a", encoding="ascii") as log_file:
             log_file.write(line)
+            self._bytes += len(line)
 
 
 # --- one run's gateway ---------------------------------------------------------------------
 
 class RunGateway:
-    def __init__(self, run_id, task_id, socket_dir, upstream, limits, query_log):
-        """limits: the site's sparql_gateway settings (site_config.SparqlGatewaySettings)."""
+    def __init__(self, run_id, task_id, socket_dir, upstream, limits, query_log, socket_owner=None, parse=None):
+        """limits: the site's sparql_gateway settings (site_config.SparqlGatewaySettings); socket_owner: the
+        uid of the relay, the one user (besides root) that may connect, when the runner runs as root; parse:
+        what reads a new query (a ParserPool's judge, with a time limit; by default rdflib in this process)."""
+        self.parse = parse
+        self._one_parse_at_a_time = threading.Lock()  # a run with slow queries holds one parser, not all
+        self.socket_owner = socket_owner if os.geteuid() == 0 else None
         self.run_id, self.task_id = run_id, task_id
         self.socket_dir = Path(socket_dir)
         self.upstream, self.limits, self.query_log = upstream, limits, query_log
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._nothing_in_flight = threading.Condition(self._lock)
         self._server = None
         self._thread = None
 
     def open(self):
         """Listen on the run's socket (again, after a restart); the relay finds it at the same path."""
         self.socket_dir.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.chmod(0o755)
+        if self.socket_owner is None:
+            self.socket_dir.chmod(0o755)  # the relay's user must reach the socket; so can other local users
+        else:
+            os.chown(self.socket_dir, self.socket_owner, self.socket_owner)
+            self.socket_dir.chmod(0o700)
         if self.query_log.recorded >= self.limits.max_queries:
             log.info("run %s: it used up its %d SPARQL queries; the gateway stays closed", self.run_id,
                      self.limits.max_queries)
@@ -170,8 +201,12 @@ class RunGateway:
             except FileNotFoundError:
                 pass
             self._server = _Server(f"/proc/self/fd/{folder}/{SOCKET_NAME}", self)
-            # The relay runs as an unprivileged user; the folder is reachable only through its bind mount.
-            os.chmod(SOCKET_NAME, 0o666, dir_fd=folder)
+            # The relay runs as an unprivileged user, which must be able to connect.
+            if self.socket_owner is None:
+                os.chmod(SOCKET_NAME, 0o666, dir_fd=folder)
+            else:
+                os.chown(SOCKET_NAME, self.socket_owner, self.socket_owner, dir_fd=folder)
+                os.chmod(SOCKET_NAME, 0o600, dir_fd=folder)
         finally:
             os.close(folder)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
@@ -191,18 +226,38 @@ class RunGateway:
             (self.socket_dir / SOCKET_NAME).unlink()
         except FileNotFoundError:
             pass
+        with self._nothing_in_flight:
+            self._nothing_in_flight.wait_for(lambda: self._in_flight == 0, timeout=IN_FLIGHT_GRACE_SECONDS)
 
     def answer(self, handler):
-        """One HTTP request from the algorithm: judge it, forward it or refuse it, and record it."""
+        """One HTTP request from the algorithm: judge it, forward it or refuse it, and record it. Whatever
+        goes wrong, the request is answered (if nothing was sent yet) and recorded: never a traceback."""
         started = time.monotonic()
-        limits = self.limits
         with self._lock:
+            self._in_flight += 1
             self.query_log.recorded += 1
-            over_the_limit = self.query_log.recorded > limits.max_queries
+            over_the_limit = self.query_log.recorded > self.limits.max_queries
+        try:
+            self._answer(handler, started, over_the_limit)
+        except Exception as error:  # a broken request or connection; the algorithm's doing, not a runner bug
+            reason = f"the request could not be handled: {shown(error, 200)}"
+            log.info("run %s: SPARQL gateway: %s", self.run_id, reason)
+            handler.close_connection = True
+            if not getattr(handler, "answer_started", False):
+                self._send_plain(handler, 400, refused(400, "the request could not be read").reason)
+            self.query_log.record(form=None, text=None, sha256=None, status="failed", http_status=400,
+                                  reason=reason, rows=None, sent=0, started=started)
+        finally:
+            with self._nothing_in_flight:
+                self._in_flight -= 1
+                self._nothing_in_flight.notify_all()
+
+    def _answer(self, handler, started, over_the_limit):
+        limits = self.limits
         body = b""
         if handler.command == "POST":
             length = handler.headers.get("Content-Length", "")
-            if not length.isdigit():
+            if not CONTENT_LENGTH.fullmatch(length):
                 return self._refuse(handler, refused(411, "send the POST body with a Content-Length"), None, b"",
                                     started)
             if int(length) > limits.max_query_bytes:
@@ -210,10 +265,12 @@ class RunGateway:
                                                           f"{limits.max_query_bytes} bytes"), None, b"", started)
             body = handler.rfile.read(int(length))
         _path, _, query_string = handler.path.partition("?")
-        query, refusal, text = read_request(handler.command, query_string, handler.headers.get("Content-Type"),
-                                            body, limits.max_query_bytes)
+        with self._one_parse_at_a_time:
+            query, refusal, text = read_request(handler.command, query_string, handler.headers.get("Content-Type"),
+                                                body, limits.max_query_bytes, self.parse)
         if over_the_limit:
-            # Refused, recorded, and then nothing more: the record of a run stays at most max_queries + 1 lines.
+            # Refused, recorded, and the gateway closes: the record of a run stays at most max_queries plus the
+            # few requests (CONNECTIONS_PER_RUN) that were under way at that moment.
             self._refuse(handler, refused(429, f"this run reached this site's limit of {limits.max_queries} "
                                                "queries; the gateway is closed for it"), text, body, started)
             threading.Thread(target=self.close, name=f"gateway-{self.run_id}-close", daemon=True).start()
@@ -226,6 +283,8 @@ class RunGateway:
         limits = self.limits
         record = dict(form=query.form, text=query.text, sha256=query_sha256(query.text), started=started)
         accept = (handler.headers.get("Accept") or "")[:MAX_ACCEPT_HEADER]
+        # The time limit counts from here, after the query was read and judged.
+        deadline = time.monotonic() + limits.query_timeout_seconds
         try:
             response = self.upstream.open(query, accept, limits.query_timeout_seconds)
         except requests.Timeout:
@@ -237,8 +296,15 @@ class RunGateway:
         status = "answered" if response.ok else "failed"
         reason = None if response.ok else f"the site's SPARQL endpoint answered {response.status_code}"
         counter = row_counter(response.headers.get("Content-Type")) if response.ok and query.form != "ASK" else None
-        sent, deadline, ended = 0, started + limits.query_timeout_seconds, False
+        sent, ended = 0, False
+        # A watchdog ends the answer at the deadline even when the endpoint trickles: reads wait only for the next
+        # bytes, so checking the time between chunks alone would let a slow answer run on.
+        overdue = threading.Event()
+        watchdog = threading.Timer(max(deadline - time.monotonic(), 0), lambda: (overdue.set(), response.close()))
+        watchdog.daemon = True
+        watchdog.start()
         with response:
+            handler.answer_started = True
             handler.send_response(response.status_code)
             handler.send_header("Content-Type", response.headers.get("Content-Type", "application/octet-stream"))
             handler.send_header("Transfer-Encoding", "chunked")
@@ -257,8 +323,7 @@ class RunGateway:
                     status, reason = "cut", f"the answer is longer than this site's limit of " \
                                             f"{limits.max_response_bytes} bytes"
                     break
-                if time.monotonic() > deadline:
-                    status, reason = "cut", f"the answer took longer than {limits.query_timeout_seconds} s"
+                if overdue.is_set():
                     break
                 try:
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -268,6 +333,9 @@ class RunGateway:
                 sent += len(chunk)
                 if counter:
                     counter.feed(chunk)
+        watchdog.cancel()
+        if overdue.is_set():
+            status, reason, ended = "cut", f"the answer took longer than {limits.query_timeout_seconds} s", False
         if ended:
             self._end_chunks(handler)
         else:
@@ -293,6 +361,7 @@ class RunGateway:
         body = (reason + "\n").encode("utf-8")
         # A refused request's connection is not reused: its body may not have been read.
         handler.close_connection = True
+        handler.answer_started = True
         try:
             handler.send_response(status, reason)
             handler.send_header("Content-Type", "text/plain; charset=utf-8")

@@ -8,13 +8,20 @@ clause anywhere (SERVICE would make the site's store call other endpoints, a way
 Updates in any form are refused, and so is anything the parser cannot read: the gateway
 forwards only what a real parser has checked, never what a pattern let through.
 
-rdflib's parser expands \\uXXXX escapes before it parses, which Oxigraph does not: so it
-sees SERVICE wherever a store could, and refuses more rather than less.
+Two parsers must read the query alike, the gateway's and the store's, or a query that is a
+plain SELECT here could be a SERVICE call there (rdflib ends a # comment only at LF,
+Oxigraph at CR too; rdflib expands \\uXXXX escapes before parsing, Oxigraph only inside
+strings). So the query is first made canonical: line ends LF only, no other control or
+line-break characters, codepoint escapes expanded here (as SPARQL says they are, before
+parsing) and none left after that; and exactly that text is judged and forwarded. As a
+backstop that holds whatever else the parsers disagree on, the word SERVICE may not stand
+anywhere in a query as a word of its own.
 """
 
-import functools
 import hashlib
+import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -33,6 +40,13 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 QUERY_TYPE = "application/sparql-query"
 UPDATE_TYPE = "application/sparql-update"
 MAX_FIELDS = 100
+# Characters a store might end a comment or a line at where rdflib does not, and other controls.
+_AMBIGUOUS = re.compile("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
+_CODEPOINT_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})")
+# A store reads SERVICE as the keyword only where no letter joins it to a longer name.
+_SERVICE_WORD = re.compile(r"(?<![A-Za-z])service(?![A-Za-z0-9_])", re.IGNORECASE)
+VERDICTS_KEPT = 4096
+
 # pyparsing adapts each parse action's arity on its first call, which races when two threads parse at
 # once (a TypeError from inside the grammar); parsing is CPU-bound under the GIL anyway, so one at a time.
 _PARSING = threading.Lock()
@@ -64,10 +78,11 @@ def query_sha256(text_or_bytes):
     return hashlib.sha256(data).hexdigest()
 
 
-def read_request(method, query_string, content_type, body, max_query_bytes):
+def read_request(method, query_string, content_type, body, max_query_bytes, parse=None):
     """The request as a QueryRequest, or the Refusal to answer it with.
 
     body is the POST body (b"" for GET); its size was checked against max_query_bytes before it was read.
+    parse: what reads a query not judged before (parsed_verdict, or a ParserPool's judge with a time limit).
     Returns (QueryRequest or None, Refusal or None, the query text if one was found).
     """
     if method not in ("GET", "POST"):
@@ -101,19 +116,67 @@ def read_request(method, query_string, content_type, body, max_query_bytes):
         text = texts[0]
     if len(text.encode("utf-8", "surrogatepass")) > max_query_bytes:
         return None, refused(413, f"the query is longer than this site's limit of {max_query_bytes} bytes"), text
-    form, refusal = judge_query(text)
+    text, refusal = canonical_query(text)
+    if refusal:
+        return None, refusal, text
+    form, refusal = judge_query(text, parse or parsed_verdict)
     if refusal:
         return None, refusal, text
     dataset = tuple((name, iri) for name in DATASET_PARAMETERS for iri in parameters.get(name, []))
     return QueryRequest(text, form, dataset), None, text
 
 
-@functools.lru_cache(maxsize=1024)
-def judge_query(text):
-    """(form, None) for a query the gateway forwards, or (None, Refusal).
+def canonical_query(text):
+    """(the text any SPARQL parser reads alike, None), or (the text, Refusal): see the module's docstring."""
+    text = text.replace("\r\n", "\n")
+    if _AMBIGUOUS.search(text):
+        return text, refused(400, "line breaks other than LF or CRLF, and other control characters, are not "
+                                  "accepted in a query (write them as \\n or \\t escapes inside strings)")
+    try:
+        expanded = _CODEPOINT_ESCAPE.sub(_character, text)
+    except ValueError as error:
+        return text, refused(400, str(error))
+    if _CODEPOINT_ESCAPE.search(expanded) or _AMBIGUOUS.search(expanded):
+        return text, refused(400, "a \\u or \\U escape may not make another escape or a control character")
+    if _SERVICE_WORD.search(expanded):
+        return text, refused(403, "the word SERVICE may not stand anywhere in a query, not even in a string, an "
+                                  "IRI, a variable's name or a comment, so no store can be made to call another "
+                                  "endpoint; rename the variable, or build such a string with CONCAT")
+    return expanded, None
 
-    Cached by text: parsing costs milliseconds, and iterative algorithms send the same queries round after round.
+
+def _character(escape):
+    code = int(escape[1] or escape[2], 16)
+    if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+        raise ValueError(f"the escape {escape[0]} names no character")
+    return chr(code)
+
+
+_verdicts = OrderedDict()  # sha256 of a canonical query -> (form, refusal), the newest last
+_verdicts_lock = threading.Lock()
+
+
+def judge_query(text, parse):
+    """(form, None) for a canonical query the gateway forwards, or (None, Refusal).
+
+    Kept by the query's sha256 (not its text, which may be long): parsing costs milliseconds, and
+    iterative algorithms send the same queries round after round.
     """
+    key = query_sha256(text)
+    with _verdicts_lock:
+        if key in _verdicts:
+            _verdicts.move_to_end(key)
+            return _verdicts[key]
+    verdict = parse(text)
+    with _verdicts_lock:
+        _verdicts[key] = verdict
+        if len(_verdicts) > VERDICTS_KEPT:
+            _verdicts.popitem(last=False)
+    return verdict
+
+
+def parsed_verdict(text):
+    """(form, None) or (None, Refusal) as rdflib's parser reads a canonical query."""
     try:
         with _PARSING:
             tree = sparql_parser.parseQuery(text)

@@ -216,6 +216,8 @@ class ClaimedRunOut(Schema):
     timeout_seconds = Integer(allow_none=True)
     recipients = List(String(), metadata={
         "description": "Encrypt output and log to these age public keys before upload; empty: do not encrypt."})
+    researcher = String(metadata={"description": "Who posted the task: a site that pins researchers' keys "
+                                                "encrypts only to the keys it pinned for this name."})
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
 

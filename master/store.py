@@ -456,8 +456,9 @@ def claim_next_run(engine, site_id, lease_seconds):
         row = conn.execute(
             sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
                       tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name,
-                      tasks.c.recipients)
+                      tasks.c.recipients, researchers.c.name.label("researcher"))
             .join(tasks, tasks.c.id == runs.c.task_id)
+            .join(researchers, researchers.c.id == tasks.c.researcher_id)
             .where(runs.c.id == run_id)).mappings().one()
     claimed = dict(row)
     claimed["recipients"] = claimed["recipients"].split()

@@ -64,6 +64,13 @@ def test_input_is_stored_byte_exact(client, alice, hospital):
     assert client.get(f"/api/site/runs/{run['id']}/input", headers=hospital).data == odd_bytes
 
 
+def test_a_claim_names_the_researcher_so_a_site_can_check_their_keys(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert run["researcher"] == "alice"
+    assert run["recipients"] == []
+
+
 @pytest.mark.parametrize("fields, complaint", [
     ({"image": "Not An Image!"}, "image"),
     ({"sites": ["nowhere"]}, "unknown site"),
