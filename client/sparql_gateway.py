@@ -33,7 +33,7 @@ import requests
 import urllib3
 
 from client.printable import shown
-from client.sparql_queries import QueryRequest, query_sha256, read_request, refused
+from client.sparql_queries import QueryRequest, query_sha256, read_request, refused, unpack_request
 from client.sparql_results import row_counter
 
 log = logging.getLogger("pht.runner")
@@ -51,6 +51,7 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 # once a run's log has grown this large: a run cannot fill the site's disk through it.
 MAX_RECORDED_QUERY_CHARS = 2000
 MAX_LOG_BYTES_WITH_TEXT = 20 * 1024 ** 2
+MAX_DISCARDED_BYTES = 16 * 1024 ** 2  # of a body over the limit, read before the 413 so the client sees it
 IN_FLIGHT_GRACE_SECONDS = 10  # how long closing waits for answers under way, so the run's summary counts them
 
 
@@ -254,27 +255,31 @@ class RunGateway:
 
     def _answer(self, handler, started, over_the_limit):
         limits = self.limits
-        body = b""
+        body, refusal = b"", None
         if handler.command == "POST":
             length = handler.headers.get("Content-Length", "")
             if not CONTENT_LENGTH.fullmatch(length):
-                return self._refuse(handler, refused(411, "send the POST body with a Content-Length"), None, b"",
-                                    started)
-            if int(length) > limits.max_query_bytes:
-                return self._refuse(handler, refused(413, f"the query is longer than this site's limit of "
-                                                          f"{limits.max_query_bytes} bytes"), None, b"", started)
-            body = handler.rfile.read(int(length))
+                refusal = refused(411, "send the POST body with a Content-Length")
+            elif int(length) > limits.max_query_bytes:
+                refusal = refused(413, f"the query is longer than this site's limit of {limits.max_query_bytes} bytes")
+                # Read (and drop) what the client sends anyway, so that it is ready to read the refusal.
+                _discard(handler.rfile, min(int(length), MAX_DISCARDED_BYTES))
+            else:
+                body = handler.rfile.read(int(length))
         _path, _, query_string = handler.path.partition("?")
-        with self._one_parse_at_a_time:
-            query, refusal, text = read_request(handler.command, query_string, handler.headers.get("Content-Type"),
-                                                body, limits.max_query_bytes, self.parse)
         if over_the_limit:
             # Refused, recorded, and the gateway closes: the record of a run stays at most max_queries plus the
-            # few requests (CONNECTIONS_PER_RUN) that were under way at that moment.
+            # few requests (CONNECTIONS_PER_RUN) that were under way at that moment. Nothing is parsed.
+            text = unpack_request(handler.command, query_string, handler.headers.get("Content-Type"), body)[0]
             self._refuse(handler, refused(429, f"this run reached this site's limit of {limits.max_queries} "
                                                "queries; the gateway is closed for it"), text, body, started)
             threading.Thread(target=self.close, name=f"gateway-{self.run_id}-close", daemon=True).start()
             return
+        if refusal:
+            return self._refuse(handler, refusal, None, body, started)
+        with self._one_parse_at_a_time:
+            query, refusal, text = read_request(handler.command, query_string, handler.headers.get("Content-Type"),
+                                                body, limits.max_query_bytes, self.parse)
         if refusal:
             return self._refuse(handler, refusal, text, body, started)
         self._forward(handler, query, started)
@@ -364,6 +369,7 @@ class RunGateway:
         handler.answer_started = True
         try:
             handler.send_response(status, reason)
+            handler.send_header("Connection", "close")
             handler.send_header("Content-Type", "text/plain; charset=utf-8")
             handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
@@ -377,6 +383,14 @@ class RunGateway:
             handler.wfile.write(b"0\r\n\r\n")
         except OSError:
             handler.close_connection = True
+
+
+def _discard(stream, size):
+    while size > 0:
+        chunk = stream.read(min(size, CHUNK_BYTES))
+        if not chunk:
+            return
+        size -= len(chunk)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

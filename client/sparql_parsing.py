@@ -12,6 +12,8 @@ query's time.
 import logging
 import multiprocessing
 import queue
+import sys
+import threading
 
 from client.sparql_queries import parsed_verdict, refused
 
@@ -20,6 +22,10 @@ log = logging.getLogger("pht.runner")
 PARSE_SECONDS = 5
 WORKERS = 2
 START_SECONDS = 120  # importing rdflib on a busy machine
+# rdflib's grammar recurses once per triple pattern and nesting level: a plain query of a hundred
+# patterns passes Python's default limit of 1,000. Room for far more, on a thread with a stack to match.
+RECURSION_LIMIT = 50_000
+PARSER_STACK_BYTES = 512 * 1024 ** 2
 
 class ParserPool:
     def __init__(self, workers=WORKERS, parse_seconds=PARSE_SECONDS):
@@ -82,7 +88,16 @@ READY = "ready"
 
 
 def _serve(connection):
-    """A worker: say it is ready, then parse each query it is sent and answer its verdict."""
+    """A worker process: parse on a thread with a deep stack (see RECURSION_LIMIT)."""
+    sys.setrecursionlimit(RECURSION_LIMIT)
+    threading.stack_size(PARSER_STACK_BYTES)
+    parser = threading.Thread(target=_parse_each, args=(connection,), name="parse")
+    parser.start()
+    parser.join()
+
+
+def _parse_each(connection):
+    """Say it is ready, then parse each query it is sent and answer its verdict."""
     parsed_verdict("ASK {}")  # the grammar's first use is the slow one
     connection.send(READY)
     while True:

@@ -85,35 +85,9 @@ def read_request(method, query_string, content_type, body, max_query_bytes, pars
     parse: what reads a query not judged before (parsed_verdict, or a ParserPool's judge with a time limit).
     Returns (QueryRequest or None, Refusal or None, the query text if one was found).
     """
-    if method not in ("GET", "POST"):
-        return None, refused(405, f"{method} is not a SPARQL query; send the query with GET or POST"), None
-    try:
-        parameters = parse_qs(query_string, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS)
-        text = None
-        if method == "POST":
-            media_type = (content_type or "").split(";")[0].strip().lower()
-            if media_type == UPDATE_TYPE:
-                return None, refused(403, UPDATES_REFUSED), None
-            if media_type == FORM_TYPE:
-                for name, values in parse_qs(body.decode("utf-8"), keep_blank_values=True, errors="strict",
-                                             max_num_fields=MAX_FIELDS).items():
-                    parameters.setdefault(name, []).extend(values)
-            elif media_type == QUERY_TYPE:
-                text = body.decode("utf-8")
-            else:
-                return None, refused(415, f"POST the query as {FORM_TYPE} (query=...) or as {QUERY_TYPE}, "
-                                          f"not {media_type or 'a body without Content-Type'}"), None
-    except UnicodeDecodeError:
-        return None, refused(400, "the request is not valid UTF-8 (percent-encode the query as UTF-8)"), None
-    except ValueError:
-        return None, refused(400, f"the request has more than {MAX_FIELDS} parameters"), None
-    if "update" in parameters:
-        return None, refused(403, UPDATES_REFUSED), None
-    if text is None:
-        texts = parameters.get("query", [])
-        if len(texts) != 1:
-            return None, refused(400, f"give exactly one query parameter, not {len(texts)}"), None
-        text = texts[0]
+    text, parameters, refusal = unpack_request(method, query_string, content_type, body)
+    if refusal:
+        return None, refusal, text
     if len(text.encode("utf-8", "surrogatepass")) > max_query_bytes:
         return None, refused(413, f"the query is longer than this site's limit of {max_query_bytes} bytes"), text
     text, refusal = canonical_query(text)
@@ -124,6 +98,43 @@ def read_request(method, query_string, content_type, body, max_query_bytes, pars
         return None, refusal, text
     dataset = tuple((name, iri) for name in DATASET_PARAMETERS for iri in parameters.get(name, []))
     return QueryRequest(text, form, dataset), None, text
+
+
+def unpack_request(method, query_string, content_type, body):
+    """(the query text, all parameters, None), or (text or None, parameters or None, Refusal): the SPARQL
+    Protocol's envelope only, nothing parsed yet, so it is cheap enough for any request."""
+    if method not in ("GET", "POST"):
+        return None, None, refused(405, f"{method} is not a SPARQL query; send the query with GET or POST")
+    try:
+        parameters = parse_qs(query_string, keep_blank_values=True, errors="strict", max_num_fields=MAX_FIELDS)
+        text = None
+        if method == "POST":
+            media_type = (content_type or "").split(";")[0].strip().lower()
+            if media_type == UPDATE_TYPE:
+                return None, None, refused(403, UPDATES_REFUSED)
+            if media_type == FORM_TYPE:
+                for name, values in parse_qs(body.decode("utf-8"), keep_blank_values=True, errors="strict",
+                                             max_num_fields=MAX_FIELDS).items():
+                    parameters.setdefault(name, []).extend(values)
+            elif media_type == QUERY_TYPE:
+                text = body.decode("utf-8")
+            else:
+                return None, None, refused(415, f"POST the query as {FORM_TYPE} (query=...) or as {QUERY_TYPE}, "
+                                                f"not {media_type or 'a body without Content-Type'}")
+        if sum(len(values) for values in parameters.values()) > MAX_FIELDS:
+            raise ValueError("too many parameters")
+    except UnicodeDecodeError:
+        return None, None, refused(400, "the request is not valid UTF-8 (percent-encode the query as UTF-8)")
+    except ValueError:
+        return None, None, refused(400, f"the request has more than {MAX_FIELDS} parameters")
+    if "update" in parameters:
+        return None, None, refused(403, UPDATES_REFUSED)
+    if text is None:
+        texts = parameters.get("query", [])
+        if len(texts) != 1:
+            return None, None, refused(400, f"give exactly one query parameter, not {len(texts)}")
+        text = texts[0]
+    return text, parameters, None
 
 
 def canonical_query(text):

@@ -35,7 +35,7 @@ class JsonRows:
         self._last = b""  # the last structural byte seen, for a ',{' split across chunks
 
     def feed(self, chunk):
-        if self._escape_pending:
+        if self._escape_pending and chunk:
             chunk, self._escape_pending = chunk[1:], False
         # Backslashes occur only inside strings, so dropping every escape pair leaves only real quotes.
         chunk = _ESCAPED.sub(b"", chunk)
