@@ -78,13 +78,13 @@ def main():
             registry_before, own_before = peak_rss_mb(registry.pid), own_peak_rss_mb()
 
             started = time.perf_counter()
-            runner.upload(run["id"], run["lease_id"], "output", result)
+            runner.upload(run.id, run.lease_id, "output", result)
             upload_seconds = time.perf_counter() - started
             registry_after_upload, own_after_upload = peak_rss_mb(registry.pid), own_peak_rss_mb()
 
             started = time.perf_counter()
             digest = hashlib.sha256()
-            with requests.get(f"{url}/api/runs/{run['id']}/output", headers=researcher, stream=True,
+            with requests.get(f"{url}/api/runs/{run.id}/output", headers=researcher, stream=True,
                               timeout=300) as download, open(folder / "downloaded.bin", "wb") as target:
                 download.raise_for_status()
                 for chunk in download.iter_content(MB):

@@ -169,7 +169,7 @@ def wait_until_listening(container, timeout_seconds=30):
         if container.status not in ("created", "running") or time.monotonic() > deadline:
             output = container.logs(stdout=True, stderr=True)[-500:].decode("utf-8", "replace")
             raise RelayFailed(f"the SPARQL relay container did not start listening ({container.status}): {output}")
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def is_running(engine, container_id):

@@ -4,14 +4,22 @@ Reports that must not be lost (start, uploads, the final status, a refusal) are
 retried with backoff while the registry is unreachable or answers 5xx; the caller
 keeps the run's files on disk until one of them has been confirmed. Deliveries to a
 recipient's FileService (deliveries.py) are retried the same way.
+
+The registry may be compromised, so its answers are read with care: every answer is
+complete within a deadline for the whole exchange (an answer trickled byte by byte
+cannot hold the runner), at most MAX_ANSWER_BYTES once decompressed (a small gzip
+cannot become gigabytes), never through a redirect, and whatever goes wrong on the way
+is a registry problem to log and retry, never a crash.
 """
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 
 import requests
+import urllib3
 
 from client.claim import InvalidClaim, parse_claim
 from client.printable import printable
@@ -20,6 +28,9 @@ log = logging.getLogger("pht.runner")
 
 RUNNER_VERSION = "pht-runner/0.3"
 MAX_MESSAGE_CHARS = 500
+MAX_ANSWER_BYTES = 1024 ** 2
+CONNECT_SECONDS = 10
+STOP_GRACE_SECONDS = 2  # a claim, an identity, a status or an error message: small JSON
 
 
 class LeaseLost(Exception):
@@ -42,8 +53,13 @@ class Unreachable(Exception):
     """The registry, or a recipient's FileService, did not answer for as long as the runner would retry."""
 
 
-# What a registry that is down, restarting or overloaded looks like from here.
-TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout)
+class GarbledAnswer(requests.RequestException):
+    """The answer could not be read: too large, cut short, badly encoded, or not complete in time."""
+
+
+# What a registry that is down, restarting, overloaded or misbehaving looks like from here: anything
+# that goes wrong on the way (connections, timeouts, redirects, broken encodings, garbled answers).
+TRANSIENT_ERRORS = (requests.RequestException,)
 
 
 class RegistryClient:
@@ -55,33 +71,33 @@ class RegistryClient:
         self.http.mount(self.url, requests.adapters.HTTPAdapter(pool_maxsize=connections))
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.http.headers["User-Agent"] = RUNNER_VERSION
+        self.http.max_redirects = 0  # the registry answers for itself: a redirect is an error, never followed
+        self.http.trust_env = False  # no proxy or .netrc from the environment changes where requests go
 
-    def claim_run(self, wait_seconds, sparql_ok):
+    def claim_run(self, wait_seconds, sparql_ok, stopping=None):
         """The next run for this site as a checked Claim, waiting up to wait_seconds; None if none came.
-        Raises InvalidClaim for an answer the runner must not act on."""
-        response = self.http.post(
-            f"{self.url}/api/site/claim",
-            json={"wait_seconds": wait_seconds, "runner_version": RUNNER_VERSION, "sparql_ok": sparql_ok},
-            timeout=wait_seconds + 30)
+        Raises InvalidClaim for an answer the runner must not act on. Once stopping (an Event) is set, the
+        claim is given up within STOP_GRACE_SECONDS: a run it may have leased returns when its lease runs out."""
+        try:
+            response = self._answer("POST", "/api/site/claim", wait_seconds + 30, stopping=stopping, json={
+                "wait_seconds": wait_seconds, "runner_version": RUNNER_VERSION, "sparql_ok": sparql_ok})
+        except GarbledAnswer as error:
+            raise InvalidClaim([f"the registry's answer to a claim could not be read: {error}"]) from None
         if response.status_code == 204:
             return None
         _raise_for(response)
-        try:
-            answer = response.json()
-        except ValueError:
-            raise InvalidClaim(["the registry's answer to a claim is not JSON"]) from None
+        answer = _json_or_none(response)
+        if answer is None:
+            raise InvalidClaim(["the registry's answer to a claim is not a JSON object"])
         return parse_claim(answer)
 
     def site_name(self):
         """One try: the name the registry knows this token by; None from a registry too old to say."""
-        response = self.http.get(f"{self.url}/api/site/me", timeout=30)
+        response = self._answer("GET", "/api/site/me", 30)
         if response.status_code == 404:
             return None
         _raise_for(response)
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
+        answer = _json_or_none(response)
         if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
             raise RegistryRefused(f"GET {response.url}: the answer is not a site's identity")
         return answer["name"]
@@ -108,8 +124,7 @@ class RegistryClient:
 
     def heartbeat(self, run_id, lease_id):
         """One try: the run's status at the registry ('cancelled' means: stop it)."""
-        response = self.http.post(f"{self.url}/api/site/runs/{run_id}/heartbeat",
-                                  json={"lease_id": lease_id}, timeout=30)
+        response = self._answer("POST", f"/api/site/runs/{run_id}/heartbeat", 30, json={"lease_id": lease_id})
         _raise_for(response)
         return _status_in(response)
 
@@ -128,10 +143,8 @@ class RegistryClient:
 
         def send():
             with open(path, "rb") as body:
-                return self.http.put(
-                    f"{self.url}/api/site/runs/{run_id}/{kind}", data=body, timeout=300,
-                    headers={"X-Lease-Id": lease_id, "X-Content-SHA256": sha256,
-                             "Content-Type": "application/octet-stream"})
+                return self._answer("PUT", f"/api/site/runs/{run_id}/{kind}", 3600, data=body, headers={
+                    "X-Lease-Id": lease_id, "X-Content-SHA256": sha256, "Content-Type": "application/octet-stream"})
         self._reliably(send, f"upload of the {kind} of run {run_id}")
 
     def finish(self, run_id, lease_id, exit_code, failure_reason=None, sparql=None):
@@ -147,7 +160,40 @@ class RegistryClient:
             "lease_id": lease_id, "recipient": recipient, "name": name, "size": size, "sha256": sha256})
 
     def _post_reliably(self, path, body):
-        return self._reliably(lambda: self.http.post(f"{self.url}{path}", json=body, timeout=60), f"POST {path}")
+        return self._reliably(lambda: self._answer("POST", path, 60, json=body), f"POST {path}")
+
+    def _answer(self, method, path, seconds, stopping=None, **request):
+        """The registry's whole answer to one request, within seconds for the whole exchange, its body at most
+        MAX_ANSWER_BYTES decompressed. Raises a requests.RequestException for anything that went wrong."""
+        outcome = {}
+
+        def exchange():
+            try:
+                with self.http.request(method, f"{self.url}{path}", stream=True, timeout=seconds,
+                                       **request) as response:
+                    body = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise GarbledAnswer(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
+                response._content = body  # so that .json() and .text read what was read here
+                outcome["response"] = response
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+                outcome["error"] = GarbledAnswer(f"the answer could not be read ({type(error).__name__})")
+            except requests.RequestException as error:
+                outcome["error"] = error
+        # A thread of its own, so that the deadline holds even against an answer that trickles.
+        thread = threading.Thread(target=exchange, name="registry-request", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + seconds + CONNECT_SECONDS
+        while thread.is_alive() and time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                deadline = min(deadline, time.monotonic() + STOP_GRACE_SECONDS)
+                stopping = None
+            thread.join(min(0.5, max(deadline - time.monotonic(), 0)))
+        if thread.is_alive():
+            raise GarbledAnswer(f"{method} {path}: no complete answer in time")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["response"]
 
     def _reliably(self, send, what):
         response = send_reliably(send, what, self.retry_for_seconds)
@@ -174,12 +220,18 @@ def send_reliably(send, what, retry_for_seconds, peer="registry"):
         delay = min(delay * 2, 30)
 
 
+def _json_or_none(response):
+    """The answer's JSON, or None if it is not JSON: what the registry sends is checked, never trusted."""
+    try:
+        return response.json()
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
+        return None
+
+
 def _status_in(response):
     """A run's status from the registry's answer; a malformed answer is the registry's fault, not a crash."""
-    try:
-        status = response.json()["status"]
-    except (ValueError, KeyError, TypeError):
-        status = None
+    answer = _json_or_none(response)
+    status = answer.get("status") if isinstance(answer, dict) else None
     if not isinstance(status, str) or not status.isidentifier():
         raise RegistryRefused(f"{response.request.method} {response.url}: the answer is not a run's status")
     return status
@@ -188,10 +240,7 @@ def _status_in(response):
 def _raise_for(response):
     if response.ok:
         return
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = None
+    answer = _json_or_none(response)
     message = answer.get("message") if isinstance(answer, dict) else None
     # The registry's words go into the site's log: one line, printable, not too long.
     message = printable(str(message if message is not None else response.text))[:MAX_MESSAGE_CHARS]

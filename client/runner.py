@@ -18,6 +18,7 @@ container that ran is never started again, and a result is uploaded until the
 registry confirms it. Nothing in here accepts inbound connections.
 """
 
+import concurrent.futures
 import logging
 import shutil
 import threading
@@ -74,6 +75,7 @@ class SiteRunner:
         self._gateways = {}  # run id -> its open RunGateway
         self._gateways_lock = threading.Lock()
         self.parser = ParserPool()
+        self._relays = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_runs, thread_name_prefix="relay")
         self._relay_image = None
 
     # --- the main loop -------------------------------------------------------
@@ -202,18 +204,18 @@ class SiteRunner:
     def claim_next_run(self):
         """The site's next run; None if none came within the long-poll, or the registry did not answer."""
         try:
-            run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint())
+            run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint(), self.stopping)
         except TRANSIENT_ERRORS as error:
             self.note_registry_problem(f"unreachable ({type(error).__name__})")
         except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
             self.wrong_identity = WrongIdentity(token_refused(self.config, error))
-            log.error("%s", self.wrong_identity)
             self.stopping.set()
             return None
         except RegistryRefused as error:
             self.note_registry_problem(str(error))
         except InvalidClaim as error:
-            self.refuse_invalid_claim(error)
+            if not self.stopping.is_set():  # a claim given up on because the runner stops is no claim at all
+                self.refuse_invalid_claim(error)
         else:
             self.note_registry_problem(None)
             if run is not None or self.config.long_poll_seconds > 0:
@@ -300,6 +302,9 @@ class SiteRunner:
         except Unreachable as error:
             log.warning("run %s: %s; its files stay in %s and are reported once it answers",
                         run.id, error, folder.path)
+        except RegistryRefused as error:  # a 404 to its input, say: fail the run, if the registry still listens
+            log.warning("run %s: the registry refused a request (%s)", run.id, error)
+            self.give_up(folder, f"the registry refused a request for this run: {error}")
         except Exception as error:  # a bug or a broken machine: report it rather than retry forever
             log.exception("run %s: the site runner failed", run.id)
             self.give_up(folder, f"the site runner failed: {type(error).__name__}: {error}")
@@ -311,6 +316,16 @@ class SiteRunner:
                 self._workers_changed.notify_all()
 
     def execute(self, folder, heartbeat):
+        run = folder.claim
+        # The relay starts meanwhile: a container's start, while the image is fetched and the start reported.
+        network = self._relays.submit(self.network_for, folder) if "container_id" not in folder.state else None
+        try:
+            self.prepare_and_run(folder, heartbeat, network)
+        finally:
+            if network is not None:
+                network.exception()  # waits for it: its relay is recorded before anything cleans the run up
+
+    def prepare_and_run(self, folder, heartbeat, network):
         run = folder.claim
         if "image" not in folder.state:
             try:
@@ -329,7 +344,7 @@ class SiteRunner:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
             mounts = folder.prepare_mounts(self.sessions_dir / str(run.session_id) / "temp")
-            network_mode = self.network_for(folder)
+            network_mode = network.result()
             if network_mode is None:
                 return
             container = containers.create_contained(
@@ -457,13 +472,12 @@ class SiteRunner:
         containers.remove(self.engine, container.id)
 
     def end_gateway(self, folder):
-        """Close the run's gateway and remove its relay; returns what the gateway saw (None without one)."""
+        """Close the run's gateway; returns what the gateway saw (None without one). Its relay, which now leads
+        nowhere, is removed with the run's other containers once the run is reported (clean_up)."""
         if not uses_gateway(self.config):
             return None
         run = folder.claim
         self.close_gateway(run.id)
-        if "relay_container_id" in folder.state:
-            containers.remove(self.engine, folder.state["relay_container_id"])
         return summarize(read_query_log(query_log_path(self.config.work_dir, run.id)))
 
     def pack_output(self, folder):

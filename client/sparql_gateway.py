@@ -210,7 +210,8 @@ class RunGateway:
                 os.chmod(SOCKET_NAME, 0o600, dir_fd=folder)
         finally:
             os.close(folder)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+        # A short poll interval: closing waits for the serving loop to notice, and a run's report waits for that.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
                                         name=f"gateway-{self.run_id}", daemon=True)
         self._thread.start()
 
@@ -314,14 +315,15 @@ class RunGateway:
             handler.send_header("Content-Type", response.headers.get("Content-Type", "application/octet-stream"))
             handler.send_header("Transfer-Encoding", "chunked")
             handler.end_headers()
-            chunks = response.raw.stream(CHUNK_BYTES, decode_content=True)
             while True:
                 try:
-                    chunk = next(chunks, None)
+                    # Whole pieces of CHUNK_BYTES, not the endpoint's own HTTP chunks (Oxigraph's are ~1 KB):
+                    # every piece costs a write here, a pump in the relay and a chunk for the client to parse.
+                    chunk = response.raw.read(CHUNK_BYTES, decode_content=True)
                 except (urllib3.exceptions.HTTPError, OSError) as error:
                     status, reason = "cut", f"reading the endpoint's answer failed ({type(error).__name__})"
                     break
-                if chunk is None:
+                if not chunk:
                     ended = True
                     break
                 if sent + len(chunk) > limits.max_response_bytes:

@@ -31,3 +31,11 @@ def test_scale_benchmark_dispatches_every_task():
 ])
 def test_federation_benchmarks_run(script, arguments, expected):
     assert expected in run_bench(script, *arguments)
+
+
+def test_sparql_gateway_benchmark_sends_every_query_through_the_gateway():
+    output = run_bench("sparql_gateway.py", "--queries", "1", "--large-mb", "1", "--repeats", "1")
+    assert "aim: gateway < 1.3x direct for the small query" in output
+    last = output.splitlines()[-1]  # the gateway recorded N queries, N answered, of N sent through it
+    numbers = {int(word.rstrip(",")) for word in last.split() if word.rstrip(",").isdigit()}
+    assert last.lstrip().startswith("the gateway recorded") and len(numbers) == 1 and numbers.pop() > 0, output
