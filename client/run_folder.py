@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ class RunFolder:
         self.path = Path(path)
         self.state = state
         self.claim = parse_claim(state.get("run") if isinstance(state, dict) else None)
-        self._saving = threading.Lock()  # a run's worker and the thread starting its relay both record
         self.input_file = self.path / "input" / "input.txt"
         self.output_dir = self.path / "output"
         # Original PyTaskManager images write /output.txt: bound to a file inside /output/, it
@@ -90,9 +88,8 @@ class RunFolder:
         os.replace(temporary, self.path / STATE_FILE)
 
     def record(self, **progress):
-        with self._saving:
-            self.state.update(progress)
-            self.save()
+        self.state.update(progress)
+        self.save()
 
     def prepare_mounts(self, session_temp):
         """Prepare what the container sees, the input already downloaded to input_file; returns

@@ -18,7 +18,6 @@ container that ran is never started again, and a result is uploaded until the
 registry confirms it. Nothing in here accepts inbound connections.
 """
 
-import concurrent.futures
 import logging
 import shutil
 import threading
@@ -75,7 +74,6 @@ class SiteRunner:
         self._gateways = {}  # run id -> its open RunGateway
         self._gateways_lock = threading.Lock()
         self.parser = ParserPool()
-        self._relays = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_runs, thread_name_prefix="relay")
         self._relay_image = None
 
     # --- the main loop -------------------------------------------------------
@@ -317,16 +315,6 @@ class SiteRunner:
 
     def execute(self, folder, heartbeat):
         run = folder.claim
-        # The relay starts meanwhile: a container's start, while the image is fetched and the start reported.
-        network = self._relays.submit(self.network_for, folder) if "container_id" not in folder.state else None
-        try:
-            self.prepare_and_run(folder, heartbeat, network)
-        finally:
-            if network is not None:
-                network.exception()  # waits for it: its relay is recorded before anything cleans the run up
-
-    def prepare_and_run(self, folder, heartbeat, network):
-        run = folder.claim
         if "image" not in folder.state:
             try:
                 pinned = self.images.fetch(image_policy.parse_image_reference(run.image))
@@ -344,7 +332,7 @@ class SiteRunner:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
             mounts = folder.prepare_mounts(self.sessions_dir / str(run.session_id) / "temp")
-            network_mode = network.result()
+            network_mode = self.network_for(folder)
             if network_mode is None:
                 return
             container = containers.create_contained(

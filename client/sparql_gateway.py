@@ -178,6 +178,7 @@ class RunGateway:
         self.upstream, self.limits, self.query_log = upstream, limits, query_log
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._exhausted = False
         self._nothing_in_flight = threading.Condition(self._lock)
         self._server = None
         self._thread = None
@@ -236,9 +237,14 @@ class RunGateway:
         goes wrong, the request is answered (if nothing was sent yet) and recorded: never a traceback."""
         started = time.monotonic()
         with self._lock:
+            if self._exhausted:
+                # The run's one over-the-limit request was refused and recorded; the gateway is closing, and any
+                # request it still accepted meanwhile is dropped unanswered and unrecorded, as a closed gateway would.
+                handler.close_connection = True
+                return
             self._in_flight += 1
             self.query_log.recorded += 1
-            over_the_limit = self.query_log.recorded > self.limits.max_queries
+            over_the_limit = self._exhausted = self.query_log.recorded > self.limits.max_queries
         try:
             self._answer(handler, started, over_the_limit)
         except Exception as error:  # a broken request or connection; the algorithm's doing, not a runner bug
@@ -269,8 +275,8 @@ class RunGateway:
                 body = handler.rfile.read(int(length))
         _path, _, query_string = handler.path.partition("?")
         if over_the_limit:
-            # Refused, recorded, and the gateway closes: the record of a run stays at most max_queries plus the
-            # few requests (CONNECTIONS_PER_RUN) that were under way at that moment. Nothing is parsed.
+            # Refused, recorded, and the gateway closes: the record of a run stays at most max_queries + 1 lines.
+            # Nothing is parsed.
             text = unpack_request(handler.command, query_string, handler.headers.get("Content-Type"), body)[0]
             self._refuse(handler, refused(429, f"this run reached this site's limit of {limits.max_queries} "
                                                "queries; the gateway is closed for it"), text, body, started)
