@@ -12,12 +12,14 @@ after, and lists the Docker containers created with the runner's labels meanwhil
 """
 
 import hashlib
+import io
 import json
 import os
 import re
 import signal
 import stat
 import subprocess
+import tarfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -776,3 +778,33 @@ def test_escapes_from_the_registry_never_reach_the_log_raw(site):
     assert "the refusal was not recorded" in runner.output
     site.assert_unharmed()
     assert runner.stop() == 0
+
+
+def test_a_link_left_in_temp_leads_nowhere_for_a_hostile_session_id_or_a_later_task(site):
+    """The issue's attack on the real engine: a task leaves /temp/escape linking to a host folder beside the
+    work dir; the registry then names "<session>/temp/escape" as a session, and a later task of the session
+    writes through the link. Neither reaches the host folder, and the runner chmods and mounts nothing
+    through it."""
+    image = pushed_test_image("temp-symlink")
+    host_folder = site.root / "site" / "x"  # a canary folder, 0700, beside the work dir
+    runner = site.start_runner()
+    site.registry.script("input", Answer.text(json.dumps({"links": {"escape": str(host_folder)}})), run_id=951)
+    site.registry.offer_claim(claim(951, image, session_id=950))
+    assert wait_for_finish(runner, 951, timeout=60)["exit_code"] == 0
+
+    site.registry.offer_claim(claim(952, image, session_id="950/temp/escape"))
+    site.registry.script("input", Answer.text("{}"), run_id=953)
+    site.registry.offer_claim(claim(953, image, session_id=950))
+    assert wait_for_finish(runner, 953, timeout=60)["exit_code"] == 0
+
+    [refusal] = site.registry.bodies("refuse", run_id=952)
+    assert refusal["reason"].startswith(f"{REFUSED} session_id"), refusal
+    # The later task found the link in its session's /temp, and it led nowhere: the host folder is not in
+    # the container's view, and the container's own filesystem is read-only.
+    [upload] = site.registry.requests("output", run_id=953)
+    with tarfile.open(fileobj=io.BytesIO(upload.body), mode="r:gz") as archive:
+        tried = json.load(archive.extractfile("tried.json"))
+    assert list(tried) == ["escape"] and tried["escape"].startswith("failed"), tried
+    site.assert_unharmed(allowed_runs=[951, 953])  # host_folder: same mode, owner and files as before
+    assert runner.stop() == 0
+
