@@ -28,9 +28,9 @@ log = logging.getLogger("pht.runner")
 
 RUNNER_VERSION = "pht-runner/0.3"
 MAX_MESSAGE_CHARS = 500
-MAX_ANSWER_BYTES = 1024 ** 2
+MAX_ANSWER_BYTES = 1024 ** 2  # a claim, an identity, a status or an error message: small JSON
 CONNECT_SECONDS = 10
-STOP_GRACE_SECONDS = 2  # a claim, an identity, a status or an error message: small JSON
+STOP_GRACE_SECONDS = 2
 
 
 class LeaseLost(Exception):

@@ -113,14 +113,10 @@ class SiteRunner:
         while not self.stopping.is_set():
             try:
                 name = self.registry.site_name()
-            except TRANSIENT_ERRORS as error:
-                self.note_registry_problem(f"unreachable ({type(error).__name__})")
-                self.stopping.wait(self.config.poll_interval_seconds)
-                continue
             except TokenRefused as error:
                 raise WrongIdentity(token_refused(self.config, error)) from None
-            except RegistryRefused as error:
-                self.note_registry_problem(str(error))
+            except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+                self.note_registry_problem(registry_problem(error))
                 self.stopping.wait(self.config.poll_interval_seconds)
                 continue
             self.note_registry_problem(None)
@@ -160,9 +156,7 @@ class SiteRunner:
         folder = self.config.work_dir / "gateway-self-test"
         shutil.rmtree(folder, ignore_errors=True)
         labels = containers.labels_for(self.config.site_name, self.config.work_dir, task_id=0, run_id=0)
-        gateway = RunGateway(0, 0, folder / "gateway", self.upstream, self.config.sparql_gateway,
-                             QueryLog(folder / "queries.jsonl", 0, 0, record_query_text=True),
-                             socket_owner=containers.RELAY_UID, parse=self.parser.judge)
+        gateway = self.new_gateway(0, 0, folder / "gateway", QueryLog(folder / "queries.jsonl", 0, 0, True))
         gateway.open()
         started = []
         try:
@@ -203,14 +197,12 @@ class SiteRunner:
         """The site's next run; None if none came within the long-poll, or the registry did not answer."""
         try:
             run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint(), self.stopping)
-        except TRANSIENT_ERRORS as error:
-            self.note_registry_problem(f"unreachable ({type(error).__name__})")
         except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
             self.wrong_identity = WrongIdentity(token_refused(self.config, error))
             self.stopping.set()
             return None
-        except RegistryRefused as error:
-            self.note_registry_problem(str(error))
+        except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+            self.note_registry_problem(registry_problem(error))
         except InvalidClaim as error:
             if not self.stopping.is_set():  # a claim given up on because the runner stops is no claim at all
                 self.refuse_invalid_claim(error)
@@ -372,13 +364,17 @@ class SiteRunner:
         with self._gateways_lock:
             if run.id in self._gateways:
                 return
-            settings = self.config.sparql_gateway
             query_log = QueryLog(query_log_path(self.config.work_dir, run.id), run.id, run.task_id,
-                                 settings.record_query_text)
-            gateway = RunGateway(run.id, run.task_id, folder.gateway_dir, self.upstream, settings, query_log,
-                                 socket_owner=containers.RELAY_UID, parse=self.parser.judge)
+                                 self.config.sparql_gateway.record_query_text)
+            gateway = self.new_gateway(run.id, run.task_id, folder.gateway_dir, query_log)
             gateway.open()
             self._gateways[run.id] = gateway
+
+    def new_gateway(self, run_id, task_id, socket_dir, query_log):
+        """A gateway as every run gets it: this site's endpoint and limits, its socket the relay user's, its
+        queries read by the parser pool."""
+        return RunGateway(run_id, task_id, socket_dir, self.upstream, self.config.sparql_gateway, query_log,
+                          socket_owner=containers.RELAY_UID, parse=self.parser.judge)
 
     def close_gateway(self, run_id):
         with self._gateways_lock:
@@ -575,6 +571,11 @@ class Heartbeat:
 
 
 # --- pure decisions -------------------------------------------------------------
+
+def registry_problem(error):
+    """A request to the registry that failed, in words for the log: its refusal, or what kept it from answering."""
+    return str(error) if isinstance(error, RegistryRefused) else f"unreachable ({type(error).__name__})"
+
 
 def token_refused(config, error):
     return (f"the registry {config.registry_url} refused this site's token ({error}): it is wrong or was revoked; "

@@ -142,8 +142,7 @@ class QueryLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.parent.chmod(0o700)  # queries may quote patients' data
         self._lock = threading.Lock()
-        # After a restart, the queries made before count.
-        self.recorded = summarize(read_query_log(self.path))["queries"]
+        self.entries_before = summarize(read_query_log(self.path))["queries"]  # from before a restart
         self._bytes = self.path.stat().st_size if self.path.exists() else 0
 
     def record(self, *, form, text, sha256, status, http_status, reason, rows, sent, started):
@@ -177,6 +176,7 @@ class RunGateway:
         self.socket_dir = Path(socket_dir)
         self.upstream, self.limits, self.query_log = upstream, limits, query_log
         self._lock = threading.Lock()
+        self.requests = query_log.entries_before  # after a restart, the requests made before count
         self._in_flight = 0
         self._exhausted = False
         self._nothing_in_flight = threading.Condition(self._lock)
@@ -191,7 +191,7 @@ class RunGateway:
         else:
             os.chown(self.socket_dir, self.socket_owner, self.socket_owner)
             self.socket_dir.chmod(0o700)
-        if self.query_log.recorded >= self.limits.max_queries:
+        if self.requests >= self.limits.max_queries:
             log.info("run %s: it used up its %d SPARQL queries; the gateway stays closed", self.run_id,
                      self.limits.max_queries)
             return
@@ -243,8 +243,8 @@ class RunGateway:
                 handler.close_connection = True
                 return
             self._in_flight += 1
-            self.query_log.recorded += 1
-            over_the_limit = self._exhausted = self.query_log.recorded > self.limits.max_queries
+            self.requests += 1
+            over_the_limit = self._exhausted = self.requests > self.limits.max_queries
         try:
             self._answer(handler, started, over_the_limit)
         except Exception as error:  # a broken request or connection; the algorithm's doing, not a runner bug

@@ -465,7 +465,7 @@ def test_a_content_length_that_is_not_a_number_is_refused_and_recorded(open_gate
                                                  b"Content-Type: application/sparql-query\r\n"
                                                  b"Content-Length: \xb2\r\n\r\nAS")
     assert received[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 411"), f"the gateway answered {received[:200]!r}"
-    assert len(gateway.wait_for_entries(1)) == gateway.run_gateway.query_log.recorded == 1
+    assert len(gateway.wait_for_entries(1)) == gateway.run_gateway.requests == 1
 
 
 # --- SERVICE never reaches another endpoint -----------------------------------------------
@@ -753,5 +753,5 @@ def test_read_query_log_skips_a_line_cut_by_a_crash_and_a_missing_log_is_empty(t
     with open(path, "a", encoding="ascii") as cut:
         cut.write('{"at": "2026-01-01T00:00:00', )
     assert [entry["bytes"] for entry in read_query_log(path)] == [26]
-    assert QueryLog(path, 9, 1, True).recorded == 1
+    assert QueryLog(path, 9, 1, True).entries_before == 1
     assert query_log_path(tmp_path, "9") == path
