@@ -60,6 +60,7 @@ class GarbledAnswer(requests.RequestException):
 # What a registry that is down, restarting, overloaded or misbehaving looks like from here: anything
 # that goes wrong on the way (connections, timeouts, redirects, broken encodings, garbled answers).
 TRANSIENT_ERRORS = (requests.RequestException,)
+MAX_SESSIONS_ASKED = 1000  # the registry's limit per request; the others are asked about next time
 
 
 class RegistryClient:
@@ -101,6 +102,20 @@ class RegistryClient:
         if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
             raise RegistryRefused(f"GET {response.url}: the answer is not a site's identity")
         return answer["name"]
+
+    def closed_sessions(self, session_ids):
+        """One try: which of these sessions the registry says are closed (or unknown to it); None from a registry
+        too old to say. Only ids that were asked about come back, whatever the registry sends."""
+        asked = sorted(session_ids)[:MAX_SESSIONS_ASKED]
+        response = self._answer("POST", "/api/site/sessions/closed", 30, json={"session_ids": asked})
+        if response.status_code in (404, 405):
+            return None
+        _raise_for(response)
+        answer = _json_or_none(response)
+        closed = answer.get("closed") if isinstance(answer, dict) else None
+        if not isinstance(closed, list):
+            raise RegistryRefused(f"POST {response.url}: the answer is not a list of closed sessions")
+        return set(asked) & {entry for entry in closed if type(entry) is int}
 
     def download_input(self, run_id, destination, max_bytes):
         """Stream the task's configuration file to destination, never whole in memory; raises InputTooLarge

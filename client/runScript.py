@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import docker.errors  # noqa: E402
 
-from client import containers  # noqa: E402
+from client import containers, disk_limits  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
 from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
 from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None):
                     "%s directly, not through the SPARQL gateway", network, config.sparql_endpoint)
     try:
         runner.run_until_stopped(once=args.once)
-    except WrongIdentity as error:
+    except (WrongIdentity, disk_limits.DiskLimitsUnavailable) as error:
         sys.exit(f"{args.config}: {error}")
     if runner.wrong_identity:
         sys.exit(f"{args.config}: {runner.wrong_identity}")

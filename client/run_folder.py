@@ -2,14 +2,17 @@
 
     work_dir/runs/<run id>/state.json     the claim (lease id, task, session, image) and progress
                           /input/input.txt the task's configuration, bound read-only at /input
-                          /output/         bound at /output; its contents are the result
+                          /disk.img        the run's filesystem of fixed size (disk_limits.py), mounted at:
+                          /disk/output/    bound at /output; its contents are the result
+                          /disk/pytaskmanager-log.txt  bound at /log.txt for original PyTaskManager images
                           /log.txt         the container's stdout and stderr, then the runner's notes
-                          /pytaskmanager-log.txt  bound at /log.txt for original PyTaskManager images
                           /output.tar.gz   the packed output, once the container has ended
                           /*.age           output and log encrypted for the researcher (encrypted tasks)
                           /outbox/         files for third parties, encrypted to each (deliveries.py)
                           /gateway/sparql.sock  the run's SPARQL gateway, bound read-only into its relay
-    work_dir/sessions/<session id>/temp/   bound at /temp for every task of that session
+    work_dir/sessions/<session id>/temp/   bound at /temp for every task of that session; the mountpoint of
+                          /disk.img        the session's filesystem of fixed size
+                          /last-used       touched whenever a run of the session starts or ends
     work_dir/sparql-queries/<run id>.jsonl every query of the run (sparql_gateway.py); kept
 
 state.json is replaced atomically after each step, so after a crash the runner
@@ -23,11 +26,11 @@ moved to work_dir/set-aside/ with a log line, never read again at every start.
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from pathlib import Path
 
+from client import disk_limits
 from client.claim import InvalidClaim, parse_claim
 
 log = logging.getLogger("pht.runner")
@@ -42,11 +45,14 @@ class RunFolder:
         self.state = state
         self.claim = parse_claim(state.get("run") if isinstance(state, dict) else None)
         self.input_file = self.path / "input" / "input.txt"
-        self.output_dir = self.path / "output"
+        # Everything the algorithm can write lives on one filesystem, so one limit holds for all of it.
+        self.disk_image = self.path / disk_limits.IMAGE_NAME
+        self.disk = self.path / "disk"
+        self.output_dir = self.disk / "output"
         # Original PyTaskManager images write /output.txt: bound to a file inside /output/, it
         # comes back as part of the result without any copying.
         self.pytaskmanager_output = self.output_dir / "output.txt"
-        self.pytaskmanager_log = self.path / "pytaskmanager-log.txt"
+        self.pytaskmanager_log = self.disk / "pytaskmanager-log.txt"
         self.log_file = self.path / "log.txt"
         self.archive = self.path / "output.tar.gz"
         self.outbox = self.path / "outbox"
@@ -61,7 +67,7 @@ class RunFolder:
         """A new folder for a checked claim (client.claim.Claim)."""
         path = Path(runs_dir) / str(claim.id)
         # A folder left from an earlier claim of this run that the registry took back is stale.
-        shutil.rmtree(path, ignore_errors=True)
+        disk_limits.remove_folder(path)
         path.mkdir(parents=True)
         folder = cls(path, {"run": claim.as_dict()})
         folder.save()
@@ -92,10 +98,10 @@ class RunFolder:
         self.save()
 
     def prepare_mounts(self, session_temp):
-        """Prepare what the container sees, the input already downloaded to input_file; returns
-        (host path, path inside, mode) for each bind mount."""
+        """Prepare what the container sees, the input already downloaded to input_file and the run's and the
+        session's filesystems mounted (or their folders made); returns (host path, path inside, mode) for each
+        bind mount."""
         self.output_dir.mkdir(exist_ok=True)
-        session_temp.mkdir(parents=True, exist_ok=True)
         self.pytaskmanager_output.touch()
         self.pytaskmanager_log.touch()
         # The container runs as an unprivileged user: it must read its input and write its results,
@@ -132,9 +138,10 @@ class RunFolder:
         return text[:max_bytes].decode("utf-8", errors="replace") + cut
 
     def remove(self):
+        """Raises disk_limits.DiskProblem if the run's filesystem is still in use."""
         # state.json first: a folder without it is a left-over, whatever else could not be deleted.
         (self.path / STATE_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.path, ignore_errors=True)
+        disk_limits.remove_folder(self.path)
 
 
 def unfinished_runs(runs_dir):
@@ -150,7 +157,10 @@ def unfinished_runs(runs_dir):
             set_aside(path, error)
             continue
         if folder is None:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                disk_limits.remove_folder(path)
+            except disk_limits.DiskProblem as error:
+                log.warning("left-over run folder %s: %s; removed at a later start", path, error)
         else:
             folders.append(folder)
     return folders
@@ -159,6 +169,12 @@ def unfinished_runs(runs_dir):
 def set_aside(path, why):
     """Move a run folder the runner cannot carry on with out of its way, keeping it for a person to look at."""
     aside = Path(path).parent.parent / "set-aside" / f"{Path(path).name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    try:
+        disk_limits.release(Path(path) / "disk")  # what an algorithm wrote is looked at from the image, if at all
+    except disk_limits.DiskProblem as error:
+        log.warning("run folder %s is not a run this runner can carry on with (%s), but its filesystem is in use "
+                    "(%s); set aside at a later start", path, why, error)
+        return
     aside.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, aside)
     log.warning("run folder %s is not a run this runner can carry on with (%s); moved it to %s", path, why, aside)

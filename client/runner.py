@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import docker
 import requests
 
-from client import containers, deliveries, image_policy, output_archive
+from client import containers, deliveries, disk_limits, image_policy, output_archive
 from client.claim import InvalidClaim
 from client.encryption import encrypt_once, keys_for
 from client.image_source import ImageSource, ImageUnavailable
@@ -35,6 +35,7 @@ from client.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
                                     Unreachable)
 from client.run_folder import RunFolder, unfinished_runs
+from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
 from client.sparql_parsing import ParserPool
@@ -62,7 +63,9 @@ class SiteRunner:
         self.engine = engine
         self.registry = registry
         self.runs_dir = config.work_dir / "runs"
-        self.sessions_dir = config.work_dir / "sessions"
+        self.output_disk = None  # disk_limits.DiskSize of each run's filesystem; None: polled (disk_limits polling)
+        self.sessions = SessionFolders(config.work_dir / "sessions", temp_size=None)
+        self._sessions_asked_at = None  # when the registry was last asked which sessions are closed
         self.images = ImageSource(engine, config.image_import_folder, config.work_dir / "imported-images.json")
         self.stopping = threading.Event()
         self._workers = {}  # run id -> Worker
@@ -79,7 +82,9 @@ class SiteRunner:
     # --- the main loop -------------------------------------------------------
 
     def run_until_stopped(self, once=False):
-        """Raises WrongIdentity if the registry does not take this site's token as this site's."""
+        """Raises WrongIdentity if the registry does not take this site's token as this site's, and
+        disk_limits.DiskLimitsUnavailable if this machine cannot hold algorithms to the site's disk limits."""
+        self.size_disks()
         self.check_identity()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
@@ -94,10 +99,28 @@ class SiteRunner:
         finally:
             self.parser.close()
 
+    def size_disks(self):
+        """The filesystems' sizes for the site's limits, found by making one of each (disk_limits.calibrate)."""
+        limits = self.config.container
+        if limits.disk_limits != "filesystem":
+            log.warning("container.disk_limits is polling: an algorithm's output is measured every %d s, so it can "
+                        "write more than max_output_bytes meanwhile, and /temp has no limit", OUTPUT_CHECK_SECONDS)
+            return
+        scratch = self.config.work_dir / "disk-check"
+        self.output_disk = disk_limits.calibrate(scratch, limits.max_output_bytes, limits.max_output_files)
+        temp_disk = disk_limits.calibrate(scratch, limits.max_temp_bytes, limits.max_temp_files)
+        self.sessions = SessionFolders(self.sessions.sessions_dir, temp_disk)
+        for where, size in (("/output", self.output_disk), ("/temp", temp_disk)):
+            log.info("%s: a filesystem of %d bytes per %s, for %d bytes in %d files (at most %d bytes over the limit "
+                     "on this machine's disk)",
+                     where, size.image_bytes, "run" if where == "/output" else "session", size.max_bytes,
+                     size.max_files, size.overshoot_bytes)
+
     def take_runs(self, once):
         """The main loop, until stopped (or one claim with once)."""
         while not self.stopping.is_set():
             self.carry_on_unfinished_runs()
+            self.remove_finished_sessions()
             self.images.load_dropped_archives()
             if not self.wait_for_free_slot():
                 continue
@@ -144,6 +167,27 @@ class SiteRunner:
             if folder.run_id not in self._workers:
                 log.info("run %s: carrying on where it was (%s)", folder.run_id, progress_of(folder.state))
                 self.start_worker(folder)
+
+    def remove_finished_sessions(self, now=None):
+        """Remove the /temp of sessions the researcher closed, or that no run used for session_idle_seconds.
+        The registry is asked at most once per poll interval, and only while this site holds session folders."""
+        now = time.time() if now is None else now
+        held = self.sessions.held()
+        if not held:
+            return
+        with self._workers_changed:
+            active = {worker.session_id for worker in self._workers.values()}
+        closed = set()
+        if self._sessions_asked_at is None or now - self._sessions_asked_at >= self.config.poll_interval_seconds:
+            self._sessions_asked_at = now
+            try:
+                closed = self.registry.closed_sessions(set(held) - active) or set()
+            except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+                # Not worth a warning of its own: the claim that follows says whether the registry answers.
+                log.debug("which sessions are closed: %s", registry_problem(error))
+        removable = sessions_to_remove(held, active, closed, now, self.config.session_idle_seconds)
+        for session_id, why in removable.items():
+            self.sessions.remove(session_id, why)
 
     def check_sparql_endpoint(self):
         """Whether the endpoint answers a query sent as the gateway sends algorithms' queries (before every poll;
@@ -263,7 +307,7 @@ class SiteRunner:
     def start_worker(self, folder):
         run = folder.claim
         heartbeat = Heartbeat(self.registry, run.id, run.lease_id, run.lease_seconds)
-        worker = Worker(heartbeat=heartbeat, thread=threading.Thread(
+        worker = Worker(session_id=run.session_id, heartbeat=heartbeat, thread=threading.Thread(
             target=self.work_on, args=(folder, heartbeat), name=f"run-{run.id}", daemon=True))
         with self._workers_changed:
             self._workers[run.id] = worker
@@ -323,7 +367,12 @@ class SiteRunner:
             except InputTooLarge as error:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
-            mounts = folder.prepare_mounts(self.sessions_dir / str(run.session_id) / "temp")
+            try:
+                mounts = folder.prepare_mounts(self.mount_disks(folder))
+            except disk_limits.DiskProblem as error:
+                folder.record(outcome={"exit_code": None, "failure_reason": f"the site could not prepare the run's "
+                                       f"disk: {error}"})
+                return
             network_mode = self.network_for(folder)
             if network_mode is None:
                 return
@@ -335,6 +384,15 @@ class SiteRunner:
             folder.record(container_id=container.id)
             log.info("run %s: container %s of %s", run.id, container.short_id, folder.state["image"])
         self.run_container(folder, heartbeat)
+
+    def mount_disks(self, folder):
+        """Mount the run's and its session's filesystems (again, after a reboot), or make their folders when the
+        site polls; returns the session's /temp. Raises disk_limits.DiskProblem."""
+        if self.output_disk:
+            disk_limits.mount(folder.disk_image, folder.disk, self.output_disk)
+        else:
+            folder.disk.mkdir(exist_ok=True)
+        return self.sessions.temp_for(folder.claim.session_id)
 
     def network_for(self, folder):
         """The algorithm container's network: the site's choice, or by default its relay's namespace, where
@@ -409,6 +467,13 @@ class SiteRunner:
                                        "reach its data"})
                 return
             self.open_gateway(folder)
+        try:
+            session_temp = self.mount_disks(folder)  # after a reboot they are images only, not mounted
+        except disk_limits.DiskProblem as error:
+            containers.remove(self.engine, container.id)
+            folder.record(outcome={"exit_code": None, "failure_reason": f"the site could not mount the run's disk "
+                                   f"again: {error}"})
+            return
         if "started_at" not in folder.state:
             folder.record(started_at=time.time())
         containers.start(container)
@@ -417,7 +482,7 @@ class SiteRunner:
 
         def reason_to_stop():
             reason = heartbeat.stop_reason or timeout_reason(folder.state["started_at"], timeout, time.time())
-            if not reason and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
+            if not reason and not self.output_disk and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
                 # Checked while it runs, so an algorithm cannot fill the site's disk.
                 output_checked[0] = time.monotonic()
                 reason = output_archive.too_large_reason(
@@ -429,11 +494,18 @@ class SiteRunner:
         exit_code, reason = containers.wait_for_end(container, reason_to_stop)
         sparql = self.end_gateway(folder)
         heartbeat.check()
+        self.sessions.mark_used(run.session_id)
         reason = reason or folder.state.get("stop_reason")
         if reason is None and containers.was_out_of_memory(container):
             reason = f"out of memory: the algorithm needed more than this site's limit of {limits.memory}"
+        if reason is None and self.output_disk:
+            reason = disk_limits.full_reason(folder.disk, "the output (with /output.txt and /log.txt)",
+                                             self.output_disk)
         containers.save_log(container, folder.log_file)
         notes = [f"ended: {reason}"] if reason else []
+        temp_full = self.sessions.temp_size and disk_limits.full_reason(session_temp, "/temp", self.sessions.temp_size)
+        if temp_full:
+            notes.append(temp_full)
         if sparql:
             notes.append(f"SPARQL gateway: {sparql['queries']} queries, {sparql['refused']} refused, "
                          f"{sparql['bytes']} bytes read")
@@ -514,11 +586,16 @@ class SiteRunner:
         for name in ("container_id", "relay_container_id"):
             if name in folder.state:
                 containers.remove(self.engine, folder.state[name])
-        folder.remove()
+        try:
+            folder.remove()
+        except disk_limits.DiskProblem as error:
+            log.warning("run %s: its filesystem could not be unmounted (%s); its folder is removed at the next start",
+                        folder.run_id, error)
 
 
 @dataclass
 class Worker:
+    session_id: int
     thread: threading.Thread
     heartbeat: "Heartbeat"
 

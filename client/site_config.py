@@ -41,8 +41,17 @@ CONTAINER_DEFAULTS = {
     "pids": 256,
     "timeout_seconds": 3600,
     "max_output_bytes": 1024 ** 3,
+    "max_output_files": 100_000,
+    "max_temp_bytes": 1024 ** 3,
+    "max_temp_files": 100_000,
+    "disk_limits": "filesystem",
     "user": "65534:65534",
 }
+
+# How /output and /temp are held to their limits (disk_limits.py): a filesystem of fixed size each,
+# or the output's size checked every few seconds and /temp unlimited.
+DISK_LIMITS = ("filesystem", "polling")
+MINIMUM_DISK_BYTES = 1024 ** 2  # ext4 needs room for its own bookkeeping
 
 SPARQL_GATEWAY_DEFAULTS = {
     "query_timeout_seconds": 300,
@@ -73,6 +82,10 @@ class ContainerLimits:
     pids: int
     timeout_seconds: int
     max_output_bytes: int
+    max_output_files: int
+    max_temp_bytes: int
+    max_temp_files: int
+    disk_limits: str
     user: str
 
 
@@ -103,6 +116,7 @@ class SiteConfig:
     max_input_bytes: int
     long_poll_seconds: int
     poll_interval_seconds: int
+    session_idle_seconds: int
     container: ContainerLimits
     allow_host_network: bool
     sparql_gateway: SparqlGatewaySettings
@@ -181,6 +195,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     max_input_bytes = take("max_input_bytes", int, 16 * 1024 ** 2, at_least=1, at_most=2 ** 40)
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
+    session_idle_seconds = take("session_idle_seconds", int, 7 * 24 * 3600, at_least=1, at_most=10 * 365 * 24 * 3600)
     container = _container_limits(take("container", dict, {}), problems)
     allow_host_network = take("allow_host_network", bool, False)
     if container.network == "host" and not allow_host_network:
@@ -200,7 +215,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, max_input_bytes=max_input_bytes, long_poll_seconds=long_poll_seconds,
-        poll_interval_seconds=poll_interval_seconds, container=container, allow_host_network=allow_host_network,
+        poll_interval_seconds=poll_interval_seconds, session_idle_seconds=session_idle_seconds, container=container, allow_host_network=allow_host_network,
         sparql_gateway=sparql_gateway, recipients=recipients, researcher_keys=researcher_keys)
 
 
@@ -316,9 +331,16 @@ def _container_limits(given, problems):
         problems.append(f"container.memory {values['memory']!r} must look like 512m or 2g")
     elif memory < DOCKER_MINIMUM_MEMORY:
         problems.append(f"container.memory {values['memory']!r} is below Docker's minimum of 6m")
-    for key in ("cpus", "pids", "timeout_seconds", "max_output_bytes"):
+    for key in ("cpus", "pids", "timeout_seconds", "max_output_files", "max_temp_files"):
         if values[key] <= 0:
             problems.append(f"container.{key} must be greater than 0")
+    for key in ("max_output_bytes", "max_temp_bytes"):
+        if values[key] < MINIMUM_DISK_BYTES:
+            problems.append(f"container.{key} must be at least {MINIMUM_DISK_BYTES} (1 MiB)")
+    if values["disk_limits"] not in DISK_LIMITS:
+        problems.append(f"container.disk_limits {values['disk_limits']!r} must be filesystem (a filesystem of fixed "
+                        "size per run and per session; needs root) or polling (output checked every 2 s, /temp "
+                        "not limited)")
     if not values["network"].strip():
         problems.append("container.network is empty; use none (the default), host, or a Docker network's name")
     if values["user"].split(":")[0] in ("", "0", "root"):

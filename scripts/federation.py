@@ -23,6 +23,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from client import disk_limits  # noqa: E402
 from data.generate_cohort import generate_cohort, write_ntriples  # noqa: E402
 from researcher import Registry  # noqa: E402
 
@@ -223,4 +224,5 @@ class LocalFederation:
                 process.wait()
         self._processes.clear()
         if self._own_folder:
+            disk_limits.release_all_under(self.folder)  # the runners' per-run and per-session filesystems
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -8,8 +8,17 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from client import disk_limits  # noqa: E402
 from master import auth, store  # noqa: E402
 from master.app import Settings, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_filesystems_left_mounted(tmp_path_factory):
+    """Runners started in a test's folder leave their sessions' filesystems mounted (a runner keeps them for
+    the next round): unmount them once the tests are done, so that the folders can be deleted."""
+    yield
+    disk_limits.release_all_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

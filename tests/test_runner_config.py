@@ -44,7 +44,9 @@ def problems_with(**changes):
     ({"container": {"memory": "1m"}}, "container.memory '1m' is below Docker's minimum of 6m"),
     ({"container": {"cpus": "two"}}, 'container.cpus must be a float, not "two"'),
     ({"container": {"timeout_seconds": 0}}, "container.timeout_seconds must be greater than 0"),
-    ({"container": {"max_output_bytes": -1}}, "container.max_output_bytes must be greater than 0"),
+    ({"container": {"max_output_bytes": -1}}, "container.max_output_bytes must be at least 1048576 (1 MiB)"),
+    ({"container": {"max_temp_files": 0}}, "container.max_temp_files must be greater than 0"),
+    ({"container": {"disk_limits": "quota"}}, "container.disk_limits 'quota' must be filesystem"),
     ({"container": {"user": "root"}}, "container.user 'root' would run algorithms as root"),
     ({"container": {"user": "0:0"}}, "container.user '0:0' would run algorithms as root"),
 ])

@@ -1,0 +1,72 @@
+"""The decisions behind disk limits and session folders, and the filesystems themselves (root, no Docker)."""
+
+import os
+
+import pytest
+
+from client import disk_limits
+from client.disk_limits import FULL_MARGIN_BYTES, MIB, STEP_BYTES, DiskSize, next_guess
+from client.session_folders import SessionFolders, sessions_to_remove
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
+
+
+def test_the_size_search_stops_within_a_step_above_what_is_wanted():
+    assert next_guess(20 * MIB, 10 * MIB, 10 * MIB) is None
+    assert next_guess(20 * MIB, 10 * MIB, 10 * MIB + STEP_BYTES - 1) is None
+    # Too small: grow by what was missing; too large: shrink by the excess; always in whole steps.
+    assert next_guess(20 * MIB, 10 * MIB, 10 * MIB - 5000) == 20 * MIB + STEP_BYTES
+    assert next_guess(20 * MIB, 10 * MIB, 12 * MIB) == 18 * MIB
+
+
+def test_sessions_are_removed_when_closed_or_idle_and_never_while_a_run_uses_them():
+    held = {1: 1000.0, 2: 1000.0, 3: 1090.0, 4: 1000.0}
+    removable = sessions_to_remove(held, active={4}, closed={1, 4}, now=1100.0, idle_seconds=60)
+    assert removable == {1: "the researcher closed the session",
+                         2: "no run used it for 60 s (session_idle_seconds)"}
+
+
+@needs_root
+def test_a_filesystem_holds_its_limit_and_counts_as_full_only_past_it(tmp_path):
+    size = disk_limits.calibrate(tmp_path / "check", 4 * MIB, 50)
+    assert size.image_bytes > 4 * MIB
+    mountpoint = tmp_path / "run" / "disk"
+    mountpoint.parent.mkdir()
+    disk_limits.mount(tmp_path / "run" / "disk.img", mountpoint, size)
+    disk_limits.mount(tmp_path / "run" / "disk.img", mountpoint, size)  # already mounted: nothing happens
+    assert disk_limits.mounted_under(tmp_path) == [str(mountpoint)]
+    assert os.listdir(mountpoint) == []  # no lost+found
+    (mountpoint / "exactly-the-limit").write_bytes(b"\1" * 4 * MIB)
+    assert disk_limits.full_reason(mountpoint, "/output", size) is None
+    with pytest.raises(OSError, match="No space left"):
+        with open(mountpoint / "more", "wb", buffering=0) as more:
+            for _ in range(2 * FULL_MARGIN_BYTES // 65536):
+                more.write(b"\2" * 65536)
+    assert disk_limits.full_reason(mountpoint, "/output", size) == "/output reached this site's limit of 4194304 bytes"
+    disk_limits.remove_folder(tmp_path / "run")
+    assert not (tmp_path / "run").exists() and disk_limits.mounted_under(tmp_path) == []
+
+
+@needs_root
+def test_a_folder_in_use_is_not_deleted_under_its_user(tmp_path):
+    sessions = SessionFolders(tmp_path / "sessions", disk_limits.calibrate(tmp_path / "check", MIB, 10))
+    temp = sessions.temp_for(7)
+    (temp / "state").write_text("round 1")
+    assert sessions.temp_for(7) == temp and (temp / "state").read_text() == "round 1"
+    with open(temp / "state"):  # as a container that still runs would hold it
+        sessions.remove(7, "closed")
+        assert (temp / "state").read_text() == "round 1"
+    sessions.remove(7, "closed")
+    assert sessions.held() == {}
+    assert disk_limits.mounted_under(tmp_path) == []
+
+
+@needs_root
+def test_an_image_left_unmounted_by_a_reboot_is_mounted_again_with_its_files(tmp_path):
+    size = DiskSize(MIB, 10, 8 * MIB)
+    disk_limits.mount(tmp_path / "disk.img", tmp_path / "temp", size)
+    (tmp_path / "temp" / "kept").write_text("from before")
+    disk_limits.release(tmp_path / "temp")
+    disk_limits.mount(tmp_path / "disk.img", tmp_path / "temp", size)
+    assert (tmp_path / "temp" / "kept").read_text() == "from before"
+    disk_limits.release(tmp_path / "temp")
