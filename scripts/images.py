@@ -8,6 +8,10 @@
    <PHT_IMAGE_REGISTRY>/pht/<name with _ as ->:latest and pushed there. The build cache makes
    rebuilding unchanged algorithms cheap, so they are rebuilt on every run.
 
+The registry only lets its account in; pushes go with the engine's login, which scripts/setup.sh
+made from the account in .local/image-registry/push-credentials (`docker login`). The helpers
+for that login are here so the set-up and the tests read it one way.
+
 Run by scripts/setup.sh; running it alone is fine once the engine and registry are up.
 """
 
@@ -17,11 +21,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import docker
+import docker.auth
+import requests
 from docker.utils import parse_repository_tag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +34,8 @@ LOGS = LOCAL / "logs"
 ALGORITHMS = ROOT / "algorithms"
 
 REGISTRY = os.environ.get("PHT_IMAGE_REGISTRY", "127.0.0.1:5050")
+# The local registry's one account, "user:password", made by scripts/setup.sh.
+REGISTRY_CREDENTIALS = LOCAL / "image-registry" / "push-credentials"
 BASE_IMAGE = os.environ.get("PHT_BASE_IMAGE", "pht-base:bookworm")
 
 DEBIAN_SUITE = "bookworm"
@@ -92,16 +98,47 @@ def connect_to_engine(timeout=60):
     return client
 
 
+def engine_login(registry=REGISTRY):
+    """(user, password) the engine's clients send to the registry: what `docker login` stored in
+    ~/.docker/config.json (or a credential helper), as docker-py reads it for pulls and pushes; or None."""
+    found = docker.auth.resolve_authconfig(docker.auth.load_config(), registry) or {}
+    found = {key.lower(): value for key, value in found.items()}  # credential helpers' answers are capitalised
+    return (found["username"], found["password"]) if found.get("username") else None
+
+
+def local_credentials():
+    """(user, password) of the local registry's account, or None before scripts/setup.sh made it."""
+    try:
+        user, _, password = REGISTRY_CREDENTIALS.read_text(encoding="utf-8").strip().partition(":")
+    except FileNotFoundError:
+        return None
+    return user, password
+
+
+def registry_status(credentials, registry=REGISTRY):
+    """The HTTP status of the registry's GET /v2/ with (user, password), or without when None: 200 lets
+    them in, 401 asks for (other) credentials. None when nothing answers."""
+    try:
+        return requests.get(f"http://{registry}/v2/", auth=credentials, timeout=5).status_code
+    except requests.RequestException:
+        return None
+
+
 def check_registry():
     url = f"http://{REGISTRY}/v2/"
-    try:
-        with urllib.request.urlopen(url, timeout=5):
-            pass
-    except (urllib.error.URLError, OSError) as error:
+    status = registry_status(engine_login())
+    if status is None:
         raise SetupError(
-            f"image registry not reachable at {url} ({error}); run scripts/setup.sh, which starts "
+            f"image registry not reachable at {url}; run scripts/setup.sh, which starts "
             "docker-registry there, or set PHT_IMAGE_REGISTRY to a running registry"
-        ) from None
+        )
+    if status == 401:
+        raise SetupError(
+            f"the image registry at {url} refuses the Docker engine's login (or it has none), so pushes would "
+            f"fail; run scripts/setup.sh, which logs in with {REGISTRY_CREDENTIALS}, or `docker login {REGISTRY}`"
+        )
+    if status != 200:
+        raise SetupError(f"{url} answered HTTP {status}, not 200; is a docker-registry listening there?")
 
 
 def image_exists(client, name):

@@ -7,10 +7,9 @@ pushes the images these tests use.
 
 import docker
 import pytest
-import requests
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
-from tests.images import present, registry_digest
+from tests.images import engine_or_fail, present, registry_digest
 
 PATIENT_COUNT = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
 # The same algorithm under a repository no site allows: a real, pullable image that must not be pulled.
@@ -19,14 +18,7 @@ UNTRUSTED = f"{IMAGE_REGISTRY}/untrusted/patient-count:latest"
 
 @pytest.fixture(scope="module")
 def engine():
-    try:
-        client = docker.from_env()
-        client.ping()
-        requests.get(f"http://{IMAGE_REGISTRY}/v2/", timeout=5).raise_for_status()
-    except (docker.errors.DockerException, requests.RequestException) as error:
-        pytest.fail(f"the Docker engine or the image registry at {IMAGE_REGISTRY} does not answer ({error}); "
-                    "run scripts/setup.sh first")
-    return client
+    return engine_or_fail()
 
 
 @pytest.fixture(scope="module")

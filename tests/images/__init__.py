@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from scripts.federation import IMAGE_REGISTRY
+from scripts.images import engine_login
 
 FOLDER = Path(__file__).resolve().parent
 BASE_IMAGE = os.environ.get("PHT_BASE_IMAGE", "pht-base:bookworm")
@@ -28,7 +29,8 @@ def engine_or_fail():
         engine = docker.from_env()
         engine.ping()
         engine.images.get(BASE_IMAGE)
-        requests.get(f"http://{IMAGE_REGISTRY}/v2/", timeout=5).raise_for_status()
+        # With the engine's login: the registry lets nobody else in (scripts/setup.sh).
+        requests.get(f"http://{IMAGE_REGISTRY}/v2/", auth=engine_login(IMAGE_REGISTRY), timeout=5).raise_for_status()
     except (docker.errors.DockerException, requests.RequestException) as error:
         pytest.fail(f"the Docker engine, the base image {BASE_IMAGE} or the image registry at {IMAGE_REGISTRY} "
                     f"is missing ({error}); run scripts/setup.sh first")
@@ -66,7 +68,8 @@ def registry_digest(reference):
     """The digest the image registry serves for host/repository:tag now."""
     name, _, tag = reference.rpartition(":")
     host, _, repository = name.partition("/")
-    response = requests.head(f"http://{host}/v2/{repository}/manifests/{tag}", timeout=5, headers={
+    response = requests.head(f"http://{host}/v2/{repository}/manifests/{tag}", auth=engine_login(host), timeout=5,
+                             headers={
         "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
     response.raise_for_status()
     return response.headers["Docker-Content-Digest"]
