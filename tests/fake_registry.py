@@ -255,6 +255,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind, run_id = "unknown", None
         if path in ("/api/site/me", "/api/site/claim"):
             kind = path.rsplit("/", 1)[1]
+        elif path == "/api/site/sessions/closed":
+            kind = "closed-sessions"
         elif (match := _RUN_PATH.fullmatch(path)) and match[2] in RUN_ENDPOINTS:
             run_id, kind = match[1], match[2]
         return Request(method=self.command, path=path, kind=kind, run_id=run_id, headers=dict(self.headers.items()),

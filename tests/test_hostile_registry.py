@@ -28,7 +28,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from client import containers
+from client import containers, disk_limits
 from scripts.federation import DEFAULT_WHITELIST, IMAGE_REGISTRY, OXIGRAPH, PYTHON, ROOT, free_port, wait_until_answers
 from tests.fake_registry import Answer, FakeRegistry
 from tests.images import engine_or_fail, pushed_test_image
@@ -808,3 +808,27 @@ def test_a_link_left_in_temp_leads_nowhere_for_a_hostile_session_id_or_a_later_t
     site.assert_unharmed(allowed_runs=[951, 953])  # host_folder: same mode, owner and files as before
     assert runner.stop() == 0
 
+
+
+def test_a_registry_that_lies_about_closed_sessions_removes_no_more_than_this_sites_own_session_folders(site, probe):
+    """Asked which of its sessions are closed, the registry answers with ids never asked about, paths, and
+    garbage: the runner removes the one folder it asked about and was told of, and nothing else."""
+    runner = site.start_runner()
+    for run_id in (961, 962):
+        site.registry.offer_claim(claim(run_id, probe, session_id=run_id))
+        assert wait_for_finish(runner, run_id, timeout=60)["exit_code"] == 0
+    sessions = site.work_dir / "sessions"
+    assert sorted(path.name for path in sessions.iterdir()) == ["961", "962"]
+    asked = len(site.registry.requests("closed-sessions"))
+    site.registry.script("closed-sessions", Answer.text("not json"), Answer.json({"closed": "all"}),
+                         Answer.json({"message": "down"}, status=500), Answer.text("[" * 100_000 + "]" * 100_000),
+                         Answer.json({"closed": ["../x", -1, 2 ** 40, "961/../..", 1.5, None, True, 962, 5]}))
+    runner.wait_for(lambda: len(site.registry.requests("closed-sessions")) >= asked + 5,
+                    "the runner asks five more times which sessions are closed", timeout=60)
+    runner.wait_for_log("session 962: removed its /temp (the researcher closed the session)", "962 is removed")
+    assert sorted(path.name for path in sessions.iterdir()) == ["961"]
+    runner.wait_for(lambda: site.registry.bodies("closed-sessions")[-1] == {"session_ids": [961]},
+                    "the runner asks about the session it still holds, and only that one")
+    assert disk_limits.mounted_under(sessions) == [str(sessions / "961" / "temp")]
+    site.assert_unharmed(allowed_runs=[961, 962])
+    assert runner.stop() == 0
