@@ -45,9 +45,11 @@ class RunFolder:
         self.state = state
         self.claim = parse_claim(state.get("run") if isinstance(state, dict) else None)
         self.input_file = self.path / "input" / "input.txt"
-        # Everything the algorithm can write lives on one filesystem, so one limit holds for all of it.
+        # Everything the algorithm can write lives on one filesystem, so one limit holds for all of it. A run
+        # begun by a runner older than that kept it beside state.json, where its container still writes.
         self.disk_image = self.path / disk_limits.IMAGE_NAME
-        self.disk = self.path / "disk"
+        self.older_layout = (self.path / "output").is_dir()
+        self.disk = self.path if self.older_layout else self.path / "disk"
         self.output_dir = self.disk / "output"
         # Original PyTaskManager images write /output.txt: bound to a file inside /output/, it
         # comes back as part of the result without any copying.

@@ -388,7 +388,9 @@ class SiteRunner:
     def mount_disks(self, folder):
         """Mount the run's and its session's filesystems (again, after a reboot), or make their folders when the
         site polls; returns the session's /temp. Raises disk_limits.DiskProblem."""
-        if self.output_disk:
+        if folder.older_layout:
+            pass  # its container binds the folders it was created with
+        elif self.output_disk:
             disk_limits.mount(folder.disk_image, folder.disk, self.output_disk)
         else:
             folder.disk.mkdir(exist_ok=True)
@@ -482,7 +484,8 @@ class SiteRunner:
 
         def reason_to_stop():
             reason = heartbeat.stop_reason or timeout_reason(folder.state["started_at"], timeout, time.time())
-            if not reason and not self.output_disk and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
+            polled = not self.output_disk or folder.older_layout
+            if not reason and polled and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
                 # Checked while it runs, so an algorithm cannot fill the site's disk.
                 output_checked[0] = time.monotonic()
                 reason = output_archive.too_large_reason(

@@ -5,7 +5,9 @@ import os
 import pytest
 
 from client import disk_limits
+from client.claim import parse_claim
 from client.disk_limits import FULL_MARGIN_BYTES, MIB, STEP_BYTES, DiskSize, next_guess
+from client.run_folder import RunFolder
 from client.session_folders import SessionFolders, sessions_to_remove
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
@@ -70,3 +72,14 @@ def test_an_image_left_unmounted_by_a_reboot_is_mounted_again_with_its_files(tmp
     disk_limits.mount(tmp_path / "disk.img", tmp_path / "temp", size)
     assert (tmp_path / "temp" / "kept").read_text() == "from before"
     disk_limits.release(tmp_path / "temp")
+
+
+def test_a_run_begun_before_disk_limits_keeps_its_output_where_its_container_writes(tmp_path):
+    claim = parse_claim({"id": 7, "task_id": 5, "session_id": 3, "image": "127.0.0.1:5050/pht/x:1",
+                         "lease_id": "l", "lease_seconds": 30, "timeout_seconds": None, "recipients": []})
+    new = RunFolder.create(tmp_path / "runs", claim)
+    assert new.output_dir == new.path / "disk" / "output" and not new.older_layout
+    (new.path / "output").mkdir()  # as a runner from before disk limits left it
+    older = RunFolder.load(new.path)
+    assert older.older_layout and older.output_dir == new.path / "output"
+    assert older.pytaskmanager_log == new.path / "pytaskmanager-log.txt"
