@@ -99,7 +99,7 @@ def calibrate(scratch_dir, max_bytes, max_files, attempts=6):
         raise DiskLimitsUnavailable("container.disk_limits filesystem mounts a filesystem per run and per session, "
                                     "which needs root: run the runner as root, or set container.disk_limits to "
                                     "polling (output checked every 2 s, /temp not limited)")
-    missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if shutil.which(tool) is None]
+    missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if _tool(tool) is None]
     if missing:
         raise DiskLimitsUnavailable(f"container.disk_limits filesystem needs {', '.join(missing)}: install e2fsprogs "
                                     "and mount (apt-get install e2fsprogs mount), or set container.disk_limits to "
@@ -209,9 +209,14 @@ def release_all_under(folder):
     return len(mountpoints)
 
 
+def _tool(name):
+    """The tool's path: system tools live in sbin, which not every user's PATH has."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def _run(command):
     try:
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        subprocess.run([_tool(command[0]) or command[0], *command[1:]], check=True, capture_output=True, timeout=120)
     except subprocess.CalledProcessError as error:
         said = (error.stderr or error.stdout or b"").decode("utf-8", "replace").strip()
         raise DiskProblem(f"{command[0]} failed: {said or f'exit code {error.returncode}'}") from None

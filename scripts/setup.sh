@@ -20,8 +20,9 @@ REGISTRY_USER="pht-images"
 # The Python helpers below (scripts/images.py) read the registry's address from here.
 export PHT_IMAGE_REGISTRY="$REGISTRY_ADDR"
 
+# e2fsprogs: the site runner holds algorithms to their disk limits with small ext4 filesystems.
 SYSTEM_PACKAGES=(docker.io docker-registry apache2-utils debootstrap postgresql age python3-venv
-    debian-archive-keyring)
+    debian-archive-keyring e2fsprogs)
 # Daemons and debootstrap live in sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -30,7 +31,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 missing_system_tools() {
     local tool
-    for tool in dockerd docker docker-registry htpasswd debootstrap pg_ctlcluster age python3; do
+    for tool in dockerd docker docker-registry htpasswd debootstrap pg_ctlcluster age python3 mkfs.ext4; do
         command -v "$tool" >/dev/null || echo "$tool"
     done
     # Debian splits venv support out of python3; without it `python3 -m venv` fails.
