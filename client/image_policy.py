@@ -74,9 +74,10 @@ def refusal_reason(written, whitelist, require_digest=False):
         reference = parse_image_reference(written)
     except InvalidReference as error:
         return str(error)
+    if not any(pattern.fullmatch(written) or pattern.fullmatch(reference.normalised) for pattern in whitelist):
+        return f"image {written!r} (normalised {reference.normalised!r}) matches no entry of this site's whitelist"
     if require_digest and reference.digest is None:
-        return f"this site runs only images pinned by digest (@sha256:...); {written!r} names only a tag"
-    for pattern in whitelist:
-        if pattern.fullmatch(written) or pattern.fullmatch(reference.normalised):
-            return None
-    return f"image {written!r} (normalised {reference.normalised!r}) matches no entry of this site's whitelist"
+        # A tag can be moved to another image after the task was posted; a digest names one image for good.
+        return (f"this site runs only images pinned by digest (@sha256:...); {written!r} names only a tag: post "
+                "the task with the researcher library or CLI, which pin the tag, or give name:tag@sha256:...")
+    return None

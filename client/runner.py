@@ -170,18 +170,17 @@ class SiteRunner:
 
     def remove_finished_sessions(self, now=None):
         """Remove the /temp of sessions the researcher closed, or that no run used for session_idle_seconds.
-        The registry is asked at most once per poll interval, and only while this site holds session folders."""
+        The registry is asked at most once per poll interval, and only about folders no run uses now."""
         now = time.time() if now is None else now
         held = self.sessions.held()
-        if not held:
-            return
         with self._workers_changed:
             active = {worker.session_id for worker in self._workers.values()}
-        closed = set()
-        if self._sessions_asked_at is None or now - self._sessions_asked_at >= self.config.poll_interval_seconds:
+        closed, not_in_use = set(), set(held) - active
+        due = self._sessions_asked_at is None or now - self._sessions_asked_at >= self.config.poll_interval_seconds
+        if not_in_use and due:
             self._sessions_asked_at = now
             try:
-                closed = self.registry.closed_sessions(set(held) - active) or set()
+                closed = self.registry.closed_sessions(not_in_use) or set()
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
                 # Not worth a warning of its own: the claim that follows says whether the registry answers.
                 log.debug("which sessions are closed: %s", registry_problem(error))

@@ -188,7 +188,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
             problems.append(f"whitelist[{index}] is not a valid regular expression: {error}")
     if "whitelist" in raw and not raw["whitelist"]:
         problems.append("whitelist is empty, so this site would refuse every task; add a pattern")
-    require_digest = take("require_digest", bool, False)
+    require_digest = take("require_digest", bool, True)
     work_dir = _folder(take("work_dir", str, "site-work"), base_dir)
     import_folder = take("image_import_folder", str)
     max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)

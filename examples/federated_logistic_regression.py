@@ -62,6 +62,7 @@ def fit_federated(registry, image, covariates=COVARIATES, outcome=OUTCOME, sites
              + f" {change:>11.2e} {time.monotonic() - started:>7.1f}")
         if change < tolerance:
             patients = sum(answer["patients"] for answer in answers)
+            registry.close_session(session_id)  # done: the sites may remove the session's /temp/
             return FederatedFit(terms, coefficients, round_number, session_id, patients)
     raise RuntimeError(f"no convergence after {max_rounds} rounds (last change {change:.2e}); "
                        "raise --max-rounds or --tolerance")

@@ -14,7 +14,7 @@ from master.wakeup import Announcements
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What researchers do: post tasks, follow their runs, fetch results, cancel.
+"""What researchers do: post tasks, follow their runs, fetch results, cancel, close sessions.
 
 A researcher sees and changes only their own tasks; anything else answers 404,
 so the API does not even reveal which task numbers exist.
@@ -12,8 +12,8 @@ from apiflask import APIBlueprint, abort
 from flask import current_app, send_file
 
 from master import auth, store
-from master.schemas import (PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SitePageOut, TaskIn, TaskOut,
-                            TaskPageOut, TaskQueryIn, TaskWaitIn)
+from master.schemas import (ClosedSessionOut, PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SessionPageOut,
+                            SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn, TaskWaitIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -29,7 +29,8 @@ def _registry():
 @bp.input(TaskIn)
 @bp.output(TaskOut, status_code=201)
 @bp.doc(responses={404: "An unknown site or session was named.",
-                   409: "An encrypted task was posted, but the researcher has no public key."})
+                   409: "The session is closed, or an encrypted task was posted but the researcher has no "
+                        "public key."})
 def create_task(json_data):
     """Post a task: an image for the given sites to run, with its configuration file."""
     registry = _registry()
@@ -93,6 +94,29 @@ def cancel_task(task_id):
     _registry().ended_tasks.announce([task_id])
     log.info("task %s cancelled; runs %s", task_id, cancelled)
     return store.get_task(engine, task_id, auth.caller().id)
+
+
+@bp.post("/sessions/<int:session_id>/close")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.output(ClosedSessionOut)
+@bp.doc(responses={404: "No such session of the caller's.",
+                   409: "A task of the session is still under way: cancel it or wait for it first."})
+def close_session(session_id):
+    """Close a session: it takes no more tasks, and each site removes its /temp folder of the session
+    (the site learns it before its next claim). Closing a closed session again answers the same."""
+    session = store.close_session(_registry().engine, session_id, auth.caller().id)
+    log.info("session %s closed by researcher %s", session_id, auth.caller().name)
+    return session
+
+
+@bp.get("/sessions")
+@bp.auth_required(auth.token_auth, roles=[auth.RESEARCHER])
+@bp.input(PageIn, location="query")
+@bp.output(SessionPageOut)
+def list_sessions(query_data):
+    """The caller's sessions, oldest first, with their task counts and whether they are closed."""
+    items, total = store.list_sessions(_registry().engine, auth.caller().id, **query_data)
+    return {"items": items, "total": total, **query_data}
 
 
 @bp.get("/runs/<int:run_id>/history")

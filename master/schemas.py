@@ -82,13 +82,14 @@ class TaskIn(Schema):
     image = Text(required=True, validate=[Length(1, 512), Regexp(
                      IMAGE_REFERENCE, error="{input!r} is not a Docker image reference such as "
                                             "registry.example.org/group/image:tag")],
-                   metadata={"description": "Docker image reference the sites pull and run."})
+                   metadata={"description": "Docker image reference the sites pull and run; pinned by digest "
+                                            "(name:tag@sha256:...) for sites that run only pinned images."})
     input = Text(metadata={"description": "The configuration file as text (UTF-8). Give this or input_base64."})
     input_base64 = Text(metadata={"description": "The configuration file as base64, for binary input."})
     sites = List(Text(validate=Length(1, 128)), validate=Length(min=1), allow_none=True,
                  metadata={"description": "Names of the sites that must run the task; omit or null for all sites."})
-    session_id = Id(allow_none=True,
-                    metadata={"description": "Session to add the task to; omit to start a new session."})
+    session_id = Id(allow_none=True, metadata={
+        "description": "Session to add the task to (409 if it is closed); omit to start a new session."})
     name = Text(allow_none=True, validate=Length(max=256))
     description = Text(allow_none=True, validate=Length(max=10000))
     timeout_seconds = Integer(allow_none=True, validate=Range(min=1, max=7 * 24 * 3600),
@@ -182,6 +183,24 @@ class TaskPageOut(PageOut):
     items = List(Nested(TaskOut))
 
 
+class SessionOut(Schema):
+    id = Integer()
+    created_at = Timestamp()
+    closed_at = Timestamp(allow_none=True, metadata={
+        "description": "When the researcher closed it: it takes no more tasks, and sites remove its /temp. "
+                       "Null while it is open."})
+    task_count = Integer(metadata={"description": "How many tasks the session has."})
+
+
+class SessionPageOut(PageOut):
+    items = List(Nested(SessionOut))
+
+
+class ClosedSessionOut(SessionOut):
+    """SessionOut, under a name of its own in the OpenAPI document: apiflask would list a class that is used
+    directly after it was first used nested (in SessionPageOut, whose path is shorter) twice, as SessionOut1."""
+
+
 class RunEventOut(Schema):
     status = String()
     at = Timestamp()
@@ -220,6 +239,33 @@ class ClaimedRunOut(Schema):
                                                 "encrypts only to the keys it pinned for this name."})
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
+
+
+# How many sessions a site may ask about in one request; it asks about the others in the next.
+MAX_SESSIONS_ASKED = 1000
+
+
+class WholeNumber(Integer):
+    """A JSON number that is whole: 5 and 5.0 are 5; "5" and true are refused rather than read as 5 and 1, and
+    5.5 rather than cut down to 5."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class SessionIdsIn(Schema):
+    session_ids = List(WholeNumber(validate=Range(min=1, max=INT_MAX)), required=True,
+                       validate=Length(1, MAX_SESSIONS_ASKED, error=(
+                           f"give 1 to {MAX_SESSIONS_ASKED} session ids; ask about the others in another request")),
+                       metadata={"description": "Sessions the site holds a /temp folder for."})
+
+
+class ClosedSessionIdsOut(Schema):
+    closed = List(Integer(), metadata={
+        "description": "Those of the given sessions that are closed or do not exist (in ascending order): "
+                       "the site may remove their /temp."})
 
 
 class LeaseIn(Schema):

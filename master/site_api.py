@@ -13,8 +13,8 @@ from apiflask.validators import Length, Regexp
 from flask import current_app, request
 
 from master import auth, blobs, lifecycle, store
-from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, DeliveryIn, FinishIn, HeartbeatOut,
-                            LeaseIn, RefuseIn, SiteIdentityOut, StartIn)
+from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, ClosedSessionIdsOut, DeliveryIn, FinishIn,
+                            HeartbeatOut, LeaseIn, RefuseIn, SessionIdsIn, SiteIdentityOut, StartIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -68,6 +68,15 @@ def claim_run(json_data):
         if remaining <= 0:
             return "", 204
         registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, RECHECK_SECONDS))
+
+
+@bp.post("/sessions/closed")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(SessionIdsIn)
+@bp.output(ClosedSessionIdsOut)
+def closed_sessions(json_data):
+    """Which of the given sessions are closed or do not exist: the site may remove its /temp folders of those."""
+    return {"closed": store.closed_sessions(_registry().engine, json_data["session_ids"])}
 
 
 @bp.get("/runs/<int:run_id>/input")

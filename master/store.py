@@ -49,6 +49,8 @@ sessions = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Set when the researcher closes the session: it takes no more tasks, and sites remove its /temp.
+    sa.Column("closed_at", sa.Float),
 )
 
 researcher_keys = sa.Table(
@@ -63,7 +65,8 @@ researcher_keys = sa.Table(
 tasks = sa.Table(
     "tasks", metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+    # Indexed for a session's task count and for the check before it is closed.
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False, index=True),
     sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
     sa.Column("image", sa.String(512), nullable=False),
     # The configuration file exactly as posted: algorithms may depend on every byte.
@@ -149,11 +152,23 @@ def _add_columns(conn, table, names):
         conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {column}")
 
 
+def _add_index(conn, table, column_name):
+    """CREATE INDEX for the index the table above declares on that column."""
+    [index] = [index for index in table.indexes if [column.name for column in index.columns] == [column_name]]
+    index.create(conn)
+
+
+def _let_sessions_be_closed(conn):
+    _add_columns(conn, sessions, ("closed_at",))
+    _add_index(conn, tasks, "session_id")
+
+
 # The step that takes a database from each version (the key) to the next. The tables above are
 # always the newest version's; a change to them is one more step here, and create_all makes new
 # tables by itself.
 UPGRADES = {
     1: lambda conn: _add_columns(conn, runs, ("sparql_queries", "sparql_bytes", "sparql_refused")),
+    2: _let_sessions_be_closed,
 }
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
@@ -296,15 +311,16 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
                 raise NotFound("no sites are registered yet")
         else:
             site_ids = site_ids_by_name(conn, site_names)
-        if session_id is None:
-            session_id = conn.execute(
-                sessions.insert().values(researcher_id=researcher_id, created_at=now)
-            ).inserted_primary_key[0]
-        else:
+        continued_session = session_id is not None
+        if continued_session:
             owner = conn.execute(
                 sa.select(sessions.c.researcher_id).where(sessions.c.id == session_id)).scalar()
             if owner != researcher_id:
                 raise NotFound(f"session {session_id} does not exist")
+        else:
+            session_id = conn.execute(
+                sessions.insert().values(researcher_id=researcher_id, created_at=now)
+            ).inserted_primary_key[0]
         task_id = conn.execute(tasks.insert().values(
             session_id=session_id, researcher_id=researcher_id, image=image, input=input_bytes,
             name=name, description=description, timeout_seconds=timeout_seconds,
@@ -315,6 +331,13 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
                 task_id=task_id, site_id=site_id, status=lifecycle.PENDING, attempts=0, updated_at=now,
             )).inserted_primary_key[0]
             _record_event(conn, run_id, lifecycle.PENDING, now)
+        # Checked last, once the inserts hold SQLite's write lock, and with the session's row locked on
+        # PostgreSQL: a close_session at the same moment either finds this task's runs or is found here.
+        # FOR NO KEY UPDATE (key_share): FOR UPDATE would wait for the key-share lock that another task's
+        # insert into the same session holds, while that one waits for this one's: a deadlock.
+        if continued_session and conn.execute(sa.select(sessions.c.closed_at).where(
+                sessions.c.id == session_id).with_for_update(key_share=True)).scalar() is not None:
+            raise Conflict(f"session {session_id} is closed; omit session_id to start a new one")
     return task_id, site_ids
 
 
@@ -422,6 +445,73 @@ def cancel_task(engine, task_id, researcher_id):
         for run_id in cancelled:
             _record_event(conn, run_id, lifecycle.CANCELLED, now, "cancelled by the researcher")
     return cancelled
+
+
+# --- sessions ---------------------------------------------------------------
+
+_SESSION_COLUMNS = (
+    sessions.c.id, sessions.c.created_at, sessions.c.closed_at,
+    sa.select(sa.func.count()).select_from(tasks).where(tasks.c.session_id == sessions.c.id)
+    .scalar_subquery().label("task_count"),
+)
+
+
+def list_sessions(engine, researcher_id, page=1, per_page=50):
+    """One page of the researcher's sessions, oldest first, with how many tasks each has; and how many in all."""
+    where = sessions.c.researcher_id == researcher_id
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(sessions).where(where)).scalar_one()
+        rows = conn.execute(sa.select(*_SESSION_COLUMNS).where(where).order_by(sessions.c.id)
+                            .limit(per_page).offset((page - 1) * per_page)).mappings().all()
+    return [dict(row) for row in rows], total
+
+
+def close_session(engine, session_id, researcher_id, now=None):
+    """Close one of the researcher's sessions once all its runs have ended; returns the session.
+
+    Closing a closed session again changes nothing. A session with a run still under way is a
+    conflict: closing it would remove the sites' /temp under a running algorithm.
+    """
+    now = time.time() if now is None else now
+    with engine.begin() as conn:
+        # The write comes first: it takes SQLite's write lock and locks the row on PostgreSQL, so a task
+        # being added at the same moment is either among the runs checked below or finds the session
+        # closed (create_task).
+        closed = conn.execute(
+            sessions.update()
+            .where(sessions.c.id == session_id, sessions.c.researcher_id == researcher_id)
+            .values(closed_at=sa.func.coalesce(sessions.c.closed_at, now))
+            .returning(sessions.c.id)).scalar()
+        if closed is None:
+            raise NotFound(f"session {session_id} does not exist")
+        unfinished = list(conn.execute(
+            sa.select(tasks.c.id).distinct().join(runs, runs.c.task_id == tasks.c.id)
+            .where(tasks.c.session_id == session_id, runs.c.status.notin_(lifecycle.TERMINAL_STATES))
+            .order_by(tasks.c.id)).scalars())
+        if unfinished:
+            raise Conflict(_unfinished_session_message(session_id, unfinished))
+        return dict(conn.execute(sa.select(*_SESSION_COLUMNS).where(sessions.c.id == session_id)).mappings().one())
+
+
+# How many of a session's unfinished tasks a refusal to close it names; it counts the others.
+_TASKS_NAMED = 10
+
+
+def _unfinished_session_message(session_id, task_ids):
+    if len(task_ids) == 1:
+        return f"session {session_id} has a task under way: cancel task {task_ids[0]} or wait for it, then close it"
+    named = ", ".join(str(task_id) for task_id in task_ids[:_TASKS_NAMED])
+    if len(task_ids) > _TASKS_NAMED:
+        named += f" and {len(task_ids) - _TASKS_NAMED} more"
+    return f"session {session_id} has tasks under way: cancel tasks {named} or wait for them, then close it"
+
+
+def closed_sessions(engine, session_ids):
+    """Those of session_ids whose session is closed or does not exist, in order: what a site may forget."""
+    with engine.connect() as conn:
+        still_open = set(conn.execute(sa.select(sessions.c.id).where(
+            sessions.c.id.in_(session_ids), sessions.c.closed_at.is_(None))).scalars())
+    return sorted(set(session_ids) - still_open)
 
 
 # --- runs, as seen by sites -------------------------------------------------

@@ -6,6 +6,8 @@
     python -m researcher results TASK --output-dir results/
     python -m researcher cancel TASK
     python -m researcher tasks --session SESSION
+    python -m researcher sessions
+    python -m researcher close-session SESSION
     python -m researcher keygen ~/.config/pht/identity.txt --register
 
 Tables for people by default, --json for scripts. The registry URL and token come from
@@ -24,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
+from researcher.images import ImageNotPinned
 from researcher.keys import DecryptionFailed, generate_identity
 from researcher.settings import SettingsError, connect
 
@@ -45,7 +48,7 @@ def cli(context, registry_url, config_file):
 
 def command(function):
     """A subcommand with --json, whose anticipated failures end in one line on standard error."""
-    @cli.command(name=function.__name__.removesuffix("_command"), help=function.__doc__)
+    @cli.command(name=function.__name__.removesuffix("_command").replace("_", "-"), help=function.__doc__)
     @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
     @click.pass_obj
     @functools.wraps(function)
@@ -54,6 +57,8 @@ def command(function):
             return function(connect_to_registry(), *args, **kwargs)
         except TaskTimeout as error:
             fail(f"{error}; wait again, or stop it with: python -m researcher cancel {error.task['id']}", TIMED_OUT)
+        except ImageNotPinned as error:
+            fail(error.explain("use --no-pin"))
         except (RegistryError, SettingsError, TaskFailed, DecryptionFailed, OSError) as error:
             fail(str(error))
     return run
@@ -88,18 +93,23 @@ def sites(registry, as_json):
 @click.option("--name", help="A name for the task.")
 @click.option("--timeout", "timeout_seconds", type=click.IntRange(1), help="Seconds the algorithm may run at each site.")
 @click.option("--encrypt", is_flag=True, help="Sites encrypt results to your registered public keys.")
+@click.option("--no-pin", "no_pin", is_flag=True,
+              help="Post IMAGE as written, not pinned to the digest its tag names now (for sites that accept tags).")
 def submit_command(registry, as_json, image, input_text, input_file, site_names, session_id, name, timeout_seconds,
-                   encrypt):
-    """Post a task: IMAGE for the sites to run, with a configuration file (empty by default)."""
+                   encrypt, no_pin):
+    """Post a task: IMAGE for the sites to run, with a configuration file (empty by default).
+
+    IMAGE given by tag is posted pinned to its digest (name:tag@sha256:...), which this machine's Docker engine
+    asks the image registry for."""
     if input_text is not None and input_file is not None:
         raise click.UsageError("give --input or --input-file, not both")
     task_input = input_file if input_file is not None else (input_text or "")
     task = registry.submit(image, task_input, sites=list(site_names) or None, session_id=session_id, name=name,
-                           timeout_seconds=timeout_seconds, encrypt=encrypt)
+                           timeout_seconds=timeout_seconds, encrypt=encrypt, pin_digest=not no_pin)
     if as_json:
         return print_json(task)
     sites_named = ", ".join(run["site"] for run in task["runs"])
-    click.echo(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}")
+    click.echo(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
 
 
 @command
@@ -170,6 +180,29 @@ def tasks_command(registry, as_json, session_id, status):
         table.add_row(str(task["id"]), str(task["session_id"]), task["name"] or "", task["image"], task["status"],
                       f"{done}/{len(task['runs'])}", task["created_at"][:19])
     print_table(table)
+
+
+@command
+def sessions(registry, as_json):
+    """List your sessions, oldest first: how many tasks each has, and whether you closed it."""
+    found = list(registry.sessions())
+    if as_json:
+        return print_json(found)
+    table = new_table("session", "tasks", "created (UTC)", "closed (UTC)")
+    for session in found:
+        table.add_row(str(session["id"]), str(session["task_count"]), session["created_at"][:19],
+                      (session["closed_at"] or "open")[:19])
+    print_table(table)
+
+
+@command
+@click.argument("session_id", type=int)
+def close_session_command(registry, as_json, session_id):
+    """Close a session whose tasks have ended: it takes no more tasks, and the sites remove its /temp/."""
+    session = registry.close_session(session_id)
+    if as_json:
+        return print_json(session)
+    click.echo(f"session {session['id']} closed; each site removes its /temp/ of it when it next asks the registry")
 
 
 @cli.command()

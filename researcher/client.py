@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from researcher import keys
+from researcher.images import pin_to_digest
 from researcher.progress import SiteProgress
 from researcher.results import RunResult
 
@@ -78,7 +79,7 @@ class Registry:
         return list(self._pages("/api/sites", {}))
 
     def submit(self, image, task_input, sites=None, session_id=None, name=None, timeout_seconds=None,
-               description=None, encrypt=False):
+               description=None, encrypt=False, pin_digest=True):
         """Post a task; returns it, with its id, session_id and one run per site.
 
         task_input is the configuration file the algorithm reads as /input/input.txt: a dict or
@@ -87,7 +88,15 @@ class Registry:
         tasks share each site's /temp/; timeout_seconds limits the algorithm at each site.
         With encrypt, sites encrypt output and log to your registered public keys: only your
         identity file opens them, the registry stores ciphertext.
+
+        An image given by tag (name:tag) is posted pinned to the digest the tag names now
+        (name:tag@sha256:...), as this machine's Docker engine learns it from the image registry:
+        sites run only pinned images unless they chose otherwise, and a tag moved later then
+        changes nothing. ImageNotPinned if it cannot be learnt; pin_digest=False posts the
+        reference as written.
         """
+        if pin_digest:
+            image = pin_to_digest(image)
         body = {"image": image, "sites": sites, "session_id": session_id, "name": name,
                 "description": description, "timeout_seconds": timeout_seconds, "encrypt": encrypt or None}
         body.update(_encode_input(task_input))
@@ -110,6 +119,18 @@ class Registry:
     def run_history(self, run_id):
         """Every state one run went through, with times and reasons (expired leases included)."""
         return self._call("GET", f"/api/runs/{run_id}/history")
+
+    # --- sessions --------------------------------------------------------------------------
+
+    def sessions(self):
+        """The caller's sessions, oldest first: id, created_at, closed_at (None while open), task_count;
+        fetched page by page as iterated."""
+        return self._pages("/api/sessions", {})
+
+    def close_session(self, session_id):
+        """Close a session once its tasks have ended: it takes no more tasks, and each site removes its
+        /temp/ of the session. Closing it again changes nothing. Returns the session."""
+        return self._call("POST", f"/api/sessions/{session_id}/close")
 
     # --- waiting and results ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from client import disk_limits
 from client.disk_limits import FULL_MARGIN_BYTES, STEP_BYTES
 from scripts.federation import LocalFederation
 from tests.images import engine_or_fail, only_run, pushed_test_image, run_log, wait_until
@@ -134,3 +135,14 @@ def test_an_idle_session_temp_is_removed(federation, filler):
     # Checked before every claim; this site long-polls for 10 s at a time.
     wait_until(lambda: not folder.exists(), f"{folder} to be removed after a second unused", timeout=30)
     assert "removed its /temp (no run used it for 1 s" in federation.log_of(f"{POLLING_SITE}-runner")
+
+
+def test_a_closed_sessions_temp_is_unmounted_and_removed(federation, filler):
+    _run, _wrote, session_id = fill(federation, filler, FILESYSTEM_SITE, "/temp", "many", at_most=3)
+    folder = session_folder(federation, FILESYSTEM_SITE, session_id)
+    assert disk_limits.mounted_under(folder) == [str(folder / "temp")]
+    federation.researcher().close_session(session_id)
+    wait_until(lambda: not folder.exists(), f"{folder} to be removed once the session is closed", timeout=30)
+    assert disk_limits.mounted_under(folder) == []
+    assert f"session {session_id}: removed its /temp (the researcher closed the session)" in federation.log_of(
+        f"{FILESYSTEM_SITE}-runner")

@@ -47,7 +47,7 @@ def test_each_site_counts_its_own_patients_over_sparql(engine, federation):
         assert result.read_json("result.json") == {
             "patient_count": len(federation.sites[name].patients), "label": "walking skeleton"}
         assert result.image_digest == registry_digest(PATIENT_COUNT)
-    engine.images.get(PATIENT_COUNT)  # it was pulled back
+    engine.images.get(task["image"])  # it was pulled back, by the digest the library pinned
 
 
 def test_image_off_the_whitelist_is_neither_pulled_nor_run(engine, federation):

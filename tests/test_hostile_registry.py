@@ -31,7 +31,7 @@ import pytest
 from client import containers, disk_limits
 from scripts.federation import DEFAULT_WHITELIST, IMAGE_REGISTRY, OXIGRAPH, PYTHON, ROOT, free_port, wait_until_answers
 from tests.fake_registry import Answer, FakeRegistry
-from tests.images import engine_or_fail, pushed_test_image
+from tests.images import engine_or_fail, pinned_test_image
 
 SITE = "hospital-h"
 OFF_WHITELIST = f"{IMAGE_REGISTRY}/evil/pht/contract-probe:latest"
@@ -49,7 +49,7 @@ NESTED_JSON = b"[" * 100_000 + b"]" * 100_000
 @pytest.fixture(scope="module")
 def probe():
     engine_or_fail()
-    return pushed_test_image("contract-probe")
+    return pinned_test_image("contract-probe")
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +383,10 @@ def test_claim_fields_used_as_paths_touch_nothing_outside_work_dir(site, probe):
     run_id += 1
     cases.append(Case("an image off the whitelist", claim(run_id, OFF_WHITELIST), refused_run=run_id,
                       reason=WHITELIST_REFUSED, invalid=False))
+    run_id += 1
+    # The tag a pinned reference names may since have been moved to another image: by default it never runs.
+    cases.append(Case("a whitelisted image named by tag only", claim(run_id, probe.partition("@")[0]),
+                      refused_run=run_id, reason="this site runs only images pinned by digest", invalid=False))
 
     runners, dealt = deal_out(site, cases)
 
@@ -785,7 +789,7 @@ def test_a_link_left_in_temp_leads_nowhere_for_a_hostile_session_id_or_a_later_t
     work dir; the registry then names "<session>/temp/escape" as a session, and a later task of the session
     writes through the link. Neither reaches the host folder, and the runner chmods and mounts nothing
     through it."""
-    image = pushed_test_image("temp-symlink")
+    image = pinned_test_image("temp-symlink")
     host_folder = site.root / "site" / "x"  # a canary folder, 0700, beside the work dir
     runner = site.start_runner()
     site.registry.script("input", Answer.text(json.dumps({"links": {"escape": str(host_folder)}})), run_id=951)

@@ -75,3 +75,9 @@ def test_require_digest_refuses_tag_only_references():
     allow = whitelist(r".*")
     assert "digest" in refusal_reason("myconsortium/x:1", allow, require_digest=True)
     assert refusal_reason("myconsortium/x@sha256:" + "c" * 64, allow, require_digest=True) is None
+    assert refusal_reason("myconsortium/x:1@sha256:" + "c" * 64, allow, require_digest=True) is None
+
+
+def test_the_whitelist_is_checked_before_the_digest():
+    reason = refusal_reason("evil.io/x:1", whitelist(r"myconsortium/.*"), require_digest=True)
+    assert "matches no entry of this site's whitelist" in reason

@@ -1,7 +1,7 @@
 """A registry upgrades the database of an older release in place when it starts, on SQLite and on
 PostgreSQL, in one transaction; a database newer than the registry is refused untouched.
 
-The version-1 database is made as release 1 made it: its tables, its schema_version row, and a
+Each older database is made as its release made it: its tables, its schema_version row, and a
 finished run in it.
 """
 
@@ -16,13 +16,22 @@ from master.app import Settings, create_app
 SPARQL_COLUMNS = {"sparql_queries", "sparql_bytes", "sparql_refused"}
 
 
-def version_1_tables():
-    """The tables of schema version 1. `runs` is frozen as version 1 defined it; no upgrade has changed
-    the others yet, so they are today's (a step that changes one must freeze its old form here too)."""
+def tables_of_version(version):
+    """The tables of an older schema version: today's, but for those an upgrade changed since, frozen as they
+    were then (a step that changes a table must freeze its old form here too)."""
+    frozen = {"sessions": _sessions_before_version_3, "tasks": _tasks_before_version_3}
+    if version == 1:
+        frozen["runs"] = _runs_of_version_1
     tables = sa.MetaData()
     for table in store.metadata.sorted_tables:
-        if table.name != "runs":
+        if table.name not in frozen:
             table.to_metadata(tables)
+    for freeze in frozen.values():
+        freeze(tables)
+    return tables
+
+
+def _runs_of_version_1(tables):
     sa.Table(
         "runs", tables,
         sa.Column("id", sa.Integer, primary_key=True),
@@ -44,14 +53,38 @@ def version_1_tables():
         sa.Index("ix_runs_site_status", "site_id", "status"),
         sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
     )
-    return tables
 
 
-@pytest.fixture
-def version_1_database(database_url):
-    """A version-1 database holding one task with a completed run; yields (url, researcher's token, task id)."""
+def _sessions_before_version_3(tables):
+    sa.Table(
+        "sessions", tables,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+
+
+def _tasks_before_version_3(tables):
+    sa.Table(
+        "tasks", tables,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id"), nullable=False),
+        sa.Column("researcher_id", sa.Integer, sa.ForeignKey("researchers.id"), nullable=False),
+        sa.Column("image", sa.String(512), nullable=False),
+        sa.Column("input", sa.LargeBinary, nullable=False),
+        sa.Column("name", sa.String(256)),
+        sa.Column("description", sa.Text),
+        sa.Column("timeout_seconds", sa.Integer),
+        sa.Column("recipients", sa.Text, nullable=False, default=""),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+
+
+def make_database_of_version(database_url, version):
+    """A database of that schema version holding one session with one task, whose run completed;
+    returns (the researcher's authorization header, the task id, the session id)."""
     engine = sa.create_engine(database_url)
-    tables = version_1_tables()
+    tables = tables_of_version(version)
     tables.create_all(engine)
     researcher_token = auth.new_token()
     t = tables.tables
@@ -59,7 +92,7 @@ def version_1_database(database_url):
         def insert(table, **values):
             return conn.execute(t[table].insert().values(**values)).inserted_primary_key[0]
 
-        insert("meta", key="schema_version", value="1")
+        insert("meta", key="schema_version", value=str(version))
         site_id = insert("sites", name="hospital-a", token_hash=auth.hash_token(auth.new_token()), created_at=1.0)
         researcher_id = insert("researchers", name="alice", token_hash=auth.hash_token(researcher_token), created_at=1.0)
         session_id = insert("sessions", researcher_id=researcher_id, created_at=2.0)
@@ -68,17 +101,40 @@ def version_1_database(database_url):
         insert("runs", task_id=task_id, site_id=site_id, status="completed", attempts=1, lease_id="old-lease",
                updated_at=3.0, exit_code=0, image_digest="sha256:" + "d" * 64)
     engine.dispose()
-    yield database_url, {"Authorization": f"Bearer {researcher_token}"}, task_id
+    return {"Authorization": f"Bearer {researcher_token}"}, task_id, session_id
 
 
-def state_of(database_url):
-    """(schema version, the runs table's columns) as the database has them now."""
+@pytest.fixture
+def version_1_database(database_url):
+    """A version-1 database holding one task with a completed run; yields (url, researcher's token, task id)."""
+    alice, task_id, _ = make_database_of_version(database_url, 1)
+    yield database_url, alice, task_id
+
+
+@pytest.fixture
+def version_2_database(database_url):
+    """A version-2 database (before sessions could be closed); yields (url, researcher's token, session id)."""
+    alice, _, session_id = make_database_of_version(database_url, 2)
+    yield database_url, alice, session_id
+
+
+def state_of(database_url, table="runs"):
+    """(schema version, the table's columns) as the database has them now."""
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar_one()
-            columns = {column["name"] for column in sa.inspect(conn).get_columns("runs")}
+            columns = {column["name"] for column in sa.inspect(conn).get_columns(table)}
         return int(version), columns
+    finally:
+        engine.dispose()
+
+
+def indexed_columns(database_url, table):
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [index["column_names"] for index in sa.inspect(conn).get_indexes(table)]
     finally:
         engine.dispose()
 
@@ -111,28 +167,51 @@ def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_runs(tmp_path, 
     assert SPARQL_COLUMNS <= columns
     store.open_database(database_url).dispose()  # opening an upgraded database again changes nothing
     assert state_of(database_url) == (version, columns)
+    assert "closed_at" in state_of(database_url, "sessions")[1]
 
 
-def test_two_registries_starting_at_once_upgrade_the_database_once(version_1_database):
-    database_url, _, _ = version_1_database
-    both_ready = threading.Barrier(2)
-    outcomes = []
+def test_a_version_2_database_is_upgraded_in_place_and_its_sessions_can_be_closed(tmp_path, version_2_database):
+    database_url, alice, session_id = version_2_database
+    app = create_app(Settings(data_dir=tmp_path / "registry", database_url=database_url))
+    try:
+        client = app.test_client()
+        [session] = client.get("/api/sessions", headers=alice).json["items"]
+        assert (session["id"], session["task_count"], session["closed_at"]) == (session_id, 1, None)
+        [task] = client.get("/api/tasks", headers=alice).json["items"]
+        [run] = task["runs"]
+        assert (task["session_id"], run["status"], run["exit_code"]) == (session_id, "completed", 0)
 
-    def start():
-        both_ready.wait(timeout=30)
-        try:
-            store.open_database(database_url).dispose()
-            outcomes.append("started")
-        except Exception as error:  # the outcome is asserted below, with the error in the message
-            outcomes.append(repr(error))
+        closed = client.post(f"/api/sessions/{session_id}/close", headers=alice)
+        assert closed.status_code == 200, closed.json
+        assert closed.json["closed_at"] is not None
+        assert store.closed_sessions(app.extensions["pht"].engine, [session_id]) == [session_id]
+    finally:
+        app.extensions["pht"].engine.dispose()
 
-    starters = [threading.Thread(target=start) for _ in range(2)]
-    for starter in starters:
-        starter.start()
-    for starter in starters:
-        starter.join(timeout=60)
-    assert outcomes == ["started", "started"]
-    assert state_of(database_url)[0] == store.SCHEMA_VERSION
+    version, columns = state_of(database_url, "sessions")
+    assert version == store.SCHEMA_VERSION
+    assert "closed_at" in columns
+    assert ["session_id"] in indexed_columns(database_url, "tasks")
+    store.open_database(database_url).dispose()  # opening an upgraded database again changes nothing
+    assert state_of(database_url, "sessions") == (version, columns)
+
+
+def test_a_failed_upgrade_from_version_2_leaves_the_database_as_it_was(version_2_database):
+    database_url, _, _ = version_2_database
+    # An index made by hand under the name the upgrade gives its own makes the step's second statement fail,
+    # after its ALTER TABLE succeeded.
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_tasks_session_id ON tasks (created_at)")
+    engine.dispose()
+    before = state_of(database_url, "sessions")
+
+    with pytest.raises(RuntimeError, match="from schema version 2 to 3 failed, so it stays at version 2, unchanged"):
+        store.open_database(database_url)
+
+    assert state_of(database_url, "sessions") == before
+    assert before[0] == 2 and "closed_at" not in before[1]
+    assert indexed_columns(database_url, "tasks") == [["created_at"]]
 
 
 def test_a_failed_upgrade_leaves_the_database_as_it_was(version_1_database):
@@ -150,6 +229,7 @@ def test_a_failed_upgrade_leaves_the_database_as_it_was(version_1_database):
     version, columns = state_of(database_url)
     assert (version, columns) == before
     assert version == 1 and not {"sparql_queries", "sparql_bytes"} & columns
+    assert "closed_at" not in state_of(database_url, "sessions")[1]  # nor was any later step taken
 
 
 def test_a_database_newer_than_the_registry_is_refused_untouched(version_1_database):

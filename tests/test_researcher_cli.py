@@ -40,7 +40,9 @@ def federation():
 def cli(federation, tmp_path):
     """Run the CLI with the federation's URL and token in the environment, and nothing else of ours."""
     def run(*args, timeout=120, **environment):
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PHT_REGISTRY_URL": federation.registry_url,
+        # The engine's login stays: the CLI pins tags by asking the image registry through it.
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER_CONFIG": str(Path.home() / ".docker"),
+               "PHT_REGISTRY_URL": federation.registry_url,
                "PHT_TOKEN": federation.researcher_token, **environment}
         return subprocess.run([sys.executable, "-m", "researcher", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -110,7 +112,7 @@ def test_submit_wait_and_fetch_results(cli, federation, tmp_path):
 
 
 def test_a_refused_run_fails_the_command_naming_the_site_and_why(cli):
-    task_id = json.loads(cli("submit", OFF_THE_WHITELIST, "--site", "hospital-a", "--json").stdout)["id"]
+    task_id = json.loads(cli("submit", OFF_THE_WHITELIST, "--no-pin", "--site", "hospital-a", "--json").stdout)["id"]
 
     waited = cli("wait", str(task_id))
     assert waited.returncode == 1

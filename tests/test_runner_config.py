@@ -64,7 +64,7 @@ def test_defaults_are_safe_and_documented():
     config = parse_site_config(VALID)
     assert (config.max_concurrent_runs, config.long_poll_seconds, config.poll_interval_seconds) == (1, 30, 5)
     assert config.site_name == socket.gethostname()
-    assert config.image_import_folder is None and config.require_digest is False
+    assert config.image_import_folder is None and config.require_digest is True
     assert (config.endpoint_type, config.endpoint_token) == ("sparql", "")
     assert config.container.network == "none"
 

@@ -69,7 +69,7 @@ def test_slow_pull_does_not_hold_up_another_run_or_its_heartbeats(federation, pr
     tarpit = Tarpit()
     researcher = federation.researcher()
     try:
-        stuck = researcher.submit(f"127.0.0.1:{tarpit.port}/pht/never-arrives:1", "{}")
+        stuck = researcher.submit(f"127.0.0.1:{tarpit.port}/pht/never-arrives:1@sha256:{'0' * 64}", "{}")
         wait_until(lambda: tarpit.connections, "the engine starts pulling from the stuck registry")
         # Runs twice as long as a lease: only heartbeats keep it.
         long_run = only_run(federation, researcher.submit(probe, {"sleep": 2 * LEASE_SECONDS}))
@@ -83,7 +83,7 @@ def test_slow_pull_does_not_hold_up_another_run_or_its_heartbeats(federation, pr
         tarpit.close()
     stuck_run = only_run(federation, stuck)
     assert stuck_run["status"] == "failed"
-    assert stuck_run["reason"].startswith(f"pulling 127.0.0.1:{tarpit.port}/pht/never-arrives:1 failed")
+    assert stuck_run["reason"].startswith(f"pulling 127.0.0.1:{tarpit.port}/pht/never-arrives@sha256:{'0' * 64} failed")
 
 
 def test_runs_go_side_by_side_up_to_the_limit(federation, probe):

@@ -48,6 +48,13 @@ def pushed_test_image(name, reference=None, **buildargs):
     return reference
 
 
+def pinned_test_image(name):
+    """Build and push tests/images/<name>; returns its reference pinned by digest (name:tag@sha256:...), as the
+    researcher library posts it and sites require it by default (require_digest)."""
+    reference = pushed_test_image(name)
+    return f"{reference}@{registry_digest(reference)}"
+
+
 def built_test_image(name, reference, **buildargs):
     """Build tests/images/<name> as reference, only into the local engine; returns the image."""
     image, _log = engine_or_fail().images.build(path=str(FOLDER / name), tag=reference, rm=True, network_mode="none",
