@@ -1,9 +1,11 @@
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +48,17 @@ def app(tmp_path, database_url):
     app = create_app(Settings(data_dir=tmp_path / "registry", database_url=database_url, lease_seconds=30))
     yield app
     app.extensions["pht"].engine.dispose()
+
+
+@pytest.fixture
+def served_app(app):
+    """The test's registry app on a loopback port, for the library's HTTP client; yields its URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    serving.join(timeout=10)
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ engine and the image registry on the loopback address (with the engine's login, 
 Every reference here names the local image registry: nothing is asked of Docker Hub.
 """
 
-import threading
-
 import pytest
 from click.testing import CliRunner
-from werkzeug.serving import make_server
 
 from researcher import Registry
 from researcher.__main__ import cli as researcher_cli
@@ -76,47 +73,36 @@ def test_no_docker_engine_is_an_error_that_names_the_ways_on(monkeypatch):
 # --- Registry.submit and the CLI ---------------------------------------------------------------
 
 @pytest.fixture
-def registry_url(app):
-    """The test's registry app on a loopback port, for the library's HTTP client."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    serving.join(timeout=10)
-
-
-@pytest.fixture
 def token(make_researcher, make_site):
     make_site("hospital-a")
     return make_researcher("alice")["Authorization"].removeprefix("Bearer ")
 
 
-def test_submit_posts_the_tag_pinned_to_its_digest(pushed, registry_url, token):
-    task = Registry(registry_url, token).submit(pushed, {})
+def test_submit_posts_the_tag_pinned_to_its_digest(pushed, served_app, token):
+    task = Registry(served_app, token).submit(pushed, {})
     assert task["image"] == f"{pushed}@{registry_digest(pushed)}"
 
 
-def test_submit_without_pinning_posts_the_reference_as_written(registry_url, token, monkeypatch):
+def test_submit_without_pinning_posts_the_reference_as_written(served_app, token, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)  # and does not need the engine
-    assert Registry(registry_url, token).submit(UNKNOWN_TAG, {}, pin_digest=False)["image"] == UNKNOWN_TAG
+    assert Registry(served_app, token).submit(UNKNOWN_TAG, {}, pin_digest=False)["image"] == UNKNOWN_TAG
 
 
-def test_submit_posts_a_pinned_reference_as_written(registry_url, token):
+def test_submit_posts_a_pinned_reference_as_written(served_app, token):
     pinned = f"{UNKNOWN_TAG}@sha256:{'c' * 64}"
-    assert Registry(registry_url, token).submit(pinned, {})["image"] == pinned
+    assert Registry(served_app, token).submit(pinned, {})["image"] == pinned
 
 
-def test_submit_of_a_tag_that_cannot_be_pinned_posts_nothing(pushed, registry_url, token):
-    registry = Registry(registry_url, token)
+def test_submit_of_a_tag_that_cannot_be_pinned_posts_nothing(pushed, served_app, token):
+    registry = Registry(served_app, token)
     with pytest.raises(ImageNotPinned, match="pass pin_digest=False if every site accepts tags"):
         registry.submit(UNKNOWN_TAG, {})
     assert list(registry.tasks()) == []
 
 
-def test_the_cli_pins_unless_told_not_to(pushed, registry_url, token, tmp_path):
+def test_the_cli_pins_unless_told_not_to(pushed, served_app, token, tmp_path):
     def cli(*args):
-        env = {"PHT_REGISTRY_URL": registry_url, "PHT_TOKEN": token, "PHT_CONFIG": str(tmp_path / "none.toml"),
+        env = {"PHT_REGISTRY_URL": served_app, "PHT_TOKEN": token, "PHT_CONFIG": str(tmp_path / "none.toml"),
                "PHT_IDENTITY": None}
         return CliRunner().invoke(researcher_cli, ["submit", *args], env=env, catch_exceptions=False)
 

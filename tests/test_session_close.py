@@ -9,7 +9,6 @@ import threading
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from werkzeug.serving import make_server
 
 from master import store
 from master.schemas import INT_MAX, MAX_SESSIONS_ASKED
@@ -333,23 +332,12 @@ def test_the_answer_to_a_site_takes_one_query(app):
 # --- the researcher library and CLI ------------------------------------------------------------
 
 @pytest.fixture
-def served(app):
-    """The test's registry app on a loopback port, for the library's HTTP client; yields its URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    serving.join(timeout=10)
-
-
-@pytest.fixture
 def alices_token(make_researcher):
     return make_researcher("alice")["Authorization"].removeprefix("Bearer ")
 
 
-def test_the_library_lists_and_closes_sessions(served, alices_token, client, hospital):
-    registry = Registry(served, alices_token)
+def test_the_library_lists_and_closes_sessions(served_app, alices_token, client, hospital):
+    registry = Registry(served_app, alices_token)
     task = registry.submit(IMAGE, {}, sites=["hospital-a"], pin_digest=False)
     session_id = task["session_id"]
 
@@ -368,13 +356,13 @@ def test_the_library_lists_and_closes_sessions(served, alices_token, client, hos
         registry.close_session(session_id + 1)
 
 
-def test_the_cli_lists_and_closes_sessions(served, alices_token, client, hospital, tmp_path):
+def test_the_cli_lists_and_closes_sessions(served_app, alices_token, client, hospital, tmp_path):
     def cli(*args):
-        env = {"PHT_REGISTRY_URL": served, "PHT_TOKEN": alices_token, "PHT_CONFIG": str(tmp_path / "none.toml"),
+        env = {"PHT_REGISTRY_URL": served_app, "PHT_TOKEN": alices_token, "PHT_CONFIG": str(tmp_path / "none.toml"),
                "PHT_IDENTITY": None}
         return CliRunner().invoke(researcher_cli, list(args), env=env, catch_exceptions=False)
 
-    task = Registry(served, alices_token).submit(IMAGE, {}, sites=["hospital-a"], pin_digest=False)
+    task = Registry(served_app, alices_token).submit(IMAGE, {}, sites=["hospital-a"], pin_digest=False)
     session_id = task["session_id"]
 
     refused = cli("close-session", str(session_id))
