@@ -42,7 +42,8 @@ RELAY_USER = f"{RELAY_UID}:{RELAY_UID}"
 RELAY_READY = b"relay ready"
 
 # An algorithm that prints without end must not fill the site's disk: Docker keeps the last
-# this-many bytes of its output, and that is the log the registry gets.
+# this-many bytes of its output. The runner follows it as it comes and keeps the log's beginning
+# and end (log_keeper.py).
 MAX_LOG_BYTES = "50m"
 
 
@@ -214,12 +215,6 @@ def kill(container):
 def was_out_of_memory(container):
     container.reload()
     return bool(container.attrs["State"].get("OOMKilled"))
-
-
-def save_log(container, log_path):
-    with open(log_path, "wb") as log_file:
-        for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=False):
-            log_file.write(chunk)
 
 
 def remove(engine, container_id):

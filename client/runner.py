@@ -31,6 +31,7 @@ from client import containers, deliveries, disk_limits, image_policy, output_arc
 from client.claim import InvalidClaim
 from client.encryption import encrypt_once, keys_for
 from client.image_source import ImageSource, ImageUnavailable
+from client.log_keeper import LogFollower
 from client.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
                                     Unreachable)
@@ -477,6 +478,7 @@ class SiteRunner:
             return
         if "started_at" not in folder.state:
             folder.record(started_at=time.time())
+        container_log = LogFollower(container, folder.log_file).start()
         containers.start(container)
         timeout = timeout_for(run, limits)
         output_checked = [time.monotonic()]
@@ -503,7 +505,7 @@ class SiteRunner:
         if reason is None and self.output_disk:
             reason = disk_limits.full_reason(folder.disk, "the output (with /output.txt and /log.txt)",
                                              self.output_disk)
-        containers.save_log(container, folder.log_file)
+        container_log.finish()
         notes = [f"ended: {reason}"] if reason else []
         temp_full = self.sessions.temp_size and disk_limits.full_reason(session_temp, "/temp", self.sessions.temp_size)
         if temp_full:

@@ -1,5 +1,6 @@
 """Each benchmark runs, with tiny sizes: the figures in docs/performance.md come from the full runs."""
 
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,9 @@ def test_sparql_gateway_benchmark_sends_every_query_through_the_gateway():
     last = output.splitlines()[-1]  # the gateway recorded N queries, N answered, of N sent through it
     numbers = {int(word.rstrip(",")) for word in last.split() if word.rstrip(",").isdigit()}
     assert last.lstrip().startswith("the gateway recorded") and len(numbers) == 1 and numbers.pop() > 0, output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench/disk_limits.py mounts filesystems, which needs root")
+def test_disk_limits_benchmark_makes_and_removes_filesystems():
+    output = run_bench("disk_limits.py", "--runs", "2", "--limits", "4:50")
+    assert "4 MiB, 50 files" in output and "MiB" in output.splitlines()[-1]

@@ -47,6 +47,7 @@ def tasks(federation, host_secret):
             "secret.txt": str(host_secret), "passwd": "/etc/passwd", "escape": "../../../../../etc/hostname"}}, None),
         "output-flood-while-running": ("output-flood", {"megabytes": 8, "then_sleep": 50}, None),
         "output-flood-at-the-end": ("output-flood", {"megabytes": 2, "then_sleep": 0}, None),
+        "log-flood": ("log-flood", {"megabytes": 100}, None),
         "network-probe": ("network-probe", {"name": "example.org", "addresses": [
             f"127.0.0.1:{federation.registry_port}", IMAGE_REGISTRY,
             federation.sites[SITE].sparql_endpoint.split("/")[2]]}, None),
@@ -120,6 +121,18 @@ def test_output_cannot_grow_past_the_limit_and_is_not_uploaded(federation, runs)
     # It ended at its first write past the limit, not after the image's 50 s.
     events = {event["status"]: event["at"] for event in history(federation, runs["output-flood-while-running"])}
     assert seconds_between(events["running"], events["failed"]) < 20
+
+
+def test_a_log_flood_keeps_its_first_and_last_lines_and_says_what_was_dropped(federation, runs):
+    run = runs["log-flood"]
+    assert run["status"] == "completed", run["reason"]
+    log = run_log(federation, run)  # as text: the binary part does not matter here
+    assert log.startswith("FIRST LINE: what the algorithm set out to do\n")
+    kept = 10 * 1024 ** 2  # client/log_keeper.py: HEAD_BYTES and TAIL_BYTES
+    printed = len("FIRST LINE: what the algorithm set out to do\n") + 100 * 1024 ** 2 + len("\nLAST LINE: why it stopped\n")
+    assert f"[site runner] {printed - 2 * kept} bytes of the log dropped here (it kept the first {kept} and the " \
+           f"last {kept})" in log
+    assert "\nLAST LINE: why it stopped\n" in log[-2000:]
 
 
 def seconds_between(start, end):
