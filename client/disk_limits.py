@@ -108,6 +108,8 @@ def calibrate(scratch_dir, max_bytes, max_files, attempts=6):
     room_bytes = max_bytes + FULL_MARGIN_BYTES
     image_bytes, big_enough = first_guess(room_bytes, max_files), None
     for _ in range(attempts):
+        # A runner killed while it sized its filesystems left one mounted here.
+        release_all_under(scratch_dir)
         shutil.rmtree(scratch_dir, ignore_errors=True)
         scratch_dir.mkdir(parents=True)
         mountpoint = scratch_dir / "mounted"

@@ -83,3 +83,12 @@ def test_a_run_begun_before_disk_limits_keeps_its_output_where_its_container_wri
     older = RunFolder.load(new.path)
     assert older.older_layout and older.output_dir == new.path / "output"
     assert older.pytaskmanager_log == new.path / "pytaskmanager-log.txt"
+
+
+@needs_root
+def test_sizing_after_a_runner_killed_while_sizing_finds_its_way(tmp_path):
+    left = DiskSize(MIB, 10, 8 * MIB)
+    (tmp_path / "check").mkdir()
+    disk_limits.mount(tmp_path / "check" / "disk.img", tmp_path / "check" / "mounted", left)  # as a kill left it
+    assert disk_limits.calibrate(tmp_path / "check", MIB, 10).max_bytes == MIB
+    assert disk_limits.mounted_under(tmp_path) == []
