@@ -25,6 +25,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from master import lifecycle  # noqa: E402
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
 IMAGE = f"{IMAGE_REGISTRY}/pht/bench-first-instruction:latest"
@@ -50,7 +51,7 @@ def latencies(tasks, site_settings):
             task = researcher.submit(IMAGE, "{}")
             [result] = researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
             to_first_instruction.append(float(result.files["started_at"]) - posted)
-            claimed = next(e["at"] for e in researcher.run_history(result.run_id) if e["status"] == "claimed")
+            claimed = next(e["at"] for e in researcher.run_history(result.run_id) if e["status"] == lifecycle.CLAIMED)
             to_claim.append(datetime.fromisoformat(claimed).timestamp() - posted)
     return to_first_instruction, to_claim
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from master import lifecycle  # noqa: E402
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
 IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
-TERMINAL = {"completed", "failed", "refused", "cancelled"}
 
 
 def main():
@@ -64,7 +64,7 @@ def main():
 
         deadline = time.monotonic() + args.time_limit
         while time.monotonic() < deadline:
-            active = list(researcher.tasks(status="active"))
+            active = list(researcher.tasks(status=lifecycle.TaskStatus.ACTIVE))
             if not active:
                 break
             time.sleep(2)
@@ -83,15 +83,15 @@ def main():
                 failures.append(f"task {task['id']}: runs for {sites_seen}, expected one per site")
             for run in task["runs"]:
                 where = f"task {task['id']} run {run['id']} ({run['site']})"
-                if run["status"] not in TERMINAL:
+                if run["status"] not in lifecycle.TERMINAL_STATES:
                     failures.append(f"{where}: still {run['status']} after the time limit")
-                if run["status"] == "cancelled" and task["id"] not in cancelled:
+                if run["status"] == lifecycle.CANCELLED and task["id"] not in cancelled:
                     failures.append(f"{where}: cancelled, but nobody cancelled its task")
-                if run["status"] in ("failed", "refused"):
+                if run["status"] in (lifecycle.FAILED, lifecycle.REFUSED):
                     failures.append(f"{where}: {run['status']}: {run['reason']}")
-                if run["status"] != "completed":
+                if run["status"] != lifecycle.COMPLETED:
                     continue
-                completions = [e for e in researcher.run_history(run["id"]) if e["status"] == "completed"]
+                completions = [e for e in researcher.run_history(run["id"]) if e["status"] == lifecycle.COMPLETED]
                 if len(completions) != 1:
                     failures.append(f"{where}: completed {len(completions)} times")
                 for kind in ("output", "log"):

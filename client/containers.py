@@ -72,6 +72,15 @@ def cpus_problem(engine, cpus):
     return None
 
 
+def image_details(engine, reference):
+    """What the IT officer sees of an image before approving it: its id, labels, size and creation date, as
+    this machine's engine has them (the image's own words: labels are printed printable only)."""
+    attributes = engine.images.get(reference).attrs
+    return {"id": attributes.get("Id"), "labels": (attributes.get("Config") or {}).get("Labels") or {},
+            "size": attributes.get("Size"), "created": attributes.get("Created"),
+            "repo_digests": attributes.get("RepoDigests") or []}
+
+
 def labels_for(site_name, work_dir, task_id, run_id):
     return {SITE_LABEL: site_name, WORK_DIR_LABEL: str(work_dir), TASK_LABEL: str(task_id), RUN_LABEL: str(run_id)}
 
@@ -167,10 +176,15 @@ def wait_until_listening(container, timeout_seconds=30):
         container.reload()
         if RELAY_READY in container.logs(stdout=True, stderr=False):
             return
-        if container.status not in ("created", "running") or time.monotonic() > deadline:
+        if not has_not_ended(container) or time.monotonic() > deadline:
             output = container.logs(stdout=True, stderr=True)[-500:].decode("utf-8", "replace")
             raise RelayFailed(f"the SPARQL relay container did not start listening ({container.status}): {output}")
         time.sleep(0.01)
+
+
+def has_not_ended(container):
+    """Whether the container (as last reloaded) is still to start or running: Docker's states, not a run's."""
+    return container.status in ("created", "running")
 
 
 def is_running(engine, container_id):

@@ -23,6 +23,8 @@ from collections import deque
 import docker
 import requests
 
+from client import containers
+
 log = logging.getLogger("pht.runner")
 
 HEAD_BYTES = 10 * 1024 ** 2
@@ -92,7 +94,7 @@ class LogFollower:
         """Attach (call it before the container starts, so no byte comes before), then read on a thread."""
         try:
             self.container.reload()
-            if self.container.status in ("created", "running"):
+            if containers.has_not_ended(self.container):
                 self._stream = self.container.attach(stdout=True, stderr=True, stream=True, logs=True)
             else:  # it ended while the runner was not running: attached, the stream would never end
                 self._stream = self.container.logs(stdout=True, stderr=True, stream=True, follow=False)

@@ -150,6 +150,17 @@ class RegistryClient:
     def report_started(self, run_id, lease_id, image_digest):
         self._post_reliably(f"/api/site/runs/{run_id}/start", {"lease_id": lease_id, "image_digest": image_digest})
 
+    def park(self, run_id, lease_id, status, reason, image_digest=None):
+        """Tell the registry the run waits for a person at this site (lifecycle.PARKED_STATES), and why."""
+        body = {"lease_id": lease_id, "status": status, "reason": reason}
+        if image_digest is not None:
+            body["image_digest"] = image_digest
+        self._post_reliably(f"/api/site/runs/{run_id}/park", body)
+
+    def resume(self, run_id, lease_id):
+        """Go on with a parked run: its lease runs again from now."""
+        return _status_in(self._post_reliably(f"/api/site/runs/{run_id}/resume", {"lease_id": lease_id}))
+
     def refuse(self, run_id, lease_id, reason):
         self._post_reliably(f"/api/site/runs/{run_id}/refuse", {"lease_id": lease_id, "reason": reason})
 

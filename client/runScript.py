@@ -2,11 +2,16 @@
 
     python client/runScript.py --config config.json [--once]
     python client/runScript.py queries RUN_ID [--config config.json] [--json]
+    python client/runScript.py approvals|outputs|audit ...   the IT officer's commands (officer_commands.py)
 
 It polls the registry (outbound HTTP(S) only), runs the tasks whose image the
 site's whitelist allows, in contained Docker containers, and sends back their
 results. See docs/site-config.md for the config file. `queries` lists what a run's
-algorithm asked the site's SPARQL gateway (docs/site-config.md).
+algorithm asked the site's SPARQL gateway (docs/site-config.md); approvals, outputs and audit
+are the IT officer's day (docs/site-operations.md).
+
+The whitelist, require_digest, approval_policy and airlock are taken up again, with the same checks
+as at start, when the config file changes or on SIGHUP; a config that fails them is not taken up.
 
 Stopping: the first SIGTERM or Ctrl-C stops claiming runs and lets the current ones
 finish; a second one exits at once, leaving the current runs' containers and files
@@ -27,11 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import docker.errors  # noqa: E402
 
 from client import containers, disk_limits  # noqa: E402
+from client.audit_log import AuditLogBroken  # noqa: E402
+from client.officer_commands import CommandFailed, Officer  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
 from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
 from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
 from client.printable import printable  # noqa: E402
-from client.site_config import ConfigError, load_site_config  # noqa: E402
+from master import lifecycle  # noqa: E402
+from client.site_config import ConfigError, ConfigSource, load_site_config  # noqa: E402
 
 log = logging.getLogger("pht.runner")
 
@@ -46,9 +54,12 @@ def main(argv=None):
     queries.add_argument("run_id", type=int, metavar="RUN_ID")
     queries.add_argument("--config", default=argparse.SUPPRESS, help="site config file (default: config.json)")
     queries.add_argument("--json", action="store_true", help="the recorded JSON lines, as they are")
+    add_officer_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "queries":
         sys.exit(list_queries(args.config, args.run_id, args.json))
+    if args.command in ("approvals", "outputs", "audit"):
+        sys.exit(officer_command(args))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     config, engine, problems = None, None, []
@@ -80,6 +91,9 @@ def main(argv=None):
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    # Only a flag here (logging in a signal handler is unsafe); the main loop reads the file.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: runner.config_changed.set())
+    runner.config_source = ConfigSource(args.config)
     log.info("site %s: runner started (registry %s, up to %d run(s) at once)",
              config.site_name, config.registry_url, config.max_concurrent_runs)
     network = config.container.network
@@ -96,9 +110,91 @@ def main(argv=None):
         runner.run_until_stopped(once=args.once)
     except (WrongIdentity, disk_limits.DiskLimitsUnavailable) as error:
         sys.exit(f"{args.config}: {error}")
+    except AuditLogBroken as error:
+        sys.exit(f"{args.config}: the runner stopped: {error}")
+    if runner.audit_broken:
+        sys.exit(f"{args.config}: the runner stopped: {runner.audit_broken}")
     if runner.wrong_identity:
         sys.exit(f"{args.config}: {runner.wrong_identity}")
     log.info("runner stopped")
+
+
+def add_officer_commands(commands):
+    config = {"default": argparse.SUPPRESS, "help": "site config file (default: config.json)"}
+    by = {"help": "who decides, for the audit log (default: the login that runs the command)"}
+    approvals = commands.add_parser("approvals", help="runs waiting for the IT officer's approval").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    listed = approvals.add_parser("list", help="the runs that wait")
+    listed.add_argument("--config", **config)
+    show = approvals.add_parser("show", help="a waiting run's image, input and researcher")
+    show.add_argument("run_id", type=int, metavar="RUN")
+    show.add_argument("--config", **config)
+    approve = approvals.add_parser("approve", help="approve a waiting run's image digest (or its task alone)")
+    approve.add_argument("run_id", type=int, metavar="RUN", nargs="?")
+    approve.add_argument("--digest", help="approve this image digest (sha256:...) before any run of it waits")
+    approve.add_argument("--researcher", help="only for this researcher's runs")
+    approve.add_argument("--days", type=float, help="the approval expires after this many days")
+    approve.add_argument("--only-this-task", action="store_true", help="approve this run's task, not its image")
+    approve.add_argument("--note", help="a note kept with the approval")
+    approve.add_argument("--by", **by)
+    approve.add_argument("--config", **config)
+    deny = approvals.add_parser("deny", help="refuse a waiting run; the researcher sees the reason")
+    deny.add_argument("run_id", type=int, metavar="RUN")
+    deny.add_argument("--reason", required=True)
+    deny.add_argument("--by", **by)
+    deny.add_argument("--config", **config)
+    outputs = commands.add_parser("outputs", help="results held for review (airlock.review)").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    listed = outputs.add_parser("list", help="the runs whose results are held")
+    listed.add_argument("--config", **config)
+    for action, what in (("show", "the files, sizes and text of held results"), ("release", "let them leave"),
+                         ("reject", "keep them at the site; the researcher sees the reason")):
+        sub = outputs.add_parser(action, help=what)
+        sub.add_argument("run_id", type=int, metavar="RUN")
+        if action == "reject":
+            sub.add_argument("--reason", required=True)
+        if action != "show":
+            sub.add_argument("--by", **by)
+        sub.add_argument("--config", **config)
+    audit = commands.add_parser("audit", help="the site's audit log").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    audit.add_parser("verify", help="check the log's hash chain; names the first broken entry").add_argument(
+        "--config", **config)
+    show = audit.add_parser("show", help="the log, or one run's story")
+    show.add_argument("--run", type=int, dest="run_id")
+    show.add_argument("--config", **config)
+
+
+def officer_command(args):
+    """Run one of the IT officer's commands; returns the exit code (or the one line saying what failed)."""
+    try:
+        config = load_site_config(args.config)
+    except ConfigError as error:
+        return str(error)
+    officer = Officer(config, by=getattr(args, "by", None))
+    action = (args.command, args.action)
+    try:
+        if action == ("approvals", "list"):
+            officer.list_waiting(lifecycle.AWAITING_APPROVAL)
+        elif action == ("approvals", "show"):
+            officer.show_approval(args.run_id)
+        elif action == ("approvals", "approve"):
+            officer.approve(args.run_id, args.digest, args.researcher, args.days, args.only_this_task, args.note)
+        elif action == ("approvals", "deny"):
+            officer.deny(args.run_id, args.reason)
+        elif action == ("outputs", "list"):
+            officer.list_waiting(lifecycle.HELD_FOR_REVIEW)
+        elif action == ("outputs", "show"):
+            officer.show_output(args.run_id)
+        elif action in (("outputs", "release"), ("outputs", "reject")):
+            officer.review(args.run_id, args.action == "release", getattr(args, "reason", None))
+        elif action == ("audit", "verify"):
+            officer.verify_audit()
+        else:
+            officer.show_audit(args.run_id)
+    except CommandFailed as error:
+        return str(error)
+    return 0
 
 
 def list_queries(config_path, run_id, as_json):

@@ -27,19 +27,21 @@ from dataclasses import dataclass
 import docker
 import requests
 
-from client import containers, deliveries, disk_limits, image_policy, output_archive
+from client import airlock_checks, approvals, containers, deliveries, disk_limits, image_policy, output_archive
+from client.audit_log import AuditLog, AuditLogBroken
 from client.claim import InvalidClaim
 from client.encryption import encrypt_once, keys_for
 from client.image_source import ImageSource, ImageUnavailable
 from client.log_keeper import LogFollower
 from client.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
-                                    Unreachable)
+                                    Unreachable, sha256_of)
 from client.run_folder import RunFolder, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
 from client.sparql_parsing import ParserPool
+from master import lifecycle
 
 log = logging.getLogger("pht.runner")
 
@@ -51,6 +53,10 @@ MAX_OWN_LOG_BYTES = 10 * 1024 ** 2  # of a PyTaskManager image's /log.txt, added
 
 class RunTakenBack(Exception):
     """The researcher cancelled the run, or its lease ran out and the registry gave it up."""
+
+
+class RunParked(Exception):
+    """The run waits for the site's IT officer (approval, or review of its output): it leaves its worker slot."""
 
 
 class WrongIdentity(Exception):
@@ -68,6 +74,12 @@ class SiteRunner:
         self.sessions = SessionFolders(config.work_dir / "sessions", temp_size=None)
         self._sessions_asked_at = None  # when the registry was last asked which sessions are closed
         self.images = ImageSource(engine, config.image_import_folder, config.work_dir / "imported-images.json")
+        self.approvals = approvals.ApprovalStore(config.work_dir / "approvals.sqlite")
+        self.audit = AuditLog(config.work_dir / "audit.jsonl")
+        self.audit_broken = None  # set when the audit log can take no more entries: the runner stops
+        self._parked_asked_at = None  # when the registry was last asked whether parked runs were cancelled
+        self.config_source = None  # site_config.ConfigSource: the config file, taken up again when it changes
+        self.config_changed = threading.Event()  # set on SIGHUP
         self.stopping = threading.Event()
         self._workers = {}  # run id -> Worker
         self._workers_changed = threading.Condition()
@@ -120,7 +132,9 @@ class SiteRunner:
     def take_runs(self, once):
         """The main loop, until stopped (or one claim with once)."""
         while not self.stopping.is_set():
+            self.take_up_config_changes()
             self.carry_on_unfinished_runs()
+            self.take_up_parked_runs()
             self.remove_finished_sessions()
             self.images.load_dropped_archives()
             if not self.wait_for_free_slot():
@@ -165,9 +179,102 @@ class SiteRunner:
 
     def carry_on_unfinished_runs(self):
         for folder in unfinished_runs(self.runs_dir):
-            if folder.run_id not in self._workers:
+            if folder.run_id not in self._workers and not folder.state.get("parked"):
                 log.info("run %s: carrying on where it was (%s)", folder.run_id, progress_of(folder.state))
                 self.start_worker(folder)
+
+    def take_up_config_changes(self):
+        """The reloadable fields of the config file (site_config.RELOADABLE), once it changed or on SIGHUP."""
+        source = self.config_source
+        if source is None or not (source.changed() or self.config_changed.is_set()):
+            return
+        self.config_changed.clear()
+        fresh = source.reload(self.config)
+        if fresh is None or fresh == self.config:
+            return
+        self.config = fresh
+        airlock = fresh.airlock
+        log.info("config taken up again: approval_policy %s, whitelist %s, require_digest %s, airlock review %s",
+                 fresh.approval_policy, [pattern.pattern for pattern in fresh.whitelist], fresh.require_digest,
+                 airlock.review)
+        self.record("config_changed", approval_policy=fresh.approval_policy,
+                    whitelist=[pattern.pattern for pattern in fresh.whitelist], require_digest=fresh.require_digest,
+                    airlock_review=airlock.review, airlock_checks=repr(airlock.checks))
+
+    def take_up_parked_runs(self, now=None):
+        """Act on what the IT officer decided about runs that wait (runScript.py approvals / outputs): go on with
+        them, as far as worker slots allow, or end them; and let go of those the researcher cancelled meanwhile
+        (the registry is asked at most once per poll interval)."""
+        now = time.time() if now is None else now
+        parked = [folder for folder in unfinished_runs(self.runs_dir)
+                  if folder.state.get("parked") and folder.run_id not in self._workers]
+        due = self._parked_asked_at is None or now - self._parked_asked_at >= self.config.poll_interval_seconds
+        if parked and due:
+            self._parked_asked_at = now
+        for folder in parked:
+            try:
+                if due and self.registry.run_status(folder.run_id, folder.claim.lease_id) == lifecycle.CANCELLED:
+                    self.record(lifecycle.CANCELLED, folder.run_id, waiting=folder.state["parked"])
+                    log.info("run %s: cancelled by the researcher while it waited", folder.run_id)
+                    self.clean_up(folder)
+                    continue
+                decision = self.decision_on(folder, now)
+                if decision is not None and len(self._workers) < self.config.max_concurrent_runs:
+                    self.go_on_with(folder, *decision)
+            except LeaseLost as error:
+                log.info("run %s: %s; its files are removed", folder.run_id, error)
+                self.clean_up(folder)
+            except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+                self.note_registry_problem(registry_problem(error))
+                return
+
+    def decision_on(self, folder, now):
+        """What the IT officer decided about a parked run: (what, reason) or None while undecided."""
+        run = folder.claim
+        if folder.state["parked"] == lifecycle.AWAITING_APPROVAL:
+            denial = self.approvals.denial_of(run.id)
+            if denial:
+                return "denied", f"denied by the site's IT officer ({denial.denied_by}): {denial.reason}"
+            if self.approval_wait(folder, now)[0] is None:
+                return "approved", None
+            return None
+        review = self.approvals.review_of(run.id)
+        if review is None:
+            return None
+        if review.released:
+            return "released", None
+        return "rejected", f"its output was rejected by the site's IT officer ({review.reviewed_by}): {review.reason}"
+
+    def go_on_with(self, folder, decision, reason):
+        """Carry out the IT officer's decision on a parked run."""
+        run = folder.claim
+        if decision == "denied":
+            self.registry.refuse(run.id, run.lease_id, shortened(reason))
+            self.record(lifecycle.REFUSED, run.id, reason=reason)
+            log.info("run %s refused: %s", run.id, reason)
+            self.clean_up(folder)
+            return
+        self.registry.resume(run.id, run.lease_id)
+        if decision == "rejected":
+            folder.record(outcome={**folder.state["outcome"], "failure_reason": reason}, withheld=True)
+        if decision in ("released", "rejected"):
+            folder.record(reviewed=decision)
+        folder.record(parked=None)
+        self.record(f"resumed_{decision}", run.id)
+        log.info("run %s: %s by the site's IT officer; it goes on", run.id, decision)
+        self.start_worker(folder)
+
+    def record(self, event, run_id=None, **fields):
+        """An entry in the site's audit log. A log that can take no more entries stops the runner (it says why),
+        for a site must not run what it cannot account for."""
+        try:
+            self.audit.append(event, run=run_id, **fields)
+        except AuditLogBroken as error:
+            if self.audit_broken is None:
+                log.error("%s", error)
+            self.audit_broken = error
+            self.stopping.set()
+            raise
 
     def remove_finished_sessions(self, now=None):
         """Remove the /temp of sessions the researcher closed, or that no run used for session_idle_seconds.
@@ -287,6 +394,8 @@ class SiteRunner:
 
     def take_on(self, run):
         log.info("run %s (task %s, session %s): image %s", run.id, run.task_id, run.session_id, run.image)
+        self.record(lifecycle.CLAIMED, run.id, task=run.task_id, session=run.session_id, researcher=run.researcher,
+                    image=run.image)
         stale = self._workers.get(run.id)
         if stale:
             # The registry hands a run out again only once the lease held on it before ran out.
@@ -298,6 +407,7 @@ class SiteRunner:
             self.start_worker(RunFolder.create(self.runs_dir, run))
             return
         log.warning("run %s refused: %s", run.id, reason)
+        self.record(lifecycle.REFUSED, run.id, reason=reason)
         try:
             self.registry.refuse(run.id, run.lease_id, reason)
         except (LeaseLost, Unreachable, RegistryRefused) as error:
@@ -328,10 +438,14 @@ class SiteRunner:
         try:
             if "outcome" not in folder.state:
                 self.execute(folder, heartbeat)
+            self.hold_for_review(folder)
             self.report(folder)
             self.clean_up(folder)
+        except RunParked as waiting:
+            log.info("run %s: %s; it holds no worker slot meanwhile", run.id, waiting)
         except (RunTakenBack, LeaseLost) as error:
             log.info("run %s: %s; its container and files are removed, nothing is reported", run.id, error)
+            self.record("taken_back", run.id, reason=str(error))
             self.clean_up(folder)
         except Unreachable as error:
             log.warning("run %s: %s; its files stay in %s and are reported once it answers",
@@ -358,15 +472,20 @@ class SiteRunner:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
             heartbeat.check()  # a long pull gives the researcher time to cancel
-            folder.record(image=pinned.run_reference, digest=pinned.digest)
-        if not folder.state.get("start_reported"):
-            self.report_started(folder)
-        if "container_id" not in folder.state:
+            folder.record(image=pinned.run_reference, digest=pinned.digest,
+                          image_details=containers.image_details(self.engine, pinned.run_reference))
+            self.record("image_pulled", run.id, reference=run.image, digest=pinned.digest)
+        if "container_id" not in folder.state and "input_sha256" not in folder.state:
             try:
                 self.registry.download_input(run.id, folder.input_file, self.config.max_input_bytes)
             except InputTooLarge as error:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
+            folder.record(input_sha256=sha256_of(folder.input_file))
+        if not folder.state.get("start_reported"):
+            self.wait_for_approval(folder)
+            self.report_started(folder)
+        if "container_id" not in folder.state:
             try:
                 mounts = folder.prepare_mounts(self.mount_disks(folder))
             except disk_limits.DiskProblem as error:
@@ -442,13 +561,34 @@ class SiteRunner:
         if gateway:
             gateway.close()
 
+    def wait_for_approval(self, folder, now=None):
+        """Go on if the site's approval policy lets the run's image digest (or task) run; else park the run at the
+        registry, awaiting approval, and raise RunParked."""
+        run, digest = folder.claim, folder.state["digest"]
+        waiting, approval = self.approval_wait(folder, now)
+        self.record("policy", run.id, policy=self.config.approval_policy, digest=digest,
+                    input_sha256=folder.state.get("input_sha256"), decision="waits" if waiting else "goes ahead",
+                    approval=approval.describe() if approval else None)
+        if waiting is None:
+            return
+        self.registry.park(run.id, run.lease_id, lifecycle.AWAITING_APPROVAL, waiting.reason, digest)
+        folder.record(parked=lifecycle.AWAITING_APPROVAL, parked_at=time.time(), waits_for=waiting.reason)
+        raise RunParked(waiting.reason)
+
+    def approval_wait(self, folder, now=None):
+        """approvals.needs_approval for this run, under the site's policy as configured now."""
+        digest = folder.state["digest"]
+        return approvals.needs_approval(self.config.approval_policy, digest, folder.claim.researcher, folder.run_id,
+                                        folder.state.get("input_sha256"), self.approvals.approvals_of(digest),
+                                        time.time() if now is None else now)
+
     def report_started(self, folder):
         run = folder.claim
         try:
             self.registry.report_started(run.id, run.lease_id, folder.state["digest"])
         except LeaseLost:
             # A runner killed right after reporting cannot have recorded that it did.
-            if self.registry.run_status(run.id, run.lease_id) != "running":
+            if self.registry.run_status(run.id, run.lease_id) != lifecycle.RUNNING:
                 raise
         folder.record(start_reported=True)
 
@@ -460,7 +600,7 @@ class SiteRunner:
                                    "failure_reason": "its container was removed while the runner was not running"})
             return
         container.reload()
-        if uses_gateway(self.config) and container.status in ("created", "running"):
+        if uses_gateway(self.config) and containers.has_not_ended(container):
             # An algorithm that already ended needs no gateway: only one still to run or running does.
             if not containers.is_running(self.engine, folder.state.get("relay_container_id")):
                 containers.remove(self.engine, container.id)
@@ -479,6 +619,8 @@ class SiteRunner:
         if "started_at" not in folder.state:
             folder.record(started_at=time.time())
         container_log = LogFollower(container, folder.log_file).start()
+        self.record("container_started", run.id, container=container.id, image=folder.state["image"],
+                    digest=folder.state["digest"])
         containers.start(container)
         timeout = timeout_for(run, limits)
         output_checked = [time.monotonic()]
@@ -517,6 +659,11 @@ class SiteRunner:
         if own_log:
             notes.append("/log.txt follows\n" + own_log)
         if reason is None:
+            reason = self.airlock_veto(folder)
+            if reason:
+                notes.append(reason)
+                folder.record(withheld=True)
+        if reason is None:
             # Files addressed to a third party leave the output before it is packed.
             reason = deliveries.set_aside(folder.output_dir, folder.outbox, self.config.recipients)
         if reason is None:
@@ -528,8 +675,36 @@ class SiteRunner:
         with open(folder.log_file, "a", encoding="utf-8") as log_file:
             log_file.writelines(f"\n[site runner] {note}\n" for note in notes)
         folder.record(outcome={"exit_code": exit_code, "failure_reason": reason, "sparql": sparql})
+        self.record("container_ended", run.id, container=container.id, exit_code=exit_code, reason=reason,
+                    sparql=sparql)
         log.info("run %s: container ended: %s", run.id, reason or f"exit code {exit_code}")
         containers.remove(self.engine, container.id)
+
+    def airlock_veto(self, folder):
+        """The site's automatic checks of the output (airlock in its config), before any of it leaves: None if it
+        passes (or the site checks nothing), else why not."""
+        checks = self.config.airlock.checks
+        if checks == airlock_checks.AirlockChecks():
+            return None
+        run = folder.claim
+        return airlock_checks.veto_reason(folder.output_dir, checks, {
+            "run_id": run.id, "task_id": run.task_id, "researcher": run.researcher,
+            "image_digest": folder.state.get("digest")})
+
+    def hold_for_review(self, folder):
+        """With airlock review on, a run whose algorithm ran waits with its output and log at the site until the
+        IT officer releases or rejects them (runScript.py outputs ...): parks it and raises RunParked."""
+        state = folder.state
+        if (not self.config.airlock.review or "reviewed" in state or state.get("withheld")
+                or not state.get("start_reported")):
+            return
+        run = folder.claim
+        reason = (f"held for review at {self.config.site_name}: its output and log leave once the site's IT officer "
+                  "has released them")
+        self.registry.park(run.id, run.lease_id, lifecycle.HELD_FOR_REVIEW, reason)
+        folder.record(parked=lifecycle.HELD_FOR_REVIEW, parked_at=time.time(), waits_for=reason)
+        self.record(lifecycle.HELD_FOR_REVIEW, run.id)
+        raise RunParked(reason)
 
     def end_gateway(self, folder):
         """Close the run's gateway; returns what the gateway saw (None without one). Its relay, which now leads
@@ -550,26 +725,38 @@ class SiteRunner:
             return str(error), []
 
     def report(self, folder):
+        """Send what may leave (nothing but the reason when the airlock withheld it), then how the run ended."""
         run, outcome = folder.claim, folder.state["outcome"]
         failure_reason = outcome["failure_reason"]
         if failure_reason is None:
             try:
                 deliveries.deliver(folder.outbox, self.config.recipients, retry_for_seconds=self.registry.retry_for_seconds,
-                                   record_receipt=lambda *receipt: self.registry.record_delivery(
-                                       run.id, run.lease_id, *receipt))
+                                   record_receipt=lambda *receipt: self.delivered(run, *receipt))
             except deliveries.DeliveryRefused as error:
                 failure_reason = str(error)
         if failure_reason is None and folder.archive.exists():
             try:
-                self.registry.upload(run.id, run.lease_id, "output", self.sealed(run, folder.archive))
+                self.upload(run, "output", folder.archive)
             except RegistryRefused as error:
                 failure_reason = f"the registry did not accept the output: {error}"
-        if folder.log_file.exists():
-            self.registry.upload(run.id, run.lease_id, "log", self.sealed(run, folder.log_file))
+        if folder.log_file.exists() and not folder.state.get("withheld"):
+            self.upload(run, "log", folder.log_file)
         self.registry.finish(run.id, run.lease_id, outcome["exit_code"], shortened(failure_reason),
                              sparql=outcome.get("sparql"))
+        self.record("reported", run.id, exit_code=outcome["exit_code"], failure_reason=failure_reason)
         log.info("run %s reported: exit code %s%s", run.id, outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
+
+    def upload(self, run, kind, path):
+        sealed = self.sealed(run, path)
+        self.registry.upload(run.id, run.lease_id, kind, sealed)
+        self.record("sent", run.id, what=kind, sha256=sha256_of(sealed), size=sealed.stat().st_size,
+                    to=self.config.registry_url, encrypted=sealed != path)
+
+    def delivered(self, run, recipient, name, size, sha256):
+        self.registry.record_delivery(run.id, run.lease_id, recipient, name, size, sha256)
+        self.record("sent", run.id, what="delivery", name=name, sha256=sha256, size=size, to=recipient,
+                    url=self.config.recipients[recipient].url)
 
     def sealed(self, run, path):
         """The file as it may leave the site: for an encrypted task, encrypted to the researcher's keys
@@ -645,7 +832,7 @@ class Heartbeat:
                 continue
             if failing:
                 log.info("heartbeat for run %s: the registry answers again", self.run_id)
-            if status == "cancelled":
+            if status == lifecycle.CANCELLED:
                 self.stop_reason = "cancelled by the researcher"
                 return
             wait, failing = self.interval, False
@@ -703,7 +890,7 @@ def progress_of(state):
         return "its container was created"
     if "image" in state:
         return "image fetched"
-    return "claimed"
+    return lifecycle.CLAIMED
 
 
 def shortened(reason):

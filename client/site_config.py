@@ -1,19 +1,23 @@
 """The site's configuration file (config.json): every field, its default, and its validation.
 
 Pure: reading the file is the only I/O here (runScript.py checks the config against
-this machine's Docker engine and folders). The runner refuses to start on any bad
+this machine's Docker engine and folders); ConfigSource reads it again when it changed, for the
+fields a running runner takes up (RELOADABLE). The runner refuses to start on any bad
 field, with one line per problem naming the field and the fix. Keys starting with
 "//" are comments. docs/site-config.md explains each field to the IT officer.
 """
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from client import deliveries, encryption
+from client import approvals, deliveries, encryption
+from client.airlock_checks import AirlockChecks
 
 # Field names of the original PyTaskManager's config.json that mean the same here.
 ALIASES = {
@@ -64,6 +68,9 @@ SPARQL_GATEWAY_DEFAULTS = {
 
 MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 DOCKER_MINIMUM_MEMORY = 6 * 1024 ** 2
+
+
+log = logging.getLogger("pht.runner")
 
 
 class ConfigError(Exception):
@@ -122,6 +129,57 @@ class SiteConfig:
     sparql_gateway: SparqlGatewaySettings
     recipients: dict  # name -> deliveries.Recipient: third parties this site may send files to
     researcher_keys: dict | None  # researcher name -> tuple of pinned age keys; None: keys are not pinned
+    approval_policy: str  # approvals.POLICIES: whether runs wait for the site's IT officer before they run
+    airlock: "Airlock"
+
+
+@dataclass(frozen=True)
+class Airlock:
+    """What happens to a run's results before they leave: automatic checks, and a person's review if asked."""
+    review: bool  # held until the IT officer releases them (runScript.py outputs ...)
+    checks: AirlockChecks
+
+
+# The fields a running runner takes up again when its config file changes (or on SIGHUP); the others need
+# a restart.
+RELOADABLE = ("whitelist", "require_digest", "approval_policy", "airlock")
+
+
+class ConfigSource:
+    """The config file, read again when it changed: the reloadable fields of a config that passes every check
+    at start, or None (each problem logged) when it does not."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.seen = self._stamp()
+
+    def _stamp(self):
+        try:
+            status = self.path.stat()
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_size
+
+    def changed(self):
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+
+    def reload(self, current):
+        try:
+            fresh = load_site_config(self.path)
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("%s", problem)
+            log.error("the changed config is not taken up; the runner goes on as it was configured")
+            return None
+        others = [field.name for field in dataclasses.fields(fresh)
+                  if field.name not in RELOADABLE and getattr(fresh, field.name) != getattr(current, field.name)]
+        if others:
+            log.warning("config fields %s changed: they take effect at the runner's next start", ", ".join(others))
+        return dataclasses.replace(current, **{name: getattr(fresh, name) for name in RELOADABLE})
 
 
 def load_site_config(path):
@@ -205,6 +263,10 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     sparql_gateway = _sparql_gateway(take("sparql_gateway", dict, {}), problems)
     recipients = _recipients(take("recipients", dict, {}), problems)
     researcher_keys = _researcher_keys(take("researcher_keys", dict), problems)
+    approval_policy = take("approval_policy", str, approvals.WHITELIST)
+    if approval_policy not in approvals.POLICIES:
+        problems.append(f"approval_policy {approval_policy!r} must be one of {', '.join(approvals.POLICIES)}")
+    airlock = _airlock(take("airlock", dict, {}), problems)
     for unknown in sorted(fields):
         problems.append(f"unknown field {unknown!r}; see docs/site-config.md for the fields a site config has")
     if problems:
@@ -216,7 +278,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, max_input_bytes=max_input_bytes, long_poll_seconds=long_poll_seconds,
         poll_interval_seconds=poll_interval_seconds, session_idle_seconds=session_idle_seconds, container=container, allow_host_network=allow_host_network,
-        sparql_gateway=sparql_gateway, recipients=recipients, researcher_keys=researcher_keys)
+        sparql_gateway=sparql_gateway, recipients=recipients, researcher_keys=researcher_keys,
+        approval_policy=approval_policy, airlock=airlock)
 
 
 def memory_bytes(memory):
@@ -322,6 +385,32 @@ def _researcher_keys(given, problems):
                                 "`python -m researcher keygen` printed")
         pinned[name] = tuple(keys)
     return pinned
+
+
+AIRLOCK_FIELDS = ("review", "max_file_bytes", "allowed_suffixes", "check_command", "check_timeout_seconds")
+
+
+def _airlock(given, problems):
+    unknown = sorted(key for key in given if key not in AIRLOCK_FIELDS and not key.startswith("//"))
+    if unknown:
+        problems.append(f"airlock: unknown field(s) {', '.join(unknown)}; known: {', '.join(AIRLOCK_FIELDS)}")
+    review = given.get("review", False)
+    if not isinstance(review, bool):
+        problems.append(f"airlock.review must be true or false, not {json.dumps(review)}")
+        review = False
+    # AirlockChecks says what is wrong with a value; JSON gives lists where it takes tuples.
+    settings = {key: tuple(given[key]) if isinstance(given[key], list) else given[key]
+                for key in AIRLOCK_FIELDS[1:] if key in given}
+    for key in ("allowed_suffixes", "check_command"):
+        if key in settings and not isinstance(settings[key], tuple):
+            problems.append(f"airlock.{key} must be a list of strings")
+            settings.pop(key)
+    try:
+        checks = AirlockChecks(**settings)
+    except ValueError as error:
+        problems.append(str(error))
+        checks = AirlockChecks()
+    return Airlock(review, checks)
 
 
 def _container_limits(given, problems):

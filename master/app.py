@@ -8,13 +8,13 @@ from pathlib import Path
 from apiflask import APIFlask, abort
 from flask import g, request
 
-from master import blobs, researcher_api, site_api, store
+from master import blobs, lifecycle, researcher_api, site_api, store
 from master.schemas import INT_MAX
 from master.wakeup import Announcements
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,15 @@ class Registry:
     engine: object
     blobs: blobs.BlobStore
     work_for_sites: Announcements  # by site id: a run became pending for it
-    ended_tasks: Announcements  # by task id: one of its runs reached a final state
+    ended_tasks: Announcements  # by task id: one of its runs ended, or waits for its site
 
     def expire_lapsed_leases(self):
         """Requeue (or fail) runs whose lease ran out, and wake the sites that got them back."""
         expired = store.expire_overdue_leases(self.engine)
         for run_id, _, status, _ in expired:
             log.info("run %s lease expired; run is now %s", run_id, status)
-        self.work_for_sites.announce({site_id for _, site_id, status, _ in expired if status == "pending"})
-        self.ended_tasks.announce({task_id for _, _, status, task_id in expired if status != "pending"})
+        self.work_for_sites.announce({site_id for _, site_id, status, _ in expired if status == lifecycle.PENDING})
+        self.ended_tasks.announce({task_id for _, _, status, task_id in expired if status != lifecycle.PENDING})
 
 
 def create_app(settings):

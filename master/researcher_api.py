@@ -11,7 +11,7 @@ import time
 from apiflask import APIBlueprint, abort
 from flask import current_app, send_file
 
-from master import auth, store
+from master import auth, lifecycle, store
 from master.schemas import (ClosedSessionOut, PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SessionPageOut,
                             SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn, TaskWaitIn)
 
@@ -77,7 +77,7 @@ def get_task(task_id, query_data):
         seen = registry.ended_tasks.generation(task_id)
         task = store.get_task(registry.engine, task_id, researcher.id)
         remaining = deadline - time.monotonic()
-        if task["status"] != "active" or remaining <= 0:
+        if task["status"] != lifecycle.TaskStatus.ACTIVE or remaining <= 0:
             return task
         if registry.ended_tasks.wait_for_news(task_id, seen, remaining):
             return store.get_task(registry.engine, task_id, researcher.id)

@@ -32,8 +32,8 @@ BIGINT_MAX = 2 ** 63 - 1
 # An age X25519 recipient: "age1" and 58 characters of bech32.
 AGE_PUBLIC_KEY = r"^age1[023456789acdefghjklmnpqrstuvwxyz]{58}$"
 
-RUN_STATES = (lifecycle.PENDING, lifecycle.CLAIMED, lifecycle.RUNNING) + lifecycle.TERMINAL_STATES
-TASK_STATES = ("active", "completed", "cancelled", "finished_with_errors")
+RUN_STATES = [str(state) for state in lifecycle.CURRENT_STATES]
+TASK_STATES = [str(state) for state in lifecycle.TaskStatus]
 
 
 class Timestamp(DateTime):
@@ -132,10 +132,12 @@ class RunOut(Schema):
     id = Integer()
     site = String(metadata={"description": "Name of the site that runs it."})
     status = String(validate=OneOf(RUN_STATES))
-    reason = String(allow_none=True, metadata={"description": "Why it failed or was refused."})
+    reason = String(allow_none=True, metadata={
+        "description": "Why it failed or was refused; what it waits for while awaiting approval or held for review."})
     attempts = Integer()
     exit_code = Integer(allow_none=True)
-    image_digest = String(allow_none=True, metadata={"description": "Digest of the image the site ran."})
+    image_digest = String(allow_none=True, metadata={
+        "description": "Digest of the image the site ran, or whose approval it waits for."})
     output_sha256 = String(allow_none=True)
     output_size = Integer(allow_none=True)
     log_sha256 = String(allow_none=True)
@@ -276,6 +278,20 @@ class StartIn(LeaseIn):
     image_digest = Text(required=True, validate=Length(1, 256))
 
 
+class ParkIn(LeaseIn):
+    status = String(required=True, validate=OneOf([str(state) for state in lifecycle.PARKED_STATES]), metadata={
+        "description": "awaiting_approval: before it runs, the site's IT officer must approve its image or the "
+                       "task; held_for_review: it ended, and its output leaves once the IT officer released it."})
+    reason = Text(required=True, validate=Length(1, 2000), metadata={"description": "What it waits for, in words."})
+    image_digest = Text(validate=Length(1, 256), metadata={
+        "description": "The digest the approval is for (awaiting_approval)."})
+
+
+class ResumedOut(Schema):
+    status = String(metadata={"description": "The run's status again: claimed (approved) or running (released)."})
+    lease_seconds = Integer(metadata={"description": "The lease runs out this long from now; heartbeats renew it."})
+
+
 class RefuseIn(LeaseIn):
     reason = Text(required=True, validate=Length(1, 2000))
 
@@ -311,7 +327,8 @@ class SiteIdentityOut(Schema):
 
 
 class HeartbeatOut(Schema):
-    status = String(metadata={"description": "The run's status; 'cancelled' tells the runner to stop it."})
+    status = String(validate=OneOf(RUN_STATES), metadata={
+        "description": "The run's status; 'cancelled' tells the runner to stop it."})
 
 
 class BlobStoredOut(Schema):

@@ -14,7 +14,7 @@ from flask import current_app, request
 
 from master import auth, blobs, lifecycle, store
 from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, ClosedSessionIdsOut, DeliveryIn, FinishIn,
-                            HeartbeatOut, LeaseIn, RefuseIn, SessionIdsIn, SiteIdentityOut, StartIn)
+                            HeartbeatOut, LeaseIn, ParkIn, RefuseIn, ResumedOut, SessionIdsIn, SiteIdentityOut, StartIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -117,13 +117,43 @@ def heartbeat(run_id, json_data):
     return {"status": status}
 
 
+@bp.post("/runs/<int:run_id>/park")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(ParkIn)
+@bp.output({}, status_code=204)
+@bp.doc(responses=[404, 409])
+def park_run(run_id, json_data):
+    """A person at the site decides before the run goes on: it awaits approval (from claimed) or is held for review
+    (from running). The site keeps its lease, which does not run out meanwhile; the researcher sees the reason."""
+    registry = _registry()
+    task_id = store.park_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"], json_data["status"],
+                             json_data["reason"], json_data.get("image_digest"))
+    registry.ended_tasks.announce([task_id])  # a researcher waiting for the task sees it wait
+    log.info("run %s %s at site %s: %s", run_id, json_data["status"], auth.caller().name, json_data["reason"])
+    return ""
+
+
+@bp.post("/runs/<int:run_id>/resume")
+@bp.auth_required(auth.token_auth, roles=[auth.SITE])
+@bp.input(LeaseIn)
+@bp.output(ResumedOut)
+@bp.doc(responses=[404, 409])
+def resume_run(run_id, json_data):
+    """The site goes on with a parked run (approved, or its output released); the lease runs again."""
+    registry = _registry()
+    status = store.resume_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
+                              registry.settings.lease_seconds)
+    log.info("run %s resumed by site %s: %s", run_id, auth.caller().name, status)
+    return {"status": status, "lease_seconds": registry.settings.lease_seconds}
+
+
 @bp.post("/runs/<int:run_id>/refuse")
 @bp.auth_required(auth.token_auth, roles=[auth.SITE])
 @bp.input(RefuseIn)
 @bp.output({}, status_code=204)
 @bp.doc(responses=[404, 409])
 def refuse_run(run_id, json_data):
-    """The site will not run this task (e.g. its image is not on the whitelist)."""
+    """The site will not run this task (e.g. its image is not on the whitelist, or its IT officer denied it)."""
     registry = _registry()
     task_id = store.refuse_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"], json_data["reason"])
     registry.ended_tasks.announce([task_id])

@@ -17,6 +17,8 @@ from master import lifecycle
 
 metadata = sa.MetaData()
 
+STATUS_LENGTH = 32  # of a run's state's name (lifecycle.RunStatus)
+
 meta = sa.Table(
     "meta", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
@@ -85,7 +87,7 @@ runs = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id"), nullable=False),
     sa.Column("site_id", sa.Integer, sa.ForeignKey("sites.id"), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(STATUS_LENGTH), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     # A claim is a lease: only the holder of lease_id may report on the run, and
@@ -124,7 +126,7 @@ run_events = sa.Table(
     "run_events", metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False, index=True),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(STATUS_LENGTH), nullable=False),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("reason", sa.Text),
 )
@@ -163,12 +165,21 @@ def _let_sessions_be_closed(conn):
     _add_index(conn, tasks, "session_id")
 
 
+def _widen_status_columns(conn):
+    """Room for the longer names of the states a run waits in at its site (awaiting_approval). SQLite does not
+    hold a VARCHAR to its length; PostgreSQL does."""
+    if conn.dialect.name == "postgresql":
+        for table in (runs, run_events):
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN status TYPE VARCHAR({STATUS_LENGTH})")
+
+
 # The step that takes a database from each version (the key) to the next. The tables above are
 # always the newest version's; a change to them is one more step here, and create_all makes new
 # tables by itself.
 UPGRADES = {
     1: lambda conn: _add_columns(conn, runs, ("sparql_queries", "sparql_bytes", "sparql_refused")),
     2: _let_sessions_be_closed,
+    3: _widen_status_columns,
 }
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
@@ -377,10 +388,10 @@ def _task_status_condition(status):
     all_completed = ~any_run(runs.c.status != lifecycle.COMPLETED)
     all_cancelled = ~any_run(runs.c.status != lifecycle.CANCELLED)
     return {
-        "active": active,
-        "completed": all_completed,
-        "cancelled": all_cancelled,
-        "finished_with_errors": sa.and_(~active, ~all_completed, ~all_cancelled),
+        lifecycle.TaskStatus.ACTIVE: active,
+        lifecycle.TaskStatus.COMPLETED: all_completed,
+        lifecycle.TaskStatus.CANCELLED: all_cancelled,
+        lifecycle.TaskStatus.FINISHED_WITH_ERRORS: sa.and_(~active, ~all_completed, ~all_cancelled),
     }[status]
 
 
@@ -557,56 +568,100 @@ def claim_next_run(engine, site_id, lease_seconds):
 
 def get_site_run(engine, run_id, site_id):
     with engine.connect() as conn:
-        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
-    if row is None:
-        raise NotFound(f"run {run_id} does not exist")
-    return dict(row)
+        return dict(_site_run(conn, run_id, site_id))
 
 
-def _leased_run(conn, run_id, site_id, lease_id, allowed_states):
+def _site_run(conn, run_id, site_id):
+    """The run, if it is this site's; NotFound otherwise, whether it exists or not."""
     row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
     if row is None:
         raise NotFound(f"run {run_id} does not exist")
+    return row
+
+
+def _leased_run(conn, run_id, site_id, lease_id, allowed_states):
+    row = _site_run(conn, run_id, site_id)
     if row["lease_id"] != lease_id or row["status"] not in allowed_states:
         raise LeaseLost(f"run {run_id} is {row['status']} and no longer leased to this runner")
     return row
 
 
+def _move(conn, row, status, now, reason=None, **values):
+    """Move the run (row: as read in this transaction) to status for reason (None: none, any reason before is
+    cleared), with an event in its history. Only a move
+    lifecycle.TRANSITIONS lists is made; a run that changed meanwhile (a cancel) is not overwritten."""
+    try:
+        lifecycle.check_move(row["status"], status)
+    except lifecycle.NotAllowed as error:
+        raise Conflict(f"run {row['id']}: {error}") from None
+    moved = conn.execute(runs.update().where(runs.c.id == row["id"], runs.c.status == row["status"])
+                         .values(status=status, reason=reason, updated_at=now, **values)).rowcount
+    if not moved:
+        raise LeaseLost(f"run {row['id']} changed meanwhile; it is no longer {row['status']}")
+    _record_event(conn, row["id"], status, now, reason)
+
+
 def mark_run_started(engine, run_id, site_id, lease_id, image_digest):
     now = time.time()
     with engine.begin() as conn:
-        _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
-        conn.execute(runs.update().where(runs.c.id == run_id).values(
-            status=lifecycle.RUNNING, image_digest=image_digest, updated_at=now))
-        _record_event(conn, run_id, lifecycle.RUNNING, now)
+        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
+        _move(conn, row, lifecycle.RUNNING, now, image_digest=image_digest)
+
+
+def park_run(engine, run_id, site_id, lease_id, status, reason, image_digest=None):
+    """The site parks its run while a person there decides (lifecycle.PARKED_STATES): awaiting approval before it
+    runs, or held for review before its output leaves. The site keeps the lease, which no longer runs out.
+    Parking it again in the same state changes nothing (a runner restarted after it asked). Returns the task id."""
+    now = time.time()
+    with engine.begin() as conn:
+        row = _site_run(conn, run_id, site_id)
+        if row["status"] == status and row["lease_id"] == lease_id:
+            return row["task_id"]
+        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.PARKED_FROM[status],))
+        digest = {} if image_digest is None else {"image_digest": image_digest}
+        _move(conn, row, status, now, reason, lease_expires_at=None, **digest)
+    return row["task_id"]
+
+
+def resume_run(engine, run_id, site_id, lease_id, lease_seconds):
+    """The site goes on with a parked run (approved, or its output released): it is leased again as before it
+    was parked; returns that status. Resuming it again only renews the lease."""
+    now = time.time()
+    with engine.begin() as conn:
+        row = _leased_run(conn, run_id, site_id, lease_id,
+                          lifecycle.PARKED_STATES + tuple(lifecycle.PARKED_FROM.values()))
+        if row["status"] in lifecycle.PARKED_STATES:
+            status = lifecycle.PARKED_FROM[row["status"]]
+            _move(conn, row, status, now, lease_expires_at=now + lease_seconds)
+            return status
+        conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
+        return row["status"]
 
 
 def extend_lease(engine, run_id, site_id, lease_id, lease_seconds):
-    """Push the lease forward; returns the run's status (the runner stops work on 'cancelled')."""
+    """Push the lease forward; returns the run's status (the runner stops work on 'cancelled').
+    A parked run's lease does not run out: its status is only read."""
     now = time.time()
     with engine.begin() as conn:
-        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
-        if row is None:
-            raise NotFound(f"run {run_id} does not exist")
+        row = _site_run(conn, run_id, site_id)
         if row["status"] == lifecycle.CANCELLED:
             return lifecycle.CANCELLED
-        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
-        conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
+        row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES + lifecycle.PARKED_STATES)
+        if row["status"] in lifecycle.LEASED_STATES:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
         return row["status"]
 
 
 def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
     """Record a stored output or log for a run. The same blob twice is fine; another is a conflict."""
     with engine.begin() as conn:
-        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
-        if row is None:
-            raise NotFound(f"run {run_id} does not exist")
+        row = _site_run(conn, run_id, site_id)
         existing = row[f"{kind}_sha256"]
         if existing == sha256:
             return
         if existing is not None or row["status"] in lifecycle.TERMINAL_STATES:
             raise Conflict(f"run {run_id} already has a different {kind}")
-        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
         conn.execute(runs.update().where(runs.c.id == run_id).values(
             {f"{kind}_sha256": sha256, f"{kind}_size": size}))
 
@@ -623,18 +678,15 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
     report = {"status": status, "exit_code": exit_code, "reason": reason, **_sparql_columns(sparql)}
     with engine.begin() as conn:
-        row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
-        if row is None:
-            raise NotFound(f"run {run_id} does not exist")
+        row = _site_run(conn, run_id, site_id)
         if row["status"] in (lifecycle.COMPLETED, lifecycle.FAILED) and row["lease_id"] == lease_id:
             if all(row[column] == value for column, value in report.items()):
                 return status, row["task_id"]
             raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
                            "reason or SPARQL summary")
-        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
-        conn.execute(runs.update().where(runs.c.id == run_id).values(
-            **report, updated_at=now, lease_expires_at=None))
-        _record_event(conn, run_id, status, now, reason)
+        row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
+        report.pop("status"), report.pop("reason")
+        _move(conn, row, status, now, reason, lease_expires_at=None, **report)
     return status, row["task_id"]
 
 
@@ -642,10 +694,8 @@ def refuse_run(engine, run_id, site_id, lease_id, reason):
     """Record that the site will not run it; returns the task id."""
     now = time.time()
     with engine.begin() as conn:
-        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED,))
-        conn.execute(runs.update().where(runs.c.id == run_id).values(
-            status=lifecycle.REFUSED, reason=reason, updated_at=now, lease_expires_at=None))
-        _record_event(conn, run_id, lifecycle.REFUSED, now, reason)
+        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED, lifecycle.AWAITING_APPROVAL))
+        _move(conn, row, lifecycle.REFUSED, now, reason, lease_expires_at=None)
     return row["task_id"]
 
 
@@ -653,7 +703,7 @@ def expire_overdue_leases(engine):
     """Return runs whose lease ran out to the queue (or fail them); returns (run, site, new status, task)s."""
     now = time.time()
     expired = []
-    overdue_condition = sa.and_(runs.c.status.in_(lifecycle.ACTIVE_STATES), runs.c.lease_expires_at < now)
+    overdue_condition = sa.and_(runs.c.status.in_(lifecycle.LEASED_STATES), runs.c.lease_expires_at < now)
     # Nearly always nothing is overdue: find that out with a read, not a write transaction.
     with engine.connect() as conn:
         if conn.execute(sa.select(runs.c.id).where(overdue_condition).limit(1)).first() is None:
@@ -710,7 +760,7 @@ def record_delivery(engine, run_id, site_id, lease_id, recipient, name, size, sh
             if (existing["size"], existing["sha256"]) != (size, sha256):
                 raise Conflict(f"run {run_id} already delivered another {name} to {recipient}")
             return
-        _leased_run(conn, run_id, site_id, lease_id, lifecycle.ACTIVE_STATES)
+        _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
         conn.execute(deliveries.insert().values(run_id=run_id, recipient=recipient, name=name, size=size,
                                                 sha256=sha256, at=time.time()))
 

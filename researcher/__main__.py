@@ -25,6 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from master import lifecycle
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
 from researcher.images import ImageNotPinned
 from researcher.keys import DecryptionFailed, generate_identity
@@ -168,7 +169,7 @@ def cancel_command(registry, as_json, task_id):
 
 @command
 @click.option("--session", "session_id", type=int, help="Only this session's tasks.")
-@click.option("--status", type=click.Choice(["active", "completed", "cancelled", "finished_with_errors"]))
+@click.option("--status", type=click.Choice([str(status) for status in lifecycle.TaskStatus]))
 def tasks_command(registry, as_json, session_id, status):
     """List your tasks, oldest first."""
     found = list(registry.tasks(session_id=session_id, status=status))
@@ -176,7 +177,7 @@ def tasks_command(registry, as_json, session_id, status):
         return print_json(found)
     table = new_table("task", "session", "name", "image", "status", "sites done", "created (UTC)")
     for task in found:
-        done = sum(run["status"] == "completed" for run in task["runs"])
+        done = sum(run["status"] == lifecycle.COMPLETED for run in task["runs"])
         table.add_row(str(task["id"]), str(task["session_id"]), task["name"] or "", task["image"], task["status"],
                       f"{done}/{len(task['runs'])}", task["created_at"][:19])
     print_table(table)

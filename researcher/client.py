@@ -18,12 +18,12 @@ from pathlib import Path
 
 import requests
 
+from master import lifecycle
 from researcher import keys
 from researcher.images import pin_to_digest
 from researcher.progress import SiteProgress
 from researcher.results import RunResult
 
-TERMINAL_STATES = ("completed", "failed", "refused", "cancelled")
 PAGE_SIZE = 200  # the registry's largest page
 
 # Each wait is a long-poll that the registry answers the moment a run ends; its length only
@@ -147,7 +147,7 @@ class Registry:
                 task = self._call("GET", f"/api/tasks/{task_id}", params={"wait_seconds": wait_seconds},
                                   timeout=60 + wait_seconds)
                 display.show(task["runs"])
-                if all(run["status"] in TERMINAL_STATES for run in task["runs"]):
+                if all(run["status"] in lifecycle.TERMINAL_STATES for run in task["runs"]):
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

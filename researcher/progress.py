@@ -10,9 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-STATE_STYLES = {"completed": "green", "failed": "bold red", "refused": "bold red", "cancelled": "yellow",
-                "running": "cyan", "claimed": "cyan", "pending": "dim"}
-FINISHED = ("completed", "failed", "refused", "cancelled")
+from master import lifecycle
+
+STATE_STYLES = {lifecycle.COMPLETED: "green", lifecycle.FAILED: "bold red", lifecycle.REFUSED: "bold red",
+                lifecycle.CANCELLED: "yellow", lifecycle.RUNNING: "cyan", lifecycle.CLAIMED: "cyan",
+                lifecycle.PENDING: "dim", lifecycle.AWAITING_APPROVAL: "bold magenta",
+                lifecycle.HELD_FOR_REVIEW: "bold magenta"}
 
 
 class SiteProgress:
@@ -36,7 +39,7 @@ class SiteProgress:
     def show(self, runs):
         if not self.enabled:
             return
-        finished = sum(run["status"] in FINISHED for run in runs)
+        finished = sum(run["status"] in lifecycle.TERMINAL_STATES for run in runs)
         self.bar.update(self.bar_task, total=len(runs), completed=finished)
         sites = Table.grid(padding=(0, 2))
         for run in runs:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from master import lifecycle
+
 # The file an algorithm writes its main answer to, by convention (the original PyTaskManager's).
 OUTPUT_FILE = "output.txt"
 RUNNER_NOTE = "[site runner] "  # how the site runner starts the lines it adds to a log (docs/container-contract.md)
@@ -28,7 +30,7 @@ class RunResult:
 
     @property
     def ok(self):
-        return self.status == "completed"
+        return self.status == lifecycle.COMPLETED
 
     @cached_property
     def files(self):

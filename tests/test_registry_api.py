@@ -38,7 +38,15 @@ def upload(client, site, run, kind, body, sha256=None):
         "Content-Type": "application/octet-stream"})
 
 
+def start(client, site, run):
+    return client.post(f"/api/site/runs/{run['id']}/start", headers=site,
+                       json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "0" * 64})
+
+
 def finish(client, site, run, exit_code=0, failure_reason=None, **more):
+    """Report the run's end; a run that completes must have started, so it is started first if it was not."""
+    if exit_code == 0 and failure_reason is None:
+        start(client, site, run)
     return client.post(f"/api/site/runs/{run['id']}/finish", headers=site, json={
         "lease_id": run["lease_id"], "exit_code": exit_code, "failure_reason": failure_reason, **more})
 
@@ -235,7 +243,7 @@ def test_a_bad_sparql_summary_is_rejected_and_the_run_stays_open(client, alice, 
     response = finish(client, hospital, run, sparql=sparql)
     assert response.status_code == 422
     assert complaint in response.get_data(as_text=True)
-    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "claimed"
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "running"
 
 
 def test_a_whole_number_spelled_as_a_float_is_that_number(client, alice, hospital):
@@ -490,3 +498,104 @@ def test_delivery_receipts_are_recorded_once(client, alice, hospital):
     assert deliver({**receipt, "sha256": "b" * 64}).status_code == 409
     stored = client.get("/api/tasks/1", headers=alice).json["runs"][0]["deliveries"]
     assert [(d["recipient"], d["name"], d["size"], d["sha256"]) for d in stored] == [("ttp", "keys.csv", 120, "a" * 64)]
+
+
+# --- runs parked at their site while a person there decides ---------------------------------------------
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def park(client, site, run, status="awaiting_approval", reason="waits for the IT officer", **more):
+    return client.post(f"/api/site/runs/{run['id']}/park", headers=site,
+                       json={"lease_id": run["lease_id"], "status": status, "reason": reason, **more})
+
+
+def resume(client, site, run):
+    return client.post(f"/api/site/runs/{run['id']}/resume", headers=site, json={"lease_id": run["lease_id"]})
+
+
+def test_a_run_awaiting_approval_keeps_its_lease_and_attempts_until_the_site_goes_on(app, client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert park(client, hospital, run, image_digest=DIGEST).status_code == 204
+    assert park(client, hospital, run, image_digest=DIGEST).status_code == 204  # a restarted runner asks again
+    waiting = client.get("/api/tasks/1", headers=alice).json
+    assert waiting["status"] == "active"
+    assert {key: waiting["runs"][0][key] for key in ("status", "reason", "image_digest", "attempts")} == {
+        "status": "awaiting_approval", "reason": "waits for the IT officer", "image_digest": DIGEST, "attempts": 1}
+    _expire_leases(app)
+    assert claim(client, hospital).status_code == 204  # the claim sweeps expired leases: not this one
+    beat = client.post(f"/api/site/runs/{run['id']}/heartbeat", headers=hospital, json={"lease_id": run["lease_id"]})
+    assert beat.json == {"status": "awaiting_approval"}
+
+    assert resume(client, hospital, run).json == {"status": "claimed", "lease_seconds": 30}
+    assert resume(client, hospital, run).json == {"status": "claimed", "lease_seconds": 30}  # and again
+    assert start(client, hospital, run).status_code == 204
+    assert park(client, hospital, run, status="held_for_review", reason="held for review").status_code == 204
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "held_for_review"
+    assert resume(client, hospital, run).json["status"] == "running"
+    assert finish(client, hospital, run).status_code == 200
+    done = client.get("/api/tasks/1", headers=alice).json["runs"][0]
+    assert (done["status"], done["reason"], done["attempts"]) == ("completed", None, 1)
+    history = [e["status"] for e in client.get(f"/api/runs/{run['id']}/history", headers=alice).json]
+    assert history == ["pending", "claimed", "awaiting_approval", "claimed", "running", "held_for_review",
+                       "running", "completed"]
+
+
+def test_a_denied_run_is_refused_and_a_cancelled_one_cannot_go_on(client, alice, hospital):
+    post_task(client, alice)
+    post_task(client, alice)
+    denied, cancelled = claim(client, hospital).json, claim(client, hospital).json
+    for run in (denied, cancelled):
+        assert park(client, hospital, run, image_digest=DIGEST).status_code == 204
+    refused = client.post(f"/api/site/runs/{denied['id']}/refuse", headers=hospital,
+                          json={"lease_id": denied["lease_id"], "reason": "denied by the site's IT officer: no"})
+    assert refused.status_code == 204
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["reason"] == "denied by the site's IT officer: no"
+    client.post("/api/tasks/2/cancel", headers=alice)
+    beat = client.post(f"/api/site/runs/{cancelled['id']}/heartbeat", headers=hospital,
+                       json={"lease_id": cancelled["lease_id"]})
+    assert beat.json == {"status": "cancelled"}
+    assert resume(client, hospital, cancelled).status_code == 409
+
+
+@pytest.mark.parametrize("moves, refused_move, message", [
+    ([], ("park", "held_for_review"), "no longer leased"),              # results held before it ran
+    ([("park", "awaiting_approval")], ("park", "held_for_review"), "no longer leased"),
+    ([("start", None)], ("park", "awaiting_approval"), "no longer leased"),  # approval after it started
+    ([("park", "awaiting_approval")], ("start", None), "no longer leased"),  # it must be resumed first
+    ([], ("finish", None), "a run that is claimed cannot become completed"),  # completed without running
+])
+def test_moves_the_lifecycle_does_not_allow_answer_409(client, alice, hospital, moves, refused_move, message):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+
+    def move(what, status):
+        if what == "park":
+            return park(client, hospital, run, status=status, image_digest=DIGEST)
+        if what == "start":
+            return start(client, hospital, run)
+        if what == "resume":
+            return resume(client, hospital, run)
+        return client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital,
+                           json={"lease_id": run["lease_id"], "exit_code": 0})
+
+    for made in moves:
+        assert move(*made).status_code < 300
+    answer = move(*refused_move)
+    assert answer.status_code == 409
+    assert message in answer.json["message"]
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ({"status": "running", "reason": "x"}, "Must be one of"),
+    ({"status": "awaiting_approval", "reason": ""}, "Length must be between 1 and 2000"),
+    ({"status": "awaiting_approval"}, "Missing data"),
+    ({"status": "awaiting_approval", "reason": "x", "image_digest": "d" * 300}, "Length must be between 1 and 256"),
+])
+def test_a_bad_park_is_a_422_naming_the_field(client, alice, hospital, body, complaint):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    answer = client.post(f"/api/site/runs/{run['id']}/park", headers=hospital, json={"lease_id": run["lease_id"], **body})
+    assert answer.status_code == 422
+    assert complaint in answer.get_data(as_text=True)

@@ -19,7 +19,9 @@ SPARQL_COLUMNS = {"sparql_queries", "sparql_bytes", "sparql_refused"}
 def tables_of_version(version):
     """The tables of an older schema version: today's, but for those an upgrade changed since, frozen as they
     were then (a step that changes a table must freeze its old form here too)."""
-    frozen = {"sessions": _sessions_before_version_3, "tasks": _tasks_before_version_3}
+    frozen = {}
+    if version < 3:
+        frozen.update(sessions=_sessions_before_version_3, tasks=_tasks_before_version_3)
     if version == 1:
         frozen["runs"] = _runs_of_version_1
     tables = sa.MetaData()
@@ -28,6 +30,9 @@ def tables_of_version(version):
             table.to_metadata(tables)
     for freeze in frozen.values():
         freeze(tables)
+    if version < 4:
+        for name in ("runs", "run_events"):  # their status held 16 characters
+            tables.tables[name].c.status.type = sa.String(16)
     return tables
 
 
@@ -118,6 +123,13 @@ def version_2_database(database_url):
     yield database_url, alice, session_id
 
 
+@pytest.fixture
+def version_3_database(database_url):
+    """A version-3 database (run states of up to 16 characters); yields (url, researcher's token)."""
+    alice, _, _ = make_database_of_version(database_url, 3)
+    yield database_url, alice
+
+
 def state_of(database_url, table="runs"):
     """(schema version, the table's columns) as the database has them now."""
     engine = sa.create_engine(database_url)
@@ -155,6 +167,8 @@ def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_runs(tmp_path, 
                                                    "sites": ["hospital-b"]}, headers=alice).json
         claimed = client.post("/api/site/claim", json={}, headers=site).json
         summary = {"queries": 3, "bytes": 2 ** 40, "refused": 1}
+        client.post(f"/api/site/runs/{claimed['id']}/start", headers=site,
+                    json={"lease_id": claimed["lease_id"], "image_digest": "sha256:" + "0" * 64})
         finished = client.post(f"/api/site/runs/{claimed['id']}/finish", headers=site,
                                json={"lease_id": claimed["lease_id"], "exit_code": 0, "sparql": summary})
         assert finished.status_code == 200, finished.json
@@ -168,6 +182,27 @@ def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_runs(tmp_path, 
     store.open_database(database_url).dispose()  # opening an upgraded database again changes nothing
     assert state_of(database_url) == (version, columns)
     assert "closed_at" in state_of(database_url, "sessions")[1]
+
+
+def test_a_version_3_database_is_upgraded_in_place_and_takes_runs_awaiting_approval(tmp_path, version_3_database):
+    database_url, alice = version_3_database
+    app = create_app(Settings(data_dir=tmp_path / "registry", database_url=database_url))
+    try:
+        client = app.test_client()
+        site_token = auth.new_token()
+        store.create_principal(app.extensions["pht"].engine, store.sites, "hospital-b", auth.hash_token(site_token))
+        site = {"Authorization": f"Bearer {site_token}"}
+        task = client.post("/api/tasks", json={"image": "127.0.0.1:5050/pht/x:1", "input": "{}",
+                                               "sites": ["hospital-b"]}, headers=alice).json
+        claimed = client.post("/api/site/claim", json={}, headers=site).json
+        parked = client.post(f"/api/site/runs/{claimed['id']}/park", headers=site, json={
+            "lease_id": claimed["lease_id"], "status": "awaiting_approval", "reason": "waits",
+            "image_digest": "sha256:" + "0" * 64})
+        assert parked.status_code == 204, parked.json
+        assert client.get(f"/api/tasks/{task['id']}", headers=alice).json["runs"][0]["status"] == "awaiting_approval"
+    finally:
+        app.extensions["pht"].engine.dispose()
+    assert state_of(database_url)[0] == store.SCHEMA_VERSION
 
 
 def test_a_version_2_database_is_upgraded_in_place_and_its_sessions_can_be_closed(tmp_path, version_2_database):

@@ -42,6 +42,9 @@ def post_task(client, researcher, session_id=None):
 def run_to_completion(client, site):
     """Claim the site's next run and report it completed, as its runner would."""
     run = client.post("/api/site/claim", json={}, headers=site).json
+    started = client.post(f"/api/site/runs/{run['id']}/start", headers=site,
+                          json={"lease_id": run["lease_id"], "image_digest": "sha256:" + "0" * 64})
+    assert started.status_code == 204, started.json
     finished = client.post(f"/api/site/runs/{run['id']}/finish", json={"lease_id": run["lease_id"], "exit_code": 0},
                            headers=site)
     assert finished.status_code == 200, finished.json
