@@ -29,9 +29,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from client.output_archive import OutputUnreadable, shown_path, walk_output
 from client.printable import printable
 
-MAX_NAME_CHARS = 200  # of a file name in a reason or a listing
 MAX_COMMAND_LINE_CHARS = 500  # of the check command's line in a reason
 MAX_COMMAND_OUTPUT_BYTES = 64 * 1024  # kept of each of the check command's streams
 READ_CHUNK_BYTES = 64 * 1024
@@ -77,63 +77,54 @@ class CommandResult:
     stderr: bytes
 
 
-class OutputUnreadable(Exception):
-    """A part of the output folder the airlock cannot read, so cannot let out."""
-
-
 def list_output(output_dir):
     """Everything below output_dir but its folders, as OutputFiles sorted by path; never follows links.
 
     Raises OutputUnreadable naming the first folder or entry that could not be read."""
-    root = os.fsdecode(output_dir)
     found = []
-    folders = [""]  # relative paths still to read: depth costs a list entry, not a stack frame
-    while folders:
-        folder = folders.pop()
-        reading = folder
-        try:
-            with os.scandir(os.path.join(root, folder) if folder else root) as entries:
-                for entry in entries:
-                    reading = relative = f"{folder}/{entry.name}" if folder else entry.name
-                    info = entry.stat(follow_symlinks=False)
-                    reading = folder
-                    if stat.S_ISDIR(info.st_mode):
-                        folders.append(relative)
-                    elif stat.S_ISREG(info.st_mode):
-                        found.append(OutputFile(relative, info.st_size, "file"))
-                    else:
-                        found.append(OutputFile(relative, 0, "link" if stat.S_ISLNK(info.st_mode) else "other"))
-        except OSError as error:
-            what = f"the output's {shown_path(reading)}" if reading else "the output folder"
-            raise OutputUnreadable(f"it cannot read {what}: {printable(error.strerror or str(error))}") from error
+    for relative, info in walk_output(output_dir):
+        if stat.S_ISREG(info.st_mode):
+            found.append(OutputFile(relative, info.st_size, "file"))
+        elif not stat.S_ISDIR(info.st_mode):
+            found.append(OutputFile(relative, 0, "link" if stat.S_ISLNK(info.st_mode) else "other"))
     return sorted(found, key=lambda file: file.path)
 
 
-def veto_reason(output_dir, checks, run_info):
-    """None when the output may leave the site, else the one line that tells the researcher why not.
+@dataclass(frozen=True)
+class Veto:
+    """Why an output may not leave: reason for the researcher, detail for the site's logs. The reason names the
+    rule but never a file: a name is the algorithm's to choose, and would leave the site in the reason."""
+    reason: str
+    detail: str
+
+
+def veto(output_dir, checks, run_info):
+    """None when the output may leave the site, else a Veto.
 
     run_info: the run's run_id, task_id, researcher and image_digest, for the check command."""
     try:
         files = list_output(output_dir)
     except OutputUnreadable as error:
-        return REFUSED + str(error)
-    reason = file_reason(files, checks)
-    if reason is None and checks.check_command is not None:
-        reason = _command_veto(output_dir, checks, run_info)
-    return None if reason is None else REFUSED + reason
+        return Veto(REFUSED + "it cannot read all of the output", REFUSED + str(error))
+    refusal = file_refusal(files, checks)
+    if refusal is None and checks.check_command is not None:
+        said = _command_veto(output_dir, checks, run_info)
+        refusal = None if said is None else Veto(said, said)  # the site's own command's words
+    return None if refusal is None else Veto(REFUSED + refusal.reason, REFUSED + refusal.detail)
 
 
-def file_reason(files, checks):
-    """Why the first regular file that breaks the site's size or name rules may not leave, or None (pure)."""
+def file_refusal(files, checks):
+    """The first regular file that breaks the site's size or name rules, as a Veto, or None (pure)."""
     suffixes = tuple(suffix.lower() for suffix in checks.allowed_suffixes or ())
     for file in files:
         if file.kind != "file":
             continue  # not uploaded: the packer leaves links and special files out
         if checks.max_file_bytes is not None and file.size > checks.max_file_bytes:
-            return f"{shown_path(file.path)} is {file.size} bytes, over its limit of {checks.max_file_bytes} per file"
+            limit = f"over its limit of {checks.max_file_bytes} per file"
+            return Veto(f"a file is {limit}", f"{shown_path(file.path)} is {file.size} bytes, {limit}")
         if checks.allowed_suffixes is not None and not _has_suffix(file.path, suffixes):
-            return (f"{shown_path(file.path)} is not among the file types it lets out "
-                    f"({', '.join(checks.allowed_suffixes)})")
+            types = f"not among the file types it lets out ({', '.join(checks.allowed_suffixes)})"
+            return Veto(f"a file is {types}", f"{shown_path(file.path)} is {types}")
     return None
 
 
@@ -192,12 +183,6 @@ def run_check_command(argv, environment, timeout_seconds):
 def describe_files(files):
     """Lines for the IT officer's terminal, like '   1234  results/table.csv' (pure)."""
     return [f"{file.size if file.kind == 'file' else file.kind:>7}  {shown_path(file.path)}" for file in files]
-
-
-def shown_path(path):
-    """A path from the algorithm as a message may quote it: printable, at most MAX_NAME_CHARS."""
-    text = printable(path)
-    return text if len(text) <= MAX_NAME_CHARS else text[:MAX_NAME_CHARS - 3] + "..."
 
 
 def _command_veto(output_dir, checks, run_info):

@@ -7,6 +7,10 @@ run may go ahead under the site's approval policy.
 The runner reads it before each run and the officer's commands (runScript.py approvals ...) write it, from
 another process: SQLite keeps the two apart. Nothing is ever deleted: an approval that no longer holds has
 expired, and the history of a digest's approvals is what `approvals show` prints. needs_approval() is pure.
+
+A decision about one run (a task's approval, a denial, a review) is bound to the site's own key for the claim
+it was made on (run_folder.RunFolder.claim_key), never to the run id alone: a registry that hands out the same
+run id again, with another image, input or session, gets none of the decisions made on the first.
 """
 
 import sqlite3
@@ -25,7 +29,8 @@ CREATE TABLE IF NOT EXISTS approvals (
     id INTEGER PRIMARY KEY,
     digest TEXT NOT NULL,
     researcher TEXT,        -- only this researcher's runs of the digest; NULL: anyone's
-    run_id INTEGER,         -- only this run (with its input_sha256); NULL: every run of the digest
+    run_id INTEGER,         -- only this run, as claimed (claim_key); NULL: every run of the digest
+    claim_key TEXT,
     input_sha256 TEXT,
     expires_at REAL,        -- NULL: does not expire
     approved_by TEXT NOT NULL,
@@ -34,14 +39,16 @@ CREATE TABLE IF NOT EXISTS approvals (
 );
 CREATE INDEX IF NOT EXISTS approvals_by_digest ON approvals (digest);
 CREATE TABLE IF NOT EXISTS reviews (
-    run_id INTEGER PRIMARY KEY,
+    claim_key TEXT PRIMARY KEY,
+    run_id INTEGER NOT NULL,
     released INTEGER NOT NULL,  -- 1: its output may leave; 0: rejected, for reason
     reason TEXT,
     reviewed_by TEXT NOT NULL,
     reviewed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS denials (
-    run_id INTEGER PRIMARY KEY,
+    claim_key TEXT PRIMARY KEY,
+    run_id INTEGER NOT NULL,
     reason TEXT NOT NULL,
     denied_by TEXT NOT NULL,
     denied_at REAL NOT NULL
@@ -55,6 +62,7 @@ class Approval:
     digest: str
     researcher: str | None
     run_id: int | None
+    claim_key: str | None
     input_sha256: str | None
     expires_at: float | None
     approved_by: str
@@ -102,51 +110,54 @@ class ApprovalStore:
         self.path.chmod(0o600)  # it says who approved what: the site's business only
         return connection
 
-    def approve(self, digest, approved_by, researcher=None, run_id=None, input_sha256=None, expires_at=None,
-                note=None, now=None):
-        """Record an approval; returns it."""
+    def approve(self, digest, approved_by, researcher=None, run_id=None, claim_key=None, input_sha256=None,
+                expires_at=None, note=None, now=None):
+        """Record an approval of the digest, or (run_id and claim_key given) of that claim of one run; returns it."""
         now = time.time() if now is None else now
         with self._connect() as connection:
             approval_id = connection.execute(
-                "INSERT INTO approvals (digest, researcher, run_id, input_sha256, expires_at, approved_by, "
-                "approved_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (digest, researcher, run_id, input_sha256, expires_at, approved_by, now, note)).lastrowid
-        return Approval(approval_id, digest, researcher, run_id, input_sha256, expires_at, approved_by, now, note)
+                "INSERT INTO approvals (digest, researcher, run_id, claim_key, input_sha256, expires_at, approved_by, "
+                "approved_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (digest, researcher, run_id, claim_key, input_sha256, expires_at, approved_by, now, note)).lastrowid
+        return Approval(approval_id, digest, researcher, run_id, claim_key, input_sha256, expires_at, approved_by,
+                        now, note)
 
     def approvals_of(self, digest):
         """Every approval of the digest ever given, oldest first."""
         with self._connect() as connection:
             rows = connection.execute(
-                "SELECT id, digest, researcher, run_id, input_sha256, expires_at, approved_by, approved_at, note "
+                "SELECT id, digest, researcher, run_id, claim_key, input_sha256, expires_at, approved_by, approved_at, "
+                "note "
                 "FROM approvals WHERE digest = ? ORDER BY id", (digest,)).fetchall()
         return [Approval(*row) for row in rows]
 
-    def deny(self, run_id, reason, denied_by, now=None):
-        """Record that the run may not go ahead; the first denial of a run stands."""
+    def deny(self, run_id, claim_key, reason, denied_by, now=None):
+        """Record that this claim of the run may not go ahead; the first denial of it stands."""
         now = time.time() if now is None else now
         with self._connect() as connection:
-            connection.execute("INSERT OR IGNORE INTO denials (run_id, reason, denied_by, denied_at) "
-                               "VALUES (?, ?, ?, ?)", (run_id, reason, denied_by, now))
-        return self.denial_of(run_id)
+            connection.execute("INSERT OR IGNORE INTO denials (claim_key, run_id, reason, denied_by, denied_at) "
+                               "VALUES (?, ?, ?, ?, ?)", (claim_key, run_id, reason, denied_by, now))
+        return self.denial_of(claim_key)
 
-    def review(self, run_id, released, reviewed_by, reason=None, now=None):
-        """Record the IT officer's review of a run's held output; the first review of a run stands."""
+    def review(self, run_id, claim_key, released, reviewed_by, reason=None, now=None):
+        """Record the IT officer's review of the held output of this claim of the run; the first review stands."""
         now = time.time() if now is None else now
         with self._connect() as connection:
-            connection.execute("INSERT OR IGNORE INTO reviews (run_id, released, reason, reviewed_by, reviewed_at) "
-                               "VALUES (?, ?, ?, ?, ?)", (run_id, released, reason, reviewed_by, now))
-        return self.review_of(run_id)
+            connection.execute("INSERT OR IGNORE INTO reviews (claim_key, run_id, released, reason, reviewed_by, "
+                               "reviewed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                               (claim_key, run_id, released, reason, reviewed_by, now))
+        return self.review_of(claim_key)
 
-    def review_of(self, run_id):
+    def review_of(self, claim_key):
         with self._connect() as connection:
             row = connection.execute("SELECT run_id, released, reason, reviewed_by, reviewed_at FROM reviews "
-                                     "WHERE run_id = ?", (run_id,)).fetchone()
+                                     "WHERE claim_key = ?", (claim_key,)).fetchone()
         return Review(row[0], bool(row[1]), *row[2:]) if row else None
 
-    def denial_of(self, run_id):
+    def denial_of(self, claim_key):
         with self._connect() as connection:
-            row = connection.execute("SELECT run_id, reason, denied_by, denied_at FROM denials WHERE run_id = ?",
-                                     (run_id,)).fetchone()
+            row = connection.execute("SELECT run_id, reason, denied_by, denied_at FROM denials WHERE claim_key = ?",
+                                     (claim_key,)).fetchone()
         return Denial(*row) if row else None
 
 
@@ -156,14 +167,14 @@ class Waiting:
     reason: str
 
 
-def needs_approval(policy, digest, researcher, run_id, input_sha256, approvals, now):
-    """(None, the approval that lets it run, or None under the whitelist policy) if the run may go ahead under
-    the policy and the digest's approvals; else (Waiting, saying for what, None)."""
+def needs_approval(policy, digest, researcher, claim_key, input_sha256, approvals, now):
+    """(None, the approval that lets it run, or None under the whitelist policy) if the run, as claimed (its
+    claim_key), may go ahead under the policy and the digest's approvals; else (Waiting, saying for what, None)."""
     if policy == WHITELIST:
         return None, None
     holding = [approval for approval in approvals if approval.holds_for(digest, researcher, now)]
     for approval in holding:
-        if approval.run_id == run_id and approval.input_sha256 == input_sha256:
+        if approval.claim_key is not None and approval.claim_key == claim_key:
             return None, approval
         if policy == APPROVE_NEW_DIGESTS and approval.run_id is None:
             return None, approval

@@ -142,7 +142,8 @@ def mount(image, mountpoint, size):
     image, mountpoint = Path(image), Path(mountpoint)
     if os.path.ismount(mountpoint):
         return
-    if not image.exists():
+    made = not image.exists()
+    if made:
         new = image.with_name(image.name + ".new")
         with open(new, "wb") as sparse:
             sparse.truncate(size.image_bytes)
@@ -150,9 +151,10 @@ def mount(image, mountpoint, size):
         os.replace(new, image)  # made whole, or not there: a crash never leaves half an image behind
     mountpoint.mkdir(exist_ok=True)
     _run(["mount", "-o", MOUNT_OPTIONS, str(image), str(mountpoint)])
-    lost_and_found = mountpoint / "lost+found"
-    if lost_and_found.is_dir() and not lost_and_found.is_symlink():
-        lost_and_found.rmdir()  # one inode back, and no folder in the algorithm's view that it cannot use
+    if made:
+        # One inode back, and no folder in the algorithm's view that it cannot use. Only on a new filesystem: on
+        # one mounted again, a lost+found is the algorithm's own folder.
+        (mountpoint / "lost+found").rmdir()
 
 
 def release(mountpoint):
@@ -162,12 +164,14 @@ def release(mountpoint):
 
 
 def remove_folder(folder):
-    """Delete a run's or session's folder, unmounting its filesystem first; rmtree would otherwise empty the
-    filesystem and then fail on its mountpoint. Raises DiskProblem if the filesystem is still in use."""
+    """Delete a run's or session's folder, unmounting its filesystem first. Raises DiskProblem if the filesystem
+    is still in use. rm, not shutil.rmtree: an algorithm's tree (with disk_limits polling, on the site's own
+    disk) may be deeper than Python's recursion limit; and rm does not cross into a filesystem still mounted."""
     folder = Path(folder)
     for mountpoint in (folder / "disk", folder / "temp"):
         release(mountpoint)
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists() or folder.is_symlink():
+        _run(["rm", "-rf", "--one-file-system", "--", str(folder)])
 
 
 def free_space(mountpoint):

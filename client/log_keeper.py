@@ -18,7 +18,6 @@ holds of the log: then the beginning may be gone, and the count is of what the r
 
 import logging
 import threading
-from collections import deque
 
 import docker
 import requests
@@ -29,8 +28,8 @@ log = logging.getLogger("pht.runner")
 
 HEAD_BYTES = 10 * 1024 ** 2
 TAIL_BYTES = 10 * 1024 ** 2
-NOTE = "[site runner] "
-FOLLOWING_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError, ValueError)  # how the runner's own lines start; the researcher tools tell them apart by it
+NOTE = "[site runner] "  # how the runner's own lines start; the researcher tools tell them apart by it
+FOLLOWING_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError, ValueError)
 
 
 class HeadAndTail:
@@ -39,8 +38,9 @@ class HeadAndTail:
     def __init__(self, head_bytes=HEAD_BYTES, tail_bytes=TAIL_BYTES):
         self.head_bytes, self.tail_bytes = head_bytes, tail_bytes
         self.head = bytearray()
-        self._tail = deque()
-        self._tail_size = 0
+        # One buffer, trimmed back to tail_bytes once it holds twice that: a log written a byte at a time
+        # costs no more memory than one written in large pieces.
+        self._tail = bytearray()
         self.seen = 0
 
     def feed(self, piece):
@@ -49,20 +49,17 @@ class HeadAndTail:
         if room > 0:
             self.head += piece[:room]
             piece = piece[room:]
-        if not piece:
-            return
-        self._tail.append(bytes(piece))
-        self._tail_size += len(piece)
-        while self._tail_size - len(self._tail[0]) >= self.tail_bytes:
-            self._tail_size -= len(self._tail.popleft())
-        excess = self._tail_size - self.tail_bytes
-        if excess > 0:
-            self._tail[0] = self._tail[0][excess:]
-            self._tail_size -= excess
+        self._tail += piece
+        if len(self._tail) > 2 * self.tail_bytes:
+            del self._tail[:-self.tail_bytes]
+
+    @property
+    def tail(self):
+        return self._tail[-self.tail_bytes:] if self.tail_bytes else b""
 
     @property
     def kept(self):
-        return len(self.head) + self._tail_size
+        return len(self.head) + len(self.tail)
 
     @property
     def dropped(self):
@@ -74,8 +71,8 @@ class HeadAndTail:
             out.write(self.head)
             if self.dropped:
                 out.write(f"\n{NOTE}{self.dropped} bytes of the log dropped here (it kept the first "
-                          f"{len(self.head)} and the last {self._tail_size})\n".encode())
-            out.writelines(self._tail)
+                          f"{len(self.head)} and the last {len(self.tail)})\n".encode())
+            out.write(self.tail)
             if trouble:
                 out.write(f"\n{NOTE}{trouble}\n".encode())
 
@@ -88,6 +85,7 @@ class LogFollower:
         self.keeper = HeadAndTail(head_bytes, tail_bytes)
         self._stream = None
         self._trouble = None
+        self._keeping = threading.Lock()  # a reader that outlived finish() must not feed while it writes
         self._thread = threading.Thread(target=self._read, name=f"log-{container.short_id}", daemon=True)
 
     def start(self):
@@ -110,14 +108,16 @@ class LogFollower:
             self._trouble = f"the log was cut off: its end did not come within {timeout_seconds} s of the container's"
             self._close_stream()
             self._thread.join(5)
-        self.keeper.write_to(self.path, self._trouble)
+        with self._keeping:
+            self.keeper.write_to(self.path, self._trouble)
 
     def _read(self):
         if self._stream is None:
             return
         try:
             for piece in self._stream:
-                self.keeper.feed(piece)
+                with self._keeping:
+                    self.keeper.feed(piece)
         except FOLLOWING_ERRORS as error:
             self._broke(error)
 

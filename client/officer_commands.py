@@ -25,7 +25,7 @@ import time
 from client import approvals
 from client.audit_log import AuditLog, AuditLogBroken, describe, entries_of_run, read_entries, verify
 from client.printable import printable
-from client.run_folder import RunFolder, unfinished_runs
+from client.run_folder import parked_runs
 from master import lifecycle
 
 SHOWN_INPUT_BYTES = 4096
@@ -85,9 +85,10 @@ class Officer:
 
     def approve(self, run_id=None, digest=None, researcher=None, days=None, only_this_task=False, note=None):
         """Approve the run's image digest (or a digest given), or, under approve_every_task or with
-        only_this_task, the run's task alone."""
+        only_this_task, the run's task alone. With both a run and a digest, the run must wait for that digest."""
         expires_at = None if days is None else self.now() + days * SECONDS_PER_DAY
         task_only = only_this_task or self.config.approval_policy == approvals.APPROVE_EVERY_TASK
+        digest_shown = digest
         if run_id is None:
             if not digest or not digest.startswith("sha256:") or len(digest) != 71:
                 raise CommandFailed("give the run to approve (approvals list shows them), or --digest sha256:<64 hex>")
@@ -98,7 +99,11 @@ class Officer:
         else:
             folder = self._parked_run(run_id, lifecycle.AWAITING_APPROVAL)
             digest, run = folder.state["digest"], folder.claim
+            if digest_shown and digest_shown != digest:
+                raise CommandFailed(f"run {run_id} waits for image {digest} now, not {digest_shown}; look again "
+                                    f"(approvals show {run_id})")
             approval = self.store.approve(digest, self.by, researcher, run_id=run.id if task_only else None,
+                                          claim_key=folder.claim_key if task_only else None,
                                           input_sha256=folder.state.get("input_sha256") if task_only else None,
                                           expires_at=expires_at, note=note, now=self.now())
         self._record("approved", run_id, digest=approval.digest, researcher=approval.researcher,
@@ -109,8 +114,8 @@ class Officer:
                            f"{self.config.poll_interval_seconds} s"))
 
     def deny(self, run_id, reason):
-        self._parked_run(run_id, lifecycle.AWAITING_APPROVAL)
-        denial = self.store.deny(run_id, reason, self.by, now=self.now())
+        folder = self._parked_run(run_id, lifecycle.AWAITING_APPROVAL)
+        denial = self.store.deny(run_id, folder.claim_key, reason, self.by, now=self.now())
         self._record("denied", run_id, reason=denial.reason, by=denial.denied_by)
         self.out(printable(f"run {run_id} denied: {denial.reason}; the researcher sees that reason"))
 
@@ -145,8 +150,8 @@ class Officer:
                 self.out(printable_lines(log_file.read()))
 
     def review(self, run_id, released, reason=None):
-        self._parked_run(run_id, lifecycle.HELD_FOR_REVIEW)
-        review = self.store.review(run_id, released, self.by, reason, now=self.now())
+        folder = self._parked_run(run_id, lifecycle.HELD_FOR_REVIEW)
+        review = self.store.review(run_id, folder.claim_key, released, self.by, reason, now=self.now())
         self._record("released" if review.released else "rejected", run_id, reason=review.reason,
                      by=review.reviewed_by)
         if review.released:
@@ -179,11 +184,12 @@ class Officer:
     # ---------------------------------------------------------------------------------------------------
 
     def _parked(self, status):
-        return [folder for folder in unfinished_runs(self.runs_dir) if folder.state.get("parked") == status]
+        return parked_runs(self.runs_dir, status)
 
     def _parked_run(self, run_id, status):
-        folder = RunFolder.load(self.runs_dir / str(run_id)) if (self.runs_dir / str(run_id)).is_dir() else None
-        if folder is None or folder.state.get("parked") != status:
+        found = [folder for folder in parked_runs(self.runs_dir, status) if folder.run_id == run_id]
+        folder = found[0] if found else None
+        if folder is None:
             listing = "approvals list" if status == lifecycle.AWAITING_APPROVAL else "outputs list"
             raise CommandFailed(f"run {run_id} is not {status.replace('_', ' ')} at this site; `{listing}` shows "
                                 "those that are")

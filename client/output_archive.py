@@ -12,20 +12,54 @@ import stat
 import tarfile
 from pathlib import Path
 
+from client.printable import printable
+
+MAX_NAME_CHARS = 200  # of a file name in a message
+
 
 class OutputTooLarge(Exception):
     pass
 
 
+class OutputUnreadable(Exception):
+    """A folder or entry of the output could not be read (no permission, a path longer than the system
+    allows); the message names it, printable."""
+
+
+def walk_output(folder):
+    """(relative POSIX path, lstat) of everything below folder, each folder before what it holds, sorted by
+    name within a folder. Never follows links. Walked with a list of folders still to read, not by recursion:
+    an algorithm's deep tree costs list entries, not stack frames. Raises OutputUnreadable."""
+    root = os.fsdecode(folder)
+    folders = [""]
+    while folders:
+        current = folders.pop()
+        reading = current
+        try:
+            with os.scandir(os.path.join(root, current) if current else root) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+            inner = []
+            for entry in entries:
+                reading = relative = f"{current}/{entry.name}" if current else entry.name
+                info = entry.stat(follow_symlinks=False)
+                yield relative, info
+                if stat.S_ISDIR(info.st_mode):
+                    inner.append(relative)
+            folders.extend(reversed(inner))
+        except OSError as error:
+            what = f"the output's {shown_path(reading)}" if reading else "the output folder"
+            raise OutputUnreadable(f"it cannot read {what}: {printable(error.strerror or str(error))}") from error
+
+
+def shown_path(path):
+    """A path from the algorithm as a message may show it: printable, cut short."""
+    text = printable(path)
+    return text if len(text) <= MAX_NAME_CHARS else text[:MAX_NAME_CHARS - 3] + "..."
+
+
 def output_size(folder):
-    """Bytes in regular files below folder, not following links."""
-    total = 0
-    for root, _dirs, files in os.walk(folder, followlinks=False):
-        for name in files:
-            info = os.lstat(os.path.join(root, name))
-            if stat.S_ISREG(info.st_mode):
-                total += info.st_size
-    return total
+    """Bytes in regular files below folder, not following links. Raises OutputUnreadable."""
+    return sum(info.st_size for _path, info in walk_output(folder) if stat.S_ISREG(info.st_mode))
 
 
 def too_large_reason(size, max_bytes):
@@ -37,6 +71,7 @@ def too_large_reason(size, max_bytes):
 
 def pack_output(folder, archive_path, max_bytes):
     """Write folder as a .tar.gz; returns the relative paths skipped (links and special files).
+    Raises OutputTooLarge, or OutputUnreadable for an output it cannot read whole.
 
     The archive appears under its name only when complete, so a crash never leaves half of one.
     """
@@ -47,15 +82,14 @@ def pack_output(folder, archive_path, max_bytes):
     skipped = []
     partial = archive_path.with_name(archive_path.name + ".partial")
     with tarfile.open(partial, "w:gz") as archive:
-        # os.walk lists links to folders among dirs but, without followlinks, does not descend into them.
-        for root, dirs, files in os.walk(folder, followlinks=False):
-            for name in sorted(dirs) + sorted(files):
-                path = Path(root) / name
-                relative = path.relative_to(folder).as_posix()
-                mode = os.lstat(path).st_mode
-                if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                    archive.add(path, arcname=relative, recursive=False)
-                else:
-                    skipped.append(relative)
+        for relative, info in walk_output(folder):
+            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                try:
+                    archive.add(os.path.join(os.fsdecode(folder), relative), arcname=relative, recursive=False)
+                except OSError as error:
+                    raise OutputUnreadable(f"it cannot read the output's {shown_path(relative)}: "
+                                           f"{printable(error.strerror or str(error))}") from error
+            else:
+                skipped.append(relative)
     os.replace(partial, archive_path)
     return skipped

@@ -26,6 +26,7 @@ moved to work_dir/set-aside/ with a log line, never read again at every start.
 import json
 import logging
 import os
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -64,6 +65,12 @@ class RunFolder:
     def run_id(self):
         return self.claim.id
 
+    @property
+    def claim_key(self):
+        """This site's own name for this claim of the run, which the IT officer's decisions are bound to: made
+        here when the folder was, so a registry handing out the run id again cannot reuse a decision."""
+        return self.state.get("claim_key") or f"{self.run_id}:{self.claim.lease_id}"  # folders from before it
+
     @classmethod
     def create(cls, runs_dir, claim):
         """A new folder for a checked claim (client.claim.Claim)."""
@@ -71,7 +78,7 @@ class RunFolder:
         # A folder left from an earlier claim of this run that the registry took back is stale.
         disk_limits.remove_folder(path)
         path.mkdir(parents=True)
-        folder = cls(path, {"run": claim.as_dict()})
+        folder = cls(path, {"run": claim.as_dict(), "claim_key": secrets.token_hex(16)})
         folder.save()
         return folder
 
@@ -164,6 +171,20 @@ def unfinished_runs(runs_dir):
             except disk_limits.DiskProblem as error:
                 log.warning("left-over run folder %s: %s; removed at a later start", path, error)
         else:
+            folders.append(folder)
+    return folders
+
+
+def parked_runs(runs_dir, status):
+    """The run folders parked in that status (lifecycle.PARKED_STATES), by run id; read only, so the IT officer's
+    commands can look while the runner works (folders it cannot read are left to the runner)."""
+    folders = []
+    for path in sorted(Path(runs_dir).glob("*"), key=lambda p: (len(p.name), p.name)):
+        try:
+            folder = RunFolder.load(path) if path.is_dir() and not path.is_symlink() else None
+        except (InvalidClaim, OSError):
+            continue
+        if folder is not None and folder.state.get("parked") == status:
             folders.append(folder)
     return folders
 

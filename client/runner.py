@@ -139,6 +139,11 @@ class SiteRunner:
             self.images.load_dropped_archives()
             if not self.wait_for_free_slot():
                 continue
+            # A run whose worker just ended unreported (the registry did not answer) takes a freed slot first:
+            # else each outage would leave one more run's files waiting beside the runs claimed meanwhile.
+            self.carry_on_unfinished_runs()
+            if not self.wait_for_free_slot(timeout=0):
+                continue
             run = self.claim_next_run()
             if run is not None:
                 self.take_on(run)
@@ -213,7 +218,9 @@ class SiteRunner:
             self._parked_asked_at = now
         for folder in parked:
             try:
-                if due and self.registry.run_status(folder.run_id, folder.claim.lease_id) == lifecycle.CANCELLED:
+                # One try each (heartbeat, not the retried run_status): a registry that does not answer holds up
+                # neither the main loop nor the other parked runs.
+                if due and self.registry.heartbeat(folder.run_id, folder.claim.lease_id) == lifecycle.CANCELLED:
                     self.record(lifecycle.CANCELLED, folder.run_id, waiting=folder.state["parked"])
                     log.info("run %s: cancelled by the researcher while it waited", folder.run_id)
                     self.clean_up(folder)
@@ -223,22 +230,22 @@ class SiteRunner:
                     self.go_on_with(folder, *decision)
             except LeaseLost as error:
                 log.info("run %s: %s; its files are removed", folder.run_id, error)
+                self.record("taken_back", folder.run_id, reason=str(error))
                 self.clean_up(folder)
-            except (*TRANSIENT_ERRORS, RegistryRefused) as error:
+            except (*TRANSIENT_ERRORS, RegistryRefused, Unreachable) as error:
                 self.note_registry_problem(registry_problem(error))
-                return
 
     def decision_on(self, folder, now):
         """What the IT officer decided about a parked run: (what, reason) or None while undecided."""
         run = folder.claim
         if folder.state["parked"] == lifecycle.AWAITING_APPROVAL:
-            denial = self.approvals.denial_of(run.id)
+            denial = self.approvals.denial_of(folder.claim_key)
             if denial:
                 return "denied", f"denied by the site's IT officer ({denial.denied_by}): {denial.reason}"
             if self.approval_wait(folder, now)[0] is None:
                 return "approved", None
             return None
-        review = self.approvals.review_of(run.id)
+        review = self.approvals.review_of(folder.claim_key)
         if review is None:
             return None
         if review.released:
@@ -292,7 +299,8 @@ class SiteRunner:
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
                 # Not worth a warning of its own: the claim that follows says whether the registry answers.
                 log.debug("which sessions are closed: %s", registry_problem(error))
-        removable = sessions_to_remove(held, active, closed, now, self.config.session_idle_seconds)
+        removable = sessions_to_remove(held, active, closed, now, self.config.session_idle_seconds,
+                                       self.config.max_sessions)
         for session_id, why in removable.items():
             self.sessions.remove(session_id, why)
 
@@ -371,6 +379,7 @@ class SiteRunner:
         Either way the runner waits a poll interval, so a registry that sends nothing else is not asked in a loop."""
         reason = f"the site runner refused the claim: {error}"
         log.warning("invalid claim from the registry: %s", error)
+        self.record("invalid_claim", reason=str(error), run_id=error.run_id)
         if error.refusable:
             try:
                 self.registry.refuse(error.run_id, error.lease_id, shortened(reason))
@@ -386,10 +395,10 @@ class SiteRunner:
             log.info("registry %s answers again", self.config.registry_url)
         self._registry_problem = problem
 
-    def wait_for_free_slot(self):
+    def wait_for_free_slot(self, timeout=1):
         with self._workers_changed:
             self._workers_changed.wait_for(
-                lambda: len(self._workers) < self.config.max_concurrent_runs or self.stopping.is_set(), timeout=1)
+                lambda: len(self._workers) < self.config.max_concurrent_runs or self.stopping.is_set(), timeout)
             return len(self._workers) < self.config.max_concurrent_runs and not self.stopping.is_set()
 
     def take_on(self, run):
@@ -402,10 +411,14 @@ class SiteRunner:
             stale.heartbeat.stop_work("the registry handed the run out again")
             stale.thread.join()
         reason = (image_policy.refusal_reason(run.image, self.config.whitelist, self.config.require_digest)
-                  or keys_for(run, self.config.researcher_keys)[1])
+                  or keys_for(run, self.config.researcher_keys)[1] or self.parked_already(run))
         if reason is None:
-            self.start_worker(RunFolder.create(self.runs_dir, run))
-            return
+            try:
+                self.start_worker(RunFolder.create(self.runs_dir, run))
+                return
+            except (disk_limits.DiskProblem, OSError) as error:
+                # A folder left from an earlier claim of this run that cannot be removed, say: not this loop's end.
+                reason = f"the site could not prepare the run's folder: {error}"
         log.warning("run %s refused: %s", run.id, reason)
         self.record(lifecycle.REFUSED, run.id, reason=reason)
         try:
@@ -413,6 +426,18 @@ class SiteRunner:
         except (LeaseLost, Unreachable, RegistryRefused) as error:
             # The lease runs out, the run comes back, and it is refused again then.
             log.warning("run %s: the refusal was not recorded: %s", run.id, error)
+
+    def parked_already(self, run):
+        """Why a claim is refused when the run waits here under an earlier claim: an honest registry never hands
+        out a parked run again, and the officer's view of it must not change under them."""
+        try:
+            folder = RunFolder.load(self.runs_dir / str(run.id))
+        except (InvalidClaim, OSError):
+            return None
+        if folder is not None and folder.state.get("parked"):
+            return (f"run {run.id} is {folder.state['parked']} at this site under an earlier claim; the registry "
+                    "handed it out again")
+        return None
 
     def start_worker(self, folder):
         run = folder.claim
@@ -578,7 +603,7 @@ class SiteRunner:
     def approval_wait(self, folder, now=None):
         """approvals.needs_approval for this run, under the site's policy as configured now."""
         digest = folder.state["digest"]
-        return approvals.needs_approval(self.config.approval_policy, digest, folder.claim.researcher, folder.run_id,
+        return approvals.needs_approval(self.config.approval_policy, digest, folder.claim.researcher, folder.claim_key,
                                         folder.state.get("input_sha256"), self.approvals.approvals_of(digest),
                                         time.time() if now is None else now)
 
@@ -631,8 +656,11 @@ class SiteRunner:
             if not reason and polled and time.monotonic() - output_checked[0] > OUTPUT_CHECK_SECONDS:
                 # Checked while it runs, so an algorithm cannot fill the site's disk.
                 output_checked[0] = time.monotonic()
-                reason = output_archive.too_large_reason(
-                    output_archive.output_size(folder.output_dir), limits.max_output_bytes)
+                try:
+                    reason = output_archive.too_large_reason(
+                        output_archive.output_size(folder.output_dir), limits.max_output_bytes)
+                except output_archive.OutputUnreadable as error:
+                    reason = f"the site could not measure the output: {error}"
             if reason:
                 folder.record(stop_reason=reason)  # so a restarted runner knows why it was killed
             return reason
@@ -669,7 +697,7 @@ class SiteRunner:
         if reason is None:
             reason, skipped = self.pack_output(folder)
             if skipped:
-                notes.append(f"not uploaded (links or special files): {', '.join(skipped)}")
+                notes.append(skipped_note(skipped))
             if reason:
                 notes.append(reason)
         with open(folder.log_file, "a", encoding="utf-8") as log_file:
@@ -682,14 +710,20 @@ class SiteRunner:
 
     def airlock_veto(self, folder):
         """The site's automatic checks of the output (airlock in its config), before any of it leaves: None if it
-        passes (or the site checks nothing), else why not."""
+        passes (or the site checks nothing), else why not, in words that name no file (the site's log and audit
+        log have the file too)."""
         checks = self.config.airlock.checks
         if checks == airlock_checks.AirlockChecks():
             return None
         run = folder.claim
-        return airlock_checks.veto_reason(folder.output_dir, checks, {
+        veto = airlock_checks.veto(folder.output_dir, checks, {
             "run_id": run.id, "task_id": run.task_id, "researcher": run.researcher,
             "image_digest": folder.state.get("digest")})
+        if veto is None:
+            return None
+        log.warning("run %s: %s", run.id, veto.detail)
+        self.record("vetoed", run.id, detail=veto.detail)
+        return veto.reason
 
     def hold_for_review(self, folder):
         """With airlock review on, a run whose algorithm ran waits with its output and log at the site until the
@@ -703,6 +737,11 @@ class SiteRunner:
                   "has released them")
         self.registry.park(run.id, run.lease_id, lifecycle.HELD_FOR_REVIEW, reason)
         folder.record(parked=lifecycle.HELD_FOR_REVIEW, parked_at=time.time(), waits_for=reason)
+        try:
+            # What leaves is packed beside it: a wait of days need not hold a loop device and a mount.
+            disk_limits.release(folder.disk)
+        except disk_limits.DiskProblem as error:
+            log.warning("run %s: its filesystem stays mounted while it is held (%s)", run.id, error)
         self.record(lifecycle.HELD_FOR_REVIEW, run.id)
         raise RunParked(reason)
 
@@ -723,6 +762,8 @@ class SiteRunner:
                                                     self.config.container.max_output_bytes)
         except output_archive.OutputTooLarge as error:
             return str(error), []
+        except output_archive.OutputUnreadable as error:
+            return f"the output could not be packed: {error}", []
 
     def report(self, folder):
         """Send what may leave (nothing but the reason when the airlock withheld it), then how the run ended."""
@@ -891,6 +932,17 @@ def progress_of(state):
     if "image" in state:
         return "image fetched"
     return lifecycle.CLAIMED
+
+
+SKIPPED_NAMED = 20  # of the links and special files left out of an upload, named in the run's log
+
+
+def skipped_note(skipped):
+    """The run log's line about what was left out of the upload: names from the algorithm, printable (a
+    newline in one cannot forge a line of the log), the first few of them, and how many in all."""
+    named = ", ".join(output_archive.shown_path(path) for path in skipped[:SKIPPED_NAMED])
+    more = f" and {len(skipped) - SKIPPED_NAMED} more" if len(skipped) > SKIPPED_NAMED else ""
+    return f"not uploaded (links or special files): {named}{more}"
 
 
 def shortened(reason):

@@ -5,8 +5,9 @@
                                   /last-used   touched when a run of the session starts and when it ends
 
 A session's folder is removed when the researcher has closed the session (the registry
-says so when asked, before a claim) or when no run has used it for session_idle_seconds,
-and never while a run of the session is under way here. A registry that lies about a
+says so when asked, before a claim), when no run has used it for session_idle_seconds, or
+when more than max_sessions are held (the least recently used go first), and never while a
+run of the session is under way here. A registry that lies about a
 session being closed can make the site forget that session's /temp early, which costs
 the researcher their intermediate state, not the site anything.
 """
@@ -67,8 +68,10 @@ class SessionFolders:
         log.info("session %s: removed its /temp (%s)", session_id, why)
 
 
-def sessions_to_remove(held, active, closed, now, idle_seconds):
-    """{session id: why} for the folders to remove: closed or idle, and without a run under way here (pure)."""
+def sessions_to_remove(held, active, closed, now, idle_seconds, max_sessions):
+    """{session id: why} for the folders to remove: closed or idle, or beyond the max_sessions used most recently,
+    and without a run under way here (pure). The last bounds the disk a registry that opens a new session for
+    every run could make the site fill with /temp folders."""
     removable = {}
     for session_id, last_used in held.items():
         if session_id in active:
@@ -77,5 +80,11 @@ def sessions_to_remove(held, active, closed, now, idle_seconds):
             removable[session_id] = "the researcher closed the session"
         elif now - last_used > idle_seconds:
             removable[session_id] = f"no run used it for {idle_seconds} s (session_idle_seconds)"
+    kept = sorted((session_id for session_id in held if session_id not in removable),
+                  key=lambda session_id: (session_id in active, held[session_id]), reverse=True)
+    for session_id in kept[max_sessions:]:
+        if session_id not in active:
+            removable[session_id] = (f"this site keeps the /temp of {max_sessions} sessions (max_sessions), and "
+                                     "this one was used least recently")
     return removable
 

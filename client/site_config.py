@@ -124,6 +124,7 @@ class SiteConfig:
     long_poll_seconds: int
     poll_interval_seconds: int
     session_idle_seconds: int
+    max_sessions: int
     container: ContainerLimits
     allow_host_network: bool
     sparql_gateway: SparqlGatewaySettings
@@ -254,6 +255,7 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
     poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
     session_idle_seconds = take("session_idle_seconds", int, 7 * 24 * 3600, at_least=1, at_most=10 * 365 * 24 * 3600)
+    max_sessions = take("max_sessions", int, 20, at_least=1, at_most=100_000)
     container = _container_limits(take("container", dict, {}), problems)
     allow_host_network = take("allow_host_network", bool, False)
     if container.network == "host" and not allow_host_network:
@@ -277,7 +279,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,
         max_concurrent_runs=max_concurrent_runs, max_input_bytes=max_input_bytes, long_poll_seconds=long_poll_seconds,
-        poll_interval_seconds=poll_interval_seconds, session_idle_seconds=session_idle_seconds, container=container, allow_host_network=allow_host_network,
+        poll_interval_seconds=poll_interval_seconds, session_idle_seconds=session_idle_seconds,
+        max_sessions=max_sessions, container=container, allow_host_network=allow_host_network,
         sparql_gateway=sparql_gateway, recipients=recipients, researcher_keys=researcher_keys,
         approval_policy=approval_policy, airlock=airlock)
 

@@ -40,7 +40,9 @@ class TaskTimeout(Exception):
 
     def __init__(self, task, timeout_seconds):
         self.task = task
-        states = ", ".join(f"{run['site']}: {run['status']}" for run in task["runs"])
+        states = ", ".join(f"{run['site']}: {run['status']}" + (f" ({run['reason']})" if run["status"] in
+                                                                  lifecycle.PARKED_STATES else "")
+                           for run in task["runs"])
         super().__init__(f"task {task['id']} not finished after {timeout_seconds:g} s ({states})")
 
 

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 # The site API's run endpoints (docs/api.md); anything else is "unknown" and answers 404.
-RUN_ENDPOINTS = ("input", "start", "heartbeat", "refuse", "output", "log", "finish", "deliveries")
+RUN_ENDPOINTS = ("input", "start", "heartbeat", "refuse", "output", "log", "finish", "deliveries", "park", "resume")
 _RUN_PATH = re.compile(r"/api/site/runs/([^/]+)/([^/]+)")
 MAX_LONG_POLL_SECONDS = 10  # the fake never holds a claim request longer, whatever the runner asks
 
@@ -109,6 +109,8 @@ class FakeRegistry:
             "me": Answer.json({"id": 1, "name": site_name}),
             "input": Answer.text(b"{}", content_type="application/octet-stream"),
             "heartbeat": Answer.json({"status": "running"}),
+            "park": Answer.no_content(),
+            "resume": Answer.json({"status": "claimed", "lease_seconds": 30}),
             "unknown": Answer.json({"message": "no such endpoint in the fake registry"}, status=404),
         }
         self._scripted = {}  # (kind, run id or None) -> deque of Answers

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from client.airlock_checks import (MAX_COMMAND_OUTPUT_BYTES, AirlockChecks, CommandResult, OutputFile,
-                                   command_reason, describe_files, file_reason, list_output, run_check_command,
-                                   veto_reason)
+                                   command_reason, describe_files, file_refusal, list_output, run_check_command,
+                                   veto)
 
 REFUSED = "the site's airlock refused the output: "
 RUN_INFO = {"run_id": 7, "task_id": 5, "researcher": "alice; rm -rf / $(id)", "image_digest": "sha256:" + "ab" * 32}
@@ -24,6 +24,12 @@ def wait_until(condition, what, timeout=30):
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.05)
+
+
+def veto_reason(output_dir, checks, run_info):
+    """What the site's logs say of a veto (it names the file), or None."""
+    found = veto(output_dir, checks, run_info)
+    return found and found.detail
 
 
 def write(folder, relative, size=0):
@@ -78,11 +84,25 @@ def test_without_checks_everything_passes(output):
     assert veto_reason(output, AirlockChecks(), RUN_INFO) is None
 
 
-def test_file_reason_is_pure_and_skips_what_is_not_uploaded():
+def test_file_refusal_is_pure_and_skips_what_is_not_uploaded():
     checks = AirlockChecks(max_file_bytes=10, allowed_suffixes=(".csv",))
-    assert file_reason([OutputFile("x", 0, "link"), OutputFile("p", 0, "other"), OutputFile("a.csv", 10, "file")],
-                       checks) is None
-    assert file_reason([OutputFile("a.csv", 11, "file")], checks) == "a.csv is 11 bytes, over its limit of 10 per file"
+    assert file_refusal([OutputFile("x", 0, "link"), OutputFile("p", 0, "other"), OutputFile("a.csv", 10, "file")],
+                        checks) is None
+    refusal = file_refusal([OutputFile("a.csv", 11, "file")], checks)
+    assert refusal.detail == "a.csv is 11 bytes, over its limit of 10 per file"
+
+
+@pytest.mark.parametrize("checks, told", [
+    (AirlockChecks(max_file_bytes=10), "a file is over its limit of 10 per file"),
+    (AirlockChecks(allowed_suffixes=(".csv",)), "a file is not among the file types it lets out (.csv)"),
+])
+def test_the_researcher_is_told_the_rule_never_a_file_name(output, checks, told):
+    """A name is the algorithm's to choose: in a reason, it would leave the site without anyone's review."""
+    name = "patient 12 born 1961-04-02.bin"
+    write(output, name, 11)
+    found = veto(output, checks, RUN_INFO)
+    assert found.reason == REFUSED + told
+    assert name in found.detail and "1961" not in found.reason
 
 
 def test_links_and_special_files_are_listed_never_followed_nor_opened(output):

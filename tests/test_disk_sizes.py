@@ -23,9 +23,21 @@ def test_the_size_search_stops_within_a_step_above_what_is_wanted():
 
 def test_sessions_are_removed_when_closed_or_idle_and_never_while_a_run_uses_them():
     held = {1: 1000.0, 2: 1000.0, 3: 1090.0, 4: 1000.0}
-    removable = sessions_to_remove(held, active={4}, closed={1, 4}, now=1100.0, idle_seconds=60)
+    removable = sessions_to_remove(held, active={4}, closed={1, 4}, now=1100.0, idle_seconds=60, max_sessions=20)
     assert removable == {1: "the researcher closed the session",
                          2: "no run used it for 60 s (session_idle_seconds)"}
+
+
+def test_past_max_sessions_the_least_recently_used_go_but_never_one_in_use():
+    """A registry that opens a session for every run cannot make the site keep a /temp for each."""
+    held = {session_id: 1000.0 + session_id for session_id in range(1, 11)}  # 10 the most recent
+    removable = sessions_to_remove(held, active={1}, closed=set(), now=1020.0, idle_seconds=3600, max_sessions=3)
+    # 1 is in use (and counts towards the three kept); 10 and 9 were used last.
+    assert set(removable) == {2, 3, 4, 5, 6, 7, 8}
+    assert removable[2] == ("this site keeps the /temp of 3 sessions (max_sessions), and this one was used least "
+                            "recently")
+    assert sessions_to_remove(held, active=set(range(1, 11)), closed=set(), now=1020.0, idle_seconds=3600,
+                              max_sessions=3) == {}
 
 
 @needs_root

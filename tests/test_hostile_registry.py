@@ -30,6 +30,8 @@ import pytest
 
 from client import containers, disk_limits
 from scripts.federation import DEFAULT_WHITELIST, IMAGE_REGISTRY, OXIGRAPH, PYTHON, ROOT, free_port, wait_until_answers
+from client.officer_commands import Officer
+from client.site_config import load_site_config
 from tests.fake_registry import Answer, FakeRegistry
 from tests.images import engine_or_fail, pinned_test_image
 
@@ -186,7 +188,7 @@ class Runner:
     """One client/runScript.py process; its stdout and stderr go to files."""
 
     def __init__(self, config_path, log_prefix, args, registry):
-        self.registry = registry
+        self.registry, self.config_path = registry, config_path
         self.stopped = False  # on purpose, by stop()
         self.stdout_path = Path(f"{log_prefix}.stdout")
         self.stderr_path = Path(f"{log_prefix}.stderr")
@@ -835,4 +837,32 @@ def test_a_registry_that_lies_about_closed_sessions_removes_no_more_than_this_si
                     "the runner asks about the session it still holds, and only that one")
     assert disk_limits.mounted_under(sessions) == [str(sessions / "961" / "temp")]
     site.assert_unharmed(allowed_runs=[961, 962])
+    assert runner.stop() == 0
+
+
+def test_a_run_handed_out_again_while_it_waits_gets_none_of_the_officers_decisions(site, probe):
+    """The site approves every task. While run 971 waits, the registry hands it out again, with other input: that
+    claim is refused, and the officer's approval goes to the claim they were shown. Handed out once more after it
+    ran, the same image and input wait again: an approval of one claim is not one of the run id."""
+    runner = site.start_runner(approval_policy="approve_every_task")
+    site.registry.script("input", Answer.text(b"the input shown to the officer",
+                                              content_type="application/octet-stream"), run_id=971)
+    site.registry.offer_claim(claim(971, probe, lease_id="first"))
+    runner.wait_for(lambda: site.registry.bodies("park", run_id=971), "run 971 waits for approval")
+    offer_and_wait_for_next_poll(runner, claim(971, probe, lease_id="second"), "run 971 handed out again")
+    [refusal] = site.registry.bodies("refuse", run_id=971)
+    assert refusal["lease_id"] == "second"
+    assert "run 971 is awaiting_approval at this site under an earlier claim" in refusal["reason"]
+
+    config = load_site_config(runner.config_path)
+    officer = Officer(config, by="it-officer", out=lambda line: None)
+    officer.approve(971)
+    report = wait_for_finish(runner, 971, timeout=60)
+    assert report["lease_id"] == "first" and report["exit_code"] == 0
+    assert site.registry.bodies("resume", run_id=971) == [{"lease_id": "first"}]
+
+    site.registry.offer_claim(claim(971, probe, lease_id="third"))
+    runner.wait_for(lambda: len(site.registry.bodies("park", run_id=971)) == 2, "run 971 waits for approval again")
+    assert site.registry.bodies("park", run_id=971)[-1]["lease_id"] == "third"
+    site.assert_unharmed(allowed_runs=[971])
     assert runner.stop() == 0

@@ -1,6 +1,7 @@
 """A log keeps its beginning and its end: the keeper alone, then a container that floods its log on the real engine."""
 
 import re
+import tracemalloc
 
 import pytest
 
@@ -53,6 +54,21 @@ def test_memory_stays_within_head_and_tail_whatever_comes():
         keeper.feed(piece)
         assert keeper.kept <= 2 * 1024 ** 2
     assert keeper.seen == 100 * 1024 ** 2 and keeper.dropped == 98 * 1024 ** 2
+
+
+def test_a_log_written_a_byte_at_a_time_costs_no_more_memory_than_its_bytes():
+    """Docker hands a log over as the algorithm wrote it: a piece per write, one byte each if it likes."""
+    tail_bytes = 256 * 1024
+    keeper = HeadAndTail(1024, tail_bytes)
+    tracemalloc.start()
+    try:
+        for _ in range(4 * tail_bytes):
+            keeper.feed(b"x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert keeper.kept == 1024 + tail_bytes
+    assert peak < 4 * tail_bytes, f"{peak} bytes held for a tail of {tail_bytes}"
 
 
 def test_trouble_is_said_at_the_end(tmp_path):

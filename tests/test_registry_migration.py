@@ -130,6 +130,18 @@ def version_3_database(database_url):
     yield database_url, alice
 
 
+def new_task_claimed_at_a_new_site(app, researcher):
+    """A site registered in the upgraded database, and a new task's run claimed by it: (site's authorization
+    header, the task, the claim)."""
+    client = app.test_client()
+    site_token = auth.new_token()
+    store.create_principal(app.extensions["pht"].engine, store.sites, "hospital-b", auth.hash_token(site_token))
+    site = {"Authorization": f"Bearer {site_token}"}
+    task = client.post("/api/tasks", json={"image": "127.0.0.1:5050/pht/x:1", "input": "{}",
+                                           "sites": ["hospital-b"]}, headers=researcher).json
+    return site, task, client.post("/api/site/claim", json={}, headers=site).json
+
+
 def state_of(database_url, table="runs"):
     """(schema version, the table's columns) as the database has them now."""
     engine = sa.create_engine(database_url)
@@ -160,12 +172,7 @@ def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_runs(tmp_path, 
         assert (run["site"], run["status"], run["exit_code"], run["sparql"]) == ("hospital-a", "completed", 0, None)
 
         # The new columns take reports at once.
-        site_token = auth.new_token()
-        store.create_principal(app.extensions["pht"].engine, store.sites, "hospital-b", auth.hash_token(site_token))
-        site = {"Authorization": f"Bearer {site_token}"}
-        new_task = client.post("/api/tasks", json={"image": "127.0.0.1:5050/pht/x:1", "input": "{}",
-                                                   "sites": ["hospital-b"]}, headers=alice).json
-        claimed = client.post("/api/site/claim", json={}, headers=site).json
+        site, new_task, claimed = new_task_claimed_at_a_new_site(app, alice)
         summary = {"queries": 3, "bytes": 2 ** 40, "refused": 1}
         client.post(f"/api/site/runs/{claimed['id']}/start", headers=site,
                     json={"lease_id": claimed["lease_id"], "image_digest": "sha256:" + "0" * 64})
@@ -189,12 +196,7 @@ def test_a_version_3_database_is_upgraded_in_place_and_takes_runs_awaiting_appro
     app = create_app(Settings(data_dir=tmp_path / "registry", database_url=database_url))
     try:
         client = app.test_client()
-        site_token = auth.new_token()
-        store.create_principal(app.extensions["pht"].engine, store.sites, "hospital-b", auth.hash_token(site_token))
-        site = {"Authorization": f"Bearer {site_token}"}
-        task = client.post("/api/tasks", json={"image": "127.0.0.1:5050/pht/x:1", "input": "{}",
-                                               "sites": ["hospital-b"]}, headers=alice).json
-        claimed = client.post("/api/site/claim", json={}, headers=site).json
+        site, task, claimed = new_task_claimed_at_a_new_site(app, alice)
         parked = client.post(f"/api/site/runs/{claimed['id']}/park", headers=site, json={
             "lease_id": claimed["lease_id"], "status": "awaiting_approval", "reason": "waits",
             "image_digest": "sha256:" + "0" * 64})

@@ -1,7 +1,11 @@
 """The site runner's pure decisions, without servers: time limits, output limits, what a
 container is told, and the whitelist against the lookalike names the issue lists."""
 
+import os
 import re
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,8 @@ import pytest
 from client import output_archive
 from client.claim import parse_claim
 from client.image_policy import refusal_reason
-from client.runner import container_environment, progress_of, shortened, timeout_for, timeout_reason
+from client.runner import (container_environment, progress_of, shortened, skipped_note, timeout_for,
+                           timeout_reason)
 from client.site_config import parse_site_config
 
 SITE = {"registry_url": "http://127.0.0.1:5000", "site_name": "hospital-a", "site_token": "pht_x",
@@ -78,6 +83,50 @@ def test_archive_skips_links_and_keeps_files(tmp_path):
     with pytest.raises(output_archive.OutputTooLarge):
         output_archive.pack_output(output, tmp_path / "again.tar.gz", max_bytes=5)
     assert not Path(tmp_path / "again.tar.gz").exists()
+
+
+def nest(folder, depth, leaf):
+    """depth nested folders d/d/d/... below folder, with the file leaf at the bottom; made relative to open
+    folders, as an algorithm could, so no path is ever longer than the system allows."""
+    at = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=at)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=at)
+        os.close(at)
+        at = inner
+    os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, dir_fd=at))
+    os.close(at)
+
+
+@pytest.fixture
+def output(tmp_path):
+    folder = tmp_path / "output"
+    folder.mkdir()
+    yield folder
+    subprocess.run(["rm", "-rf", str(folder)], check=True)  # deeper than shutil.rmtree can remove
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_is_packed(tmp_path, output):
+    nest(output, 1500, "deep.txt")
+    assert 1500 > sys.getrecursionlimit()
+    assert output_archive.pack_output(output, tmp_path / "out.tar.gz", max_bytes=1000) == []
+    with tarfile.open(tmp_path / "out.tar.gz") as archive:
+        assert "d/" * 1500 + "deep.txt" in archive.getnames()
+
+
+def test_a_tree_deeper_than_the_system_can_name_fails_with_a_reason(tmp_path, output):
+    nest(output, 2100, "deep.txt")  # "d/" * 2100 is longer than PATH_MAX
+    with pytest.raises(output_archive.OutputUnreadable, match="it cannot read the output's d/d/d/.*File name too"):
+        output_archive.pack_output(output, tmp_path / "out.tar.gz", max_bytes=1000)
+    assert not (tmp_path / "out.tar.gz").exists()
+
+
+def test_skipped_names_are_printable_and_few():
+    note = skipped_note([f"link-{number}" for number in range(25)] + ["evil\n[site runner] all fine\x1b[2J"])
+    assert note.startswith("not uploaded (links or special files): link-0, link-1, ")
+    assert note.endswith("link-19 and 6 more")
+    assert skipped_note(["evil\n[site runner] all fine\x1b[2J"]) == (
+        "not uploaded (links or special files): evil?[site runner] all fine?[2J")
 
 
 STRICT = [re.compile(r"registry\.example\.org/myconsortium/[a-z0-9-]+(:[\w.-]+)?")]

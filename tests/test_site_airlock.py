@@ -133,7 +133,7 @@ def test_a_rejected_output_never_leaves_and_the_researcher_sees_why(federation, 
 @pytest.mark.parametrize("image, task_input, refusal", [
     ("ttp-sender", {"files": {}, "result": "row-level: patient 12, age 47"},
      "its check command refused it: contains row-level data (result.txt)"),
-    ("contract-probe", {}, "seen.json is not among the file types it lets out (.txt)"),
+    ("contract-probe", {}, "a file is not among the file types it lets out (.txt)"),
 ])
 def test_the_sites_checks_refuse_an_output_before_anyone_reviews_it(federation, image, task_input, refusal):
     researcher = federation.researcher()

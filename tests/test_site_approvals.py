@@ -4,6 +4,7 @@ at a time when the site says so, decided from the runner's own command line, on 
 One runner, one worker slot (max_concurrent_runs 1), so a run that waits must not hold it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -162,6 +163,13 @@ def test_the_officer_commands_from_the_command_line(federation):
     def command(*words):
         return subprocess.run([sys.executable, str(ROOT / "client" / "runScript.py"), *words, "--config", config],
                               capture_output=True, text=True, timeout=60)
+
+    researcher_cli = subprocess.run(
+        [sys.executable, "-m", "researcher", "wait", str(task["id"]), "--timeout", "1"], capture_output=True,
+        text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PHT_REGISTRY_URL": federation.registry_url, "PHT_TOKEN": federation.researcher_token})
+    assert researcher_cli.returncode == 3, researcher_cli.stderr
+    assert f"{SITE}: awaiting_approval (waits for the site's IT officer to approve image " in researcher_cli.stderr
 
     listed = command("approvals", "list")
     assert listed.returncode == 0, listed.stderr
