@@ -5,6 +5,7 @@ One runner, one worker slot (max_concurrent_runs 1), so a run that waits must no
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -49,6 +50,11 @@ def wait_for_status(federation, task, status, timeout=60):
 def site_containers(federation):
     work = federation.folder / SITE / "work"
     return containers.containers_of(docker.from_env(), SITE, work)
+
+
+def last_config_taken_up(federation):
+    """What the runner's log said it took up last time its config changed."""
+    return federation.log_of(f"{SITE}-runner").rsplit("config taken up again: ", 1)[-1]
 
 
 def story(federation, run):
@@ -138,7 +144,7 @@ def test_every_task_waits_once_the_site_says_so_without_a_restart(federation):
         researcher.cancel(second["id"])
     finally:
         federation.configure_site(SITE, approval_policy="approve_new_digests")
-        wait_until(lambda: "approval_policy approve_new_digests" in federation.log_of(f"{SITE}-runner"),
+        wait_until(lambda: last_config_taken_up(federation).startswith("approval_policy approve_new_digests"),
                    "the runner takes up the config as it was")
     assert runner.poll() is None, "the runner was not restarted"
 
@@ -151,6 +157,27 @@ def test_a_config_that_fails_its_checks_is_not_taken_up(federation):
         assert "approval_policy 'approve_everything' must be one of" in federation.log_of(f"{SITE}-runner")
     finally:
         federation.configure_site(SITE, approval_policy="approve_new_digests")
+
+
+def test_sighup_takes_up_a_change_that_the_files_times_do_not_show(federation):
+    """A config put in place with its old time and size (copied with cp -p, say) is taken up on SIGHUP."""
+    path = federation.sites[SITE].config_path
+    before, status = path.read_text(), path.stat()
+    changed = before.replace('"approve_new_digests"', '"whitelist"')
+    changed = changed.rstrip("\n") + " " * (len(before) - len(changed.rstrip("\n")))
+    assert len(changed) == len(before) and changed != before
+    taken_up = "approval_policy whitelist"
+    seen = federation.log_of(f"{SITE}-runner").count(taken_up)
+    path.write_text(changed)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    federation.sites[SITE].runner.send_signal(signal.SIGHUP)
+    try:
+        wait_until(lambda: federation.log_of(f"{SITE}-runner").count(taken_up) > seen,
+                   "the runner takes up the config on SIGHUP")
+    finally:
+        federation.configure_site(SITE, approval_policy="approve_new_digests")
+        wait_until(lambda: last_config_taken_up(federation).startswith("approval_policy approve_new_digests"),
+                   "the runner takes up the config as it was")
 
 
 def test_the_officer_commands_from_the_command_line(federation):
