@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_REGISTRY = "docker.io"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # what a reference pins an image to, and what a site approves
 
 # Docker's reference grammar (distribution/reference), without the rarely used IPv6 hosts.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -17,7 +18,7 @@ _REFERENCE = re.compile(
     rf"(?:(?P<domain>[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?)/)?"
     rf"(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
+    rf"(?:@(?P<digest>{DIGEST.pattern}))?")
 
 
 class InvalidReference(ValueError):

@@ -22,10 +22,10 @@ import os
 import tarfile
 import time
 
-from client import approvals
+from client import approvals, image_policy
 from client.audit_log import AuditLog, AuditLogBroken, describe, entries_of_run, read_entries, verify
 from client.printable import printable
-from client.run_folder import parked_runs
+from client.run_folder import parked_run, parked_runs
 from master import lifecycle
 
 SHOWN_INPUT_BYTES = 4096
@@ -52,7 +52,7 @@ class Officer:
     # --- approvals -------------------------------------------------------------------------------------
 
     def list_waiting(self, status):
-        waiting = self._parked(status)
+        waiting = parked_runs(self.runs_dir, status)
         if not waiting:
             self.out(f"nothing is {status.replace('_', ' ')} at this site")
         for folder in waiting:
@@ -88,9 +88,8 @@ class Officer:
         only_this_task, the run's task alone. With both a run and a digest, the run must wait for that digest."""
         expires_at = None if days is None else self.now() + days * SECONDS_PER_DAY
         task_only = only_this_task or self.config.approval_policy == approvals.APPROVE_EVERY_TASK
-        digest_shown = digest
         if run_id is None:
-            if not digest or not digest.startswith("sha256:") or len(digest) != 71:
+            if not image_policy.DIGEST.fullmatch(digest or ""):
                 raise CommandFailed("give the run to approve (approvals list shows them), or --digest sha256:<64 hex>")
             if task_only:
                 raise CommandFailed("this site approves every task: approve a waiting run by its number")
@@ -98,11 +97,11 @@ class Officer:
                                           now=self.now())
         else:
             folder = self._parked_run(run_id, lifecycle.AWAITING_APPROVAL)
-            digest, run = folder.state["digest"], folder.claim
-            if digest_shown and digest_shown != digest:
-                raise CommandFailed(f"run {run_id} waits for image {digest} now, not {digest_shown}; look again "
+            waits_for, run = folder.state["digest"], folder.claim
+            if digest and digest != waits_for:
+                raise CommandFailed(f"run {run_id} waits for image {waits_for} now, not {digest}; look again "
                                     f"(approvals show {run_id})")
-            approval = self.store.approve(digest, self.by, researcher, run_id=run.id if task_only else None,
+            approval = self.store.approve(waits_for, self.by, researcher, run_id=run.id if task_only else None,
                                           claim_key=folder.claim_key if task_only else None,
                                           input_sha256=folder.state.get("input_sha256") if task_only else None,
                                           expires_at=expires_at, note=note, now=self.now())
@@ -183,13 +182,9 @@ class Officer:
 
     # ---------------------------------------------------------------------------------------------------
 
-    def _parked(self, status):
-        return parked_runs(self.runs_dir, status)
-
     def _parked_run(self, run_id, status):
-        found = [folder for folder in parked_runs(self.runs_dir, status) if folder.run_id == run_id]
-        folder = found[0] if found else None
-        if folder is None:
+        folder = parked_run(self.runs_dir, run_id)
+        if folder is None or folder.state["parked"] != status:
             listing = "approvals list" if status == lifecycle.AWAITING_APPROVAL else "outputs list"
             raise CommandFailed(f"run {run_id} is not {status.replace('_', ' ')} at this site; `{listing}` shows "
                                 "those that are")

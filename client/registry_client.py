@@ -165,6 +165,7 @@ class RegistryClient:
         self._post_reliably(f"/api/site/runs/{run_id}/refuse", {"lease_id": lease_id, "reason": reason})
 
     def upload(self, run_id, lease_id, kind, path):
+        """Returns the sha256 of what was sent, which the registry checked."""
         sha256 = sha256_of(path)
 
         def send():
@@ -172,6 +173,7 @@ class RegistryClient:
                 return self._answer("PUT", f"/api/site/runs/{run_id}/{kind}", 3600, data=body, headers={
                     "X-Lease-Id": lease_id, "X-Content-SHA256": sha256, "Content-Type": "application/octet-stream"})
         self._reliably(send, f"upload of the {kind} of run {run_id}")
+        return sha256
 
     def finish(self, run_id, lease_id, exit_code, failure_reason=None, sparql=None):
         """How the run ended; sparql: what its gateway saw ({"queries", "bytes", "refused"}), if it had one."""

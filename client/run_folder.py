@@ -175,18 +175,22 @@ def unfinished_runs(runs_dir):
     return folders
 
 
+def parked_run(runs_dir, run_id):
+    """The run's folder if the run is parked here (lifecycle.PARKED_STATES), else None. Read only, so the IT
+    officer's commands can look while the runner works (a folder it cannot read is left to the runner)."""
+    path = Path(runs_dir) / str(run_id)
+    try:
+        folder = RunFolder.load(path) if path.is_dir() and not path.is_symlink() else None
+    except (InvalidClaim, OSError):
+        return None
+    return folder if folder is not None and folder.state.get("parked") else None
+
+
 def parked_runs(runs_dir, status):
-    """The run folders parked in that status (lifecycle.PARKED_STATES), by run id; read only, so the IT officer's
-    commands can look while the runner works (folders it cannot read are left to the runner)."""
-    folders = []
-    for path in sorted(Path(runs_dir).glob("*"), key=lambda p: (len(p.name), p.name)):
-        try:
-            folder = RunFolder.load(path) if path.is_dir() and not path.is_symlink() else None
-        except (InvalidClaim, OSError):
-            continue
-        if folder is not None and folder.state.get("parked") == status:
-            folders.append(folder)
-    return folders
+    """The run folders parked in that status, by run id; read only, as parked_run."""
+    paths = sorted(Path(runs_dir).glob("*"), key=lambda p: (len(p.name), p.name))
+    return [folder for folder in (parked_run(runs_dir, path.name) for path in paths)
+            if folder is not None and folder.state["parked"] == status]
 
 
 def set_aside(path, why):

@@ -36,7 +36,7 @@ from client.log_keeper import LogFollower
 from client.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
                                     Unreachable, sha256_of)
-from client.run_folder import RunFolder, unfinished_runs
+from client.run_folder import RunFolder, parked_run, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
@@ -198,13 +198,12 @@ class SiteRunner:
         if fresh is None or fresh == self.config:
             return
         self.config = fresh
-        airlock = fresh.airlock
+        whitelist, airlock = [pattern.pattern for pattern in fresh.whitelist], fresh.airlock
         log.info("config taken up again: approval_policy %s, whitelist %s, require_digest %s, airlock review %s",
-                 fresh.approval_policy, [pattern.pattern for pattern in fresh.whitelist], fresh.require_digest,
-                 airlock.review)
-        self.record("config_changed", approval_policy=fresh.approval_policy,
-                    whitelist=[pattern.pattern for pattern in fresh.whitelist], require_digest=fresh.require_digest,
-                    airlock_review=airlock.review, airlock_checks=repr(airlock.checks))
+                 fresh.approval_policy, whitelist, fresh.require_digest, airlock.review)
+        self.record("config_changed", approval_policy=fresh.approval_policy, whitelist=whitelist,
+                    require_digest=fresh.require_digest, airlock_review=airlock.review,
+                    airlock_checks=repr(airlock.checks))
 
     def take_up_parked_runs(self, now=None):
         """Act on what the IT officer decided about runs that wait (runScript.py approvals / outputs): go on with
@@ -237,7 +236,6 @@ class SiteRunner:
 
     def decision_on(self, folder, now):
         """What the IT officer decided about a parked run: (what, reason) or None while undecided."""
-        run = folder.claim
         if folder.state["parked"] == lifecycle.AWAITING_APPROVAL:
             denial = self.approvals.denial_of(folder.claim_key)
             if denial:
@@ -430,14 +428,11 @@ class SiteRunner:
     def parked_already(self, run):
         """Why a claim is refused when the run waits here under an earlier claim: an honest registry never hands
         out a parked run again, and the officer's view of it must not change under them."""
-        try:
-            folder = RunFolder.load(self.runs_dir / str(run.id))
-        except (InvalidClaim, OSError):
+        folder = parked_run(self.runs_dir, run.id)
+        if folder is None:
             return None
-        if folder is not None and folder.state.get("parked"):
-            return (f"run {run.id} is {folder.state['parked']} at this site under an earlier claim; the registry "
-                    "handed it out again")
-        return None
+        return (f"run {run.id} is {folder.state['parked']} at this site under an earlier claim; the registry "
+                "handed it out again")
 
     def start_worker(self, folder):
         run = folder.claim
@@ -790,8 +785,8 @@ class SiteRunner:
 
     def upload(self, run, kind, path):
         sealed = self.sealed(run, path)
-        self.registry.upload(run.id, run.lease_id, kind, sealed)
-        self.record("sent", run.id, what=kind, sha256=sha256_of(sealed), size=sealed.stat().st_size,
+        sha256 = self.registry.upload(run.id, run.lease_id, kind, sealed)
+        self.record("sent", run.id, what=kind, sha256=sha256, size=sealed.stat().st_size,
                     to=self.config.registry_url, encrypted=sealed != path)
 
     def delivered(self, run, recipient, name, size, sha256):

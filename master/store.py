@@ -676,7 +676,8 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
     now = time.time()
     status = lifecycle.status_after_finish(exit_code, failure_reason)
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
-    report = {"status": status, "exit_code": exit_code, "reason": reason, **_sparql_columns(sparql)}
+    values = {"exit_code": exit_code, **_sparql_columns(sparql)}  # written with the move to status, for reason
+    report = {"status": status, "reason": reason, **values}
     with engine.begin() as conn:
         row = _site_run(conn, run_id, site_id)
         if row["status"] in (lifecycle.COMPLETED, lifecycle.FAILED) and row["lease_id"] == lease_id:
@@ -685,8 +686,7 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
             raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
                            "reason or SPARQL summary")
         row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
-        report.pop("status"), report.pop("reason")
-        _move(conn, row, status, now, reason, lease_expires_at=None, **report)
+        _move(conn, row, status, now, reason, lease_expires_at=None, **values)
     return status, row["task_id"]
 
 
