@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from client.output_archive import OutputUnreadable, shown_path, walk_output
-from client.printable import printable
+from common.printable import printable
 
 MAX_COMMAND_LINE_CHARS = 500  # of the check command's line in a reason
 MAX_COMMAND_OUTPUT_BYTES = 64 * 1024  # kept of each of the check command's streams

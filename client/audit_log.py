@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.printable import printable
+from common.printable import printable
 
 GENESIS = "0" * 64
 RESERVED = ("seq", "at", "event", "run", "prev")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from client.encryption import parse_public_key
 from client.image_policy import InvalidReference, parse_image_reference
-from client.printable import shown
+from common.printable import shown
 
 INT_MAX = 2 ** 31 - 1  # the registry's ids are 32-bit
 LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -10,7 +10,6 @@ anything is sent anywhere.
     run folder/outbox/<recipient>/<file>.age   encrypted, kept until the run is reported
 """
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,11 @@ import requests
 
 from client.encryption import encrypt_once
 from client.registry_client import send_reliably, sha256_of
+from common import names
+from common.printable import printable, shown
 
 ADDRESSED_FOLDER = "to"
-# The FileService's rule for file names (one path component, nothing hidden).
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,195}$")
+ENCRYPTED_SUFFIX = ".age"
 
 
 class DeliveryRefused(Exception):
@@ -50,16 +50,17 @@ def addressed_files(output_dir):
 def delivery_problem(addressed, recipients):
     """Pure: why these files cannot be delivered (None if they can). Checked before anything is sent."""
     for recipient, path in addressed:
-        where = f"/output/{ADDRESSED_FOLDER}/{recipient}/{path.name}"
+        # Names the algorithm chose: the reason reaches logs and the researcher's terminal.
+        where = printable(f"/output/{ADDRESSED_FOLDER}/{recipient}/{path.name}")
         if recipient not in recipients:
             allowed = ", ".join(sorted(recipients)) or "none"
-            return (f"{where} is addressed to {recipient!r}, which is not a recipient this site allows "
+            return (f"{where} is addressed to {shown(recipient)}, which is not a recipient this site allows "
                     f"(allowed: {allowed}); nothing was sent")
         if path.is_symlink() or not path.is_file():
             return f"{where} is not a regular file; only files can be sent; nothing was sent"
-        if not FILE_NAME.fullmatch(path.name) or ".." in path.name:
-            return (f"{where}: file names may have letters, digits, '.', '_' and '-' only, starting with a "
-                    "letter or digit; nothing was sent")
+        # It reaches the FileService encrypted, as NAME.age, which must follow the FileService's rule.
+        if not names.is_file_name(f"{path.name}{ENCRYPTED_SUFFIX}"):
+            return f"{where}: a file name may have {names.FILE_NAME_RULE} (with {ENCRYPTED_SUFFIX} added); nothing was sent"
     return None
 
 
@@ -72,7 +73,7 @@ def set_aside(output_dir, outbox, recipients):
         for recipient, path in addressed:
             folder = Path(outbox) / recipient
             folder.mkdir(parents=True, exist_ok=True)
-            encrypt_once(path, folder / f"{path.name}.age", [recipients[recipient].public_key])
+            encrypt_once(path, folder / f"{path.name}{ENCRYPTED_SUFFIX}", [recipients[recipient].public_key])
     shutil.rmtree(Path(output_dir) / ADDRESSED_FOLDER, ignore_errors=True)
     return problem
 
@@ -85,7 +86,7 @@ def deliver(outbox, recipients, record_receipt, retry_for_seconds):
     """
     for folder in sorted(Path(outbox).iterdir()) if Path(outbox).is_dir() else []:
         recipient = recipients[folder.name]
-        for path in sorted(folder.glob("*.age")):
+        for path in sorted(folder.glob(f"*{ENCRYPTED_SUFFIX}")):
             sha256 = sha256_of(path)
 
             def send(path=path, sha256=sha256):

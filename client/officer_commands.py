@@ -24,7 +24,7 @@ import time
 
 from client import approvals, image_policy
 from client.audit_log import AuditLog, AuditLogBroken, describe, entries_of_run, read_entries, verify
-from client.printable import printable
+from common.printable import printable
 from client.run_folder import parked_run, parked_runs
 from master import lifecycle
 

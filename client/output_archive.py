@@ -12,7 +12,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-from client.printable import printable
+from common.printable import printable
 
 MAX_NAME_CHARS = 200  # of a file name in a message
 

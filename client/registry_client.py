@@ -22,7 +22,7 @@ import requests
 import urllib3
 
 from client.claim import InvalidClaim, parse_claim
-from client.printable import printable
+from common.printable import printable
 
 log = logging.getLogger("pht.runner")
 

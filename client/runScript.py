@@ -37,7 +37,8 @@ from client.officer_commands import CommandFailed, Officer  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
 from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
 from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
-from client.printable import printable  # noqa: E402
+from common.log_lines import log_to_stderr  # noqa: E402
+from common.printable import printable  # noqa: E402
 from master import lifecycle  # noqa: E402
 from client.site_config import ConfigError, ConfigSource, load_site_config  # noqa: E402
 
@@ -60,8 +61,7 @@ def main(argv=None):
         sys.exit(list_queries(args.config, args.run_id, args.json))
     if args.command in ("approvals", "outputs", "audit"):
         sys.exit(officer_command(args))
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    log_to_stderr("%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     config, engine, problems = None, None, []
     try:
         config = load_site_config(args.config)

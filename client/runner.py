@@ -33,7 +33,7 @@ from client.claim import InvalidClaim
 from client.encryption import encrypt_once, keys_for
 from client.image_source import ImageSource, ImageUnavailable
 from client.log_keeper import LogFollower
-from client.printable import printable
+from common.printable import printable
 from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
                                     Unreachable, sha256_of)
 from client.run_folder import RunFolder, parked_run, unfinished_runs

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from client import approvals, deliveries, encryption
 from client.airlock_checks import AirlockChecks
+from common import names
 
 # Field names of the original PyTaskManager's config.json that mean the same here.
 ALIASES = {
@@ -316,8 +317,8 @@ def _recipients(given, problems):
         if name.startswith("//"):
             continue
         where = f"recipients.{name}"
-        if not deliveries.FILE_NAME.fullmatch(name):
-            problems.append(f"{where}: a recipient's name may have letters, digits, '.', '_' and '-' only")
+        if not names.is_file_name(name):
+            problems.append(f"{where}: a recipient's name may have {names.FILE_NAME_RULE}")
             continue
         if not isinstance(fields, dict):
             problems.append(f"{where} must be an object with url, public_key and token (or token_env)")

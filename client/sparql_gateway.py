@@ -32,7 +32,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from client.printable import shown
+from common.printable import shown
 from client.sparql_queries import QueryRequest, query_sha256, read_request, refused, unpack_request
 from client.sparql_results import row_counter
 

@@ -29,7 +29,7 @@ from pyparsing import ParseException, ParseResults
 from rdflib.plugins.sparql import parser as sparql_parser
 from rdflib.plugins.sparql.parserutils import CompValue
 
-from client.printable import printable
+from common.printable import printable
 
 REFUSED = "refused by this site's SPARQL gateway: "
 QUERY_FORMS = {"SelectQuery": "SELECT", "AskQuery": "ASK", "ConstructQuery": "CONSTRUCT", "DescribeQuery": "DESCRIBE"}

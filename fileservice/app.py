@@ -5,10 +5,11 @@ import logging
 
 from apiflask import APIFlask, HTTPTokenAuth, Schema
 from apiflask.fields import Boolean, Integer, String
-from apiflask.validators import Regexp
 from flask import current_app, request, send_file
 
 from fileservice.inbox import OPERATOR, SENDER, Inbox, Refused
+from master.api_docs import register_api_docs
+from master.schemas import Sha256
 
 log = logging.getLogger("pht.fileservice")
 
@@ -20,8 +21,7 @@ class PublicKeyOut(Schema):
 
 
 class UploadHeaders(Schema):
-    sha256 = String(required=True, data_key="X-Content-SHA256",
-                    validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+    sha256 = Sha256(required=True, data_key="X-Content-SHA256")
 
 
 class StoredOut(Schema):
@@ -39,8 +39,9 @@ class FileOut(Schema):
 
 def create_app(data_dir, max_file_bytes):
     app = APIFlask("pht-fileservice", title="PHT FileService", version="1.0",
-                   spec_path="/openapi.json", docs_path="/docs")
+                   spec_path="/openapi.json", docs_path=None)
     app.config["SECURITY_SCHEMES"] = {"BearerAuth": {"type": "http", "scheme": "bearer"}}
+    register_api_docs(app)  # /docs, from local files
     app.extensions["inbox"] = Inbox(data_dir)
     app.extensions["max_file_bytes"] = max_file_bytes
 

@@ -12,19 +12,18 @@ complete and its sha256 matches what the sender declared: nobody ever reads half
 import hashlib
 import json
 import os
-import re
 import secrets
 import tempfile
 from pathlib import Path
 
 import pyrage
 
+from common import names
+from common.private_files import private_folder
 from master.blobs import ChecksumMismatch, TooLarge, receive_stream, sha256_of
 
 SENDER = "sender"
 OPERATOR = "operator"
-# One path component, no hidden files, nothing a file system could read as "go elsewhere".
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class Refused(Exception):
@@ -37,9 +36,8 @@ class Refused(Exception):
 
 def check_file_name(name):
     """Pure: the reason a file name is refused, or None."""
-    if not FILE_NAME.fullmatch(name) or ".." in name:
-        return (f"{name!r} is not an acceptable file name: use letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit, at most 200 characters")
+    if not names.is_file_name(name):
+        return f"{name!r} is not an acceptable file name: use {names.FILE_NAME_RULE}"
     return None
 
 
@@ -49,7 +47,8 @@ def token_hash(token):
 
 class Inbox:
     def __init__(self, data_dir):
-        self.data_dir = Path(data_dir)
+        # Received files, the service's private key and its token hashes: the service's own.
+        self.data_dir = private_folder(data_dir)
         self.files = self.data_dir / "files"
         self._incoming = self.data_dir / "incoming"
         self._tokens_file = self.data_dir / "tokens.json"
@@ -88,8 +87,8 @@ class Inbox:
         tokens = self._tokens()
         if any(entry["name"] == name for entry in tokens.values()):
             raise Refused(409, f"{name!r} already has a token; revoke it first")
-        if not FILE_NAME.fullmatch(name):
-            raise Refused(400, f"{name!r} is not an acceptable name: letters, digits, '.', '_' and '-'")
+        if not names.is_file_name(name):
+            raise Refused(400, f"{name!r} is not an acceptable name: use {names.FILE_NAME_RULE}")
         token = "pht_fs_" + secrets.token_urlsafe(32)
         tokens[token_hash(token)] = {"name": name, "role": role}
         self._save_tokens(tokens)

@@ -32,7 +32,7 @@ from SPARQLWrapper import JSON, SPARQLWrapper
 INPUT_FILE = Path("/input/input.txt")
 OUTPUT_FILE = Path("/output/output.txt")
 
-VARIABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # it goes into the SPARQL query
+VARIABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # it goes into the SPARQL query: matched whole
 XSD_BOOLEAN = "http://www.w3.org/2001/XMLSchema#boolean"
 
 
@@ -42,10 +42,10 @@ def read_model(text):
     if not isinstance(model, dict):
         raise ValueError("the input must be a JSON object with outcome, covariates and coefficients")
     outcome, covariates = model.get("outcome"), model.get("covariates")
-    if not isinstance(outcome, str) or not VARIABLE_NAME.match(outcome):
+    if not isinstance(outcome, str) or not VARIABLE_NAME.fullmatch(outcome):
         raise ValueError(f"outcome must name a property such as \"outcome\", got {outcome!r}")
     if not isinstance(covariates, list) or not all(
-            isinstance(c, str) and VARIABLE_NAME.match(c.partition("=")[0]) for c in covariates):
+            isinstance(c, str) and VARIABLE_NAME.fullmatch(c.partition("=")[0]) for c in covariates):
         raise ValueError(f"covariates must be a list of names such as \"age\" or \"sex=female\", got {covariates!r}")
     coefficients = model.get("coefficients") or [0.0] * (len(covariates) + 1)
     if len(coefficients) != len(covariates) + 1:

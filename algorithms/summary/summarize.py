@@ -35,7 +35,7 @@ OUTPUT_FILE = Path("/output/output.txt")
 DEFAULT_VARIABLES = ["age", "sex", "stage", "smoker", "outcome"]
 DEFAULT_MIN_COUNT = 5
 SHOWN_CELLS = 5  # a refusal names this many of the small cells; enough to see what to change
-VARIABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # it goes into the SPARQL query
+VARIABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # it goes into the SPARQL query: matched whole
 
 PREFIX = "PREFIX pht: <http://example.org/pht/vocab#>\n"
 COUNT_PATIENTS = PREFIX + "SELECT (COUNT(?patient) AS ?n) WHERE { ?patient a pht:Patient }"
@@ -57,7 +57,7 @@ def read_settings(text):
     variables = settings.get("variables", DEFAULT_VARIABLES)
     bins = settings.get("bins", {})
     min_count = settings.get("min_count", DEFAULT_MIN_COUNT)
-    if not isinstance(variables, list) or not all(isinstance(v, str) and VARIABLE_NAME.match(v) for v in variables):
+    if not isinstance(variables, list) or not all(isinstance(v, str) and VARIABLE_NAME.fullmatch(v) for v in variables):
         raise ValueError(f"variables must be a list of names like \"age\", got {variables!r}")
     if not isinstance(min_count, int) or min_count < 1:
         raise ValueError(f"min_count must be a whole number of at least 1, got {min_count!r}")
