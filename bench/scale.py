@@ -105,8 +105,8 @@ def measure(site_count, seconds, rate, database_url, folder):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_answers(url + "/health", registry, "the registry")
-        site_tokens = register_directly(database_url, store.sites, [f"site-{i:05d}" for i in range(site_count)])
-        researcher = register_directly(database_url, store.researchers, ["bench"])["bench"]
+        site_tokens = register_directly(database_url, store.SITE, [f"site-{i:05d}" for i in range(site_count)])
+        researcher = register_directly(database_url, store.RESEARCHER, ["bench"])["bench"]
         posted_at, claimed_at, stop = {}, {}, [False]
         sites = [SimulatedSite(url, token, claimed_at, stop) for token in site_tokens.values()]
         workers = [gevent.spawn(site.work) for site in sites]

@@ -4,7 +4,10 @@
     python master/TaskMaster.py create-site NAME     register a site and print its token once
     python master/TaskMaster.py create-researcher NAME
     python master/TaskMaster.py list-sites
-    python master/TaskMaster.py revoke TOKEN-OR-NAME
+    python master/TaskMaster.py list-researchers
+    python master/TaskMaster.py revoke NAME [--site | --researcher]
+    python master/TaskMaster.py revoke --token-stdin < token.txt
+    python master/TaskMaster.py rotate-token NAME [--site | --researcher]
 
 Every command takes --data-dir and --database-url before the command name.
 """
@@ -26,8 +29,12 @@ import time  # noqa: E402
 
 import click  # noqa: E402
 
+from common import names  # noqa: E402
+from common.log_lines import log_to_stderr  # noqa: E402
+from common.printable import escaped  # noqa: E402
 from master import auth, store  # noqa: E402
-from master.app import Settings, create_app, expire_leases_periodically  # noqa: E402
+from master.app import Settings, create_app, expire_leases_periodically, open_data  # noqa: E402
+from master.server import limit_options  # noqa: E402
 
 
 @click.group(invoke_without_command=True)
@@ -51,49 +58,38 @@ def cli(context, data_dir, database_url):
               help="Largest task configuration file accepted.")
 @click.option("--max-result-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
               help="Largest output archive or log a site may upload.")
+@limit_options
 @click.pass_obj
-def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes):
+def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, limits):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
     from master.server import serve_forever
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
                            "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes})
-    _allow_many_open_sockets()
     app = create_app(settings)
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
     logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s)",
                                            host, port, settings.data_dir)
-    serve_forever(app, host, port)
-
-
-def _allow_many_open_sockets():
-    """Every waiting site holds a socket; a common default of 1024 open files would cap the sites."""
-    try:
-        import resource
-    except ImportError:  # Windows: no such per-process limit to raise
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    serve_forever(app, host, port, limits)
 
 
 def _engine(settings):
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    return store.open_database(settings.resolved_database_url())
+    return open_data(settings)
 
 
-def _create_principal(settings, table, name):
+def _create_principal(settings, role, name):
     token = auth.new_token()
     try:
-        store.create_principal(_engine(settings), table, name, auth.hash_token(token))
+        store.create_principal(_engine(settings), role, name, auth.hash_token(token))
+    except store.Invalid as error:
+        raise click.ClickException(str(error)) from None
     except store.Conflict as error:
-        raise click.ClickException(f"{error}; choose another name or revoke the old one") from None
+        raise click.ClickException(f"{error}; choose another name, or give it a new token with: "
+                                   f"rotate-token --{role} {name}") from None
     click.echo(token)
 
 
@@ -102,7 +98,7 @@ def _create_principal(settings, table, name):
 @click.pass_obj
 def create_site(settings, name):
     """Register a site; prints its token (shown only this once)."""
-    _create_principal(settings, store.sites, name)
+    _create_principal(settings, store.SITE, name)
 
 
 @cli.command("create-researcher")
@@ -110,7 +106,11 @@ def create_site(settings, name):
 @click.pass_obj
 def create_researcher(settings, name):
     """Register a researcher; prints their token (shown only this once)."""
-    _create_principal(settings, store.researchers, name)
+    _create_principal(settings, store.RESEARCHER, name)
+
+
+def _when(timestamp):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
 @cli.command("list-sites")
@@ -118,22 +118,95 @@ def create_researcher(settings, name):
 def list_sites(settings):
     """The sites, when each was last seen and whether it is revoked."""
     for site in store.list_sites(_engine(settings))[0]:
-        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(site["last_seen_at"])) if site["last_seen_at"] else "never"
+        seen = _when(site["last_seen_at"]) if site["last_seen_at"] else "never"
         state = "revoked" if site["revoked_at"] else "active"
-        click.echo(f"{site['name']}\t{state}\tlast seen {seen}\tsparql_ok={site['sparql_ok']}")
+        # Written by the site itself (runner_version) or before names were checked: shown escaped.
+        click.echo(escaped(f"{site['name']}\t{state}\tlast seen {seen}\tsparql_ok={site['sparql_ok']}\t"
+                           f"runner {site['runner_version'] or '-'}", keep="\t"))
+
+
+@cli.command("list-researchers")
+@click.pass_obj
+def list_researchers(settings):
+    """The researchers, when each was registered and whether they are revoked."""
+    for researcher in store.list_researchers(_engine(settings)):
+        state = f"revoked {_when(researcher['revoked_at'])}" if researcher["revoked_at"] else "active"
+        click.echo(escaped(f"{researcher['name']}\t{state}\tsince {_when(researcher['created_at'])}", keep="\t"))
+
+
+def _role_of(settings, name, as_site, as_researcher):
+    """The role a command on name means: the one asked for, or the only one that has the name."""
+    if as_site and as_researcher:
+        raise click.UsageError("give --site or --researcher, not both")
+    roles = store.roles_named(_engine(settings), name)
+    if not roles and not names.PRINCIPAL_NAME.fullmatch(name):
+        # Not echoed: it may be a token given by mistake, which must not reach a terminal's scrollback too.
+        raise click.UsageError(f"NAME must be a site's or researcher's name ({names.PRINCIPAL_NAME_RULE}); "
+                               "to revoke by token, give it on standard input to revoke --token-stdin")
+    asked = store.SITE if as_site else store.RESEARCHER if as_researcher else None
+    if asked in roles or (asked is None and len(roles) == 1):
+        return asked or roles[0]
+    if len(roles) > 1:
+        raise click.UsageError(f"both a site and a researcher are called {name!r}: "
+                               "say which with --site or --researcher")
+    raise click.ClickException(f"no {asked or 'site or researcher'} is called {name!r}; "
+                               "see list-sites and list-researchers")
+
+
+def _token_from_stdin():
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise click.UsageError("--token-stdin reads the token from standard input, and it was empty")
+    return token
 
 
 @cli.command()
-@click.argument("token_or_name")
+@click.argument("name", required=False)
+@click.option("--site", "as_site", is_flag=True, help="NAME is a site's.")
+@click.option("--researcher", "as_researcher", is_flag=True, help="NAME is a researcher's.")
+@click.option("--token-stdin", is_flag=True,
+              help="Revoke whoever holds the token read from standard input (never give a token as an argument: "
+                   "it would stay in the shell's history and show in ps).")
 @click.pass_obj
-def revoke(settings, token_or_name):
-    """Revoke a site's or researcher's token, given the token itself or the name."""
-    revoked = store.revoke_principal(_engine(settings), auth.hash_token(token_or_name)) or \
-        store.revoke_principal(_engine(settings), token_or_name)
-    if not revoked:
-        raise click.ClickException(f"no active site or researcher matches {token_or_name!r}")
-    for role, name in revoked:
-        click.echo(f"revoked {role} {name}")
+def revoke(settings, name, as_site, as_researcher, token_stdin):
+    """Revoke a site or researcher, by NAME or by token, and end what it leaves unfinished.
+
+    A revoked site's unfinished runs fail; a revoked researcher's unfinished tasks are cancelled, so no
+    site runs them. rotate-token gives either a new token later."""
+    if token_stdin == (name is not None):
+        raise click.UsageError("give a NAME, or --token-stdin and the token on standard input")
+    engine = _engine(settings)
+    if token_stdin:
+        holder = store.find_principal(engine, auth.hash_token(_token_from_stdin()))
+        if holder is None:
+            raise click.ClickException("no active site or researcher holds that token")
+        role, _, name = holder
+    else:
+        role = _role_of(settings, name, as_site, as_researcher)
+    try:
+        ended = store.revoke_principal(engine, role, name)
+    except store.NotFound as error:
+        raise click.ClickException(f"{error} (already revoked?)") from None
+    what = "failed" if role == store.SITE else "cancelled"
+    click.echo(f"revoked {role} {name}; {len(ended)} unfinished run(s) {what}")
+
+
+@cli.command("rotate-token")
+@click.argument("name")
+@click.option("--site", "as_site", is_flag=True, help="NAME is a site's.")
+@click.option("--researcher", "as_researcher", is_flag=True, help="NAME is a researcher's.")
+@click.pass_obj
+def rotate_token(settings, name, as_site, as_researcher):
+    """Give a site or researcher a new token (printed once); the old one stops working at once.
+
+    Also gives a revoked site or researcher a token again."""
+    role = _role_of(settings, name, as_site, as_researcher)
+    token = auth.new_token()
+    try:
+        store.replace_token(_engine(settings), role, name, auth.hash_token(token))
+    except store.NotFound as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(token)
 
 
 if __name__ == "__main__":

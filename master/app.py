@@ -8,7 +8,8 @@ from pathlib import Path
 from apiflask import APIFlask, abort
 from flask import g, request
 
-from master import blobs, lifecycle, researcher_api, site_api, store
+from common.private_files import private_file, private_folder
+from master import api_docs, blobs, json_bodies, lifecycle, researcher_api, site_api, store
 from master.schemas import INT_MAX
 from master.wakeup import Announcements
 
@@ -28,7 +29,20 @@ class Settings:
     online_window_seconds: int = 120
 
     def resolved_database_url(self):
-        return self.database_url or f"sqlite:///{Path(self.data_dir) / 'registry.sqlite'}"
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def sqlite_path(self):
+        return Path(self.data_dir) / "registry.sqlite"
+
+
+def open_data(settings):
+    """The registry's database, with its data folder made private (0700) first, and the embedded
+    SQLite file (task inputs, token hashes) made 0600 before SQLite first creates it."""
+    private_folder(settings.data_dir)
+    if not settings.database_url:
+        private_file(settings.sqlite_path)
+    return store.open_database(settings.resolved_database_url())
 
 
 @dataclass
@@ -50,10 +64,9 @@ class Registry:
 
 
 def create_app(settings):
-    data_dir = Path(settings.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    engine = open_data(settings)
     app = APIFlask("pht-registry", title="Personal Health Train registry", version=API_VERSION,
-                   spec_path="/openapi.json", docs_path="/docs")
+                   spec_path="/openapi.json", docs_path=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_input_bytes * 2,  # base64 input and JSON framing
         SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer"}},
@@ -61,13 +74,15 @@ def create_app(settings):
     )
     app.extensions["pht"] = Registry(
         settings=settings,
-        engine=store.open_database(settings.resolved_database_url()),
-        blobs=blobs.BlobStore(data_dir / "blobs"),
+        engine=engine,
+        blobs=blobs.BlobStore(Path(settings.data_dir) / "blobs"),
         work_for_sites=Announcements(),
         ended_tasks=Announcements(),
     )
+    json_bodies.read_checked()
     app.register_blueprint(researcher_api.bp)
     app.register_blueprint(site_api.bp)
+    api_docs.register_api_docs(app)  # /docs, from local files
     _register_health(app)
     _register_error_mapping(app)
     _register_request_log(app)

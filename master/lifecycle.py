@@ -12,7 +12,8 @@ so every rule is covered by plain unit tests; the store refuses any move TRANSIT
        │                │     (the site's IT officer decides; denied ──> refused)
        │                ├──refuse──> refused (the site would not run it; reason given)
        │                └──lease runs out──> expired ──> pending again, or failed after MAX_ATTEMPTS claims
-       └──(any state that has not ended)──cancel──> cancelled
+       ├──(any state that has not ended)──cancel──> cancelled (by the researcher, or the researcher was revoked)
+       └──(any state that has not ended)──────────> failed (the site was revoked)
 
 "expired" is recorded in a run's history at the moment its lease ran out; the run itself moves on
 at once (back to pending, or to failed), so listings never show it as a current state.
@@ -53,11 +54,11 @@ COMPLETED, FAILED, REFUSED, CANCELLED, EXPIRED = (
 
 # Every move a run may make: its state now -> the states it may go to next.
 TRANSITIONS = {
-    PENDING: {CLAIMED, CANCELLED},
+    PENDING: {CLAIMED, CANCELLED, FAILED},
     CLAIMED: {RUNNING, AWAITING_APPROVAL, REFUSED, FAILED, CANCELLED, EXPIRED},
-    AWAITING_APPROVAL: {CLAIMED, REFUSED, CANCELLED},
+    AWAITING_APPROVAL: {CLAIMED, REFUSED, CANCELLED, FAILED},
     RUNNING: {COMPLETED, FAILED, HELD_FOR_REVIEW, CANCELLED, EXPIRED},
-    HELD_FOR_REVIEW: {RUNNING, CANCELLED},
+    HELD_FOR_REVIEW: {RUNNING, CANCELLED, FAILED},
     EXPIRED: {PENDING, FAILED},
     COMPLETED: set(), FAILED: set(), REFUSED: set(), CANCELLED: set(),
 }
@@ -70,6 +71,8 @@ LEASED_STATES = (CLAIMED, RUNNING)
 # The site holds the run's lease, which does not run out, while a person at the site decides.
 PARKED_STATES = (AWAITING_APPROVAL, HELD_FOR_REVIEW)
 CANCELLABLE_STATES = tuple(state for state, after in TRANSITIONS.items() if CANCELLED in after)
+# What a revoked site's runs may be in when they are failed: every state that has not ended.
+FAILABLE_STATES = tuple(state for state in CURRENT_STATES if FAILED in TRANSITIONS[state])
 # What the site runner parks a run as, and the state the run goes back to when the site goes on with it.
 PARKED_FROM = {AWAITING_APPROVAL: CLAIMED, HELD_FOR_REVIEW: RUNNING}
 

@@ -14,14 +14,15 @@ from apiflask.fields import Boolean, DateTime, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range, Regexp
 from marshmallow import ValidationError, validates_schema
 
+from common import names
 from master import lifecycle
 
 # An image reference as Docker parses it: [registry[:port]/]path[:tag][@sha256:digest].
 # The site runner checks it again against its whitelist; this only rejects nonsense early.
 IMAGE_REFERENCE = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+    r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+    rf"(?::[\w][\w.-]{{0,127}})?(?:@{names.IMAGE_DIGEST.pattern})?", re.ASCII)
 
 # Ids and counts are 32-bit integers in the database (PostgreSQL's integer); larger numbers
 # cannot name anything stored, so they are rejected up front instead of failing in SQL.
@@ -30,10 +31,36 @@ INT_MAX = 2 ** 31 - 1
 BIGINT_MAX = 2 ** 63 - 1
 
 # An age X25519 recipient: "age1" and 58 characters of bech32.
-AGE_PUBLIC_KEY = r"^age1[023456789acdefghjklmnpqrstuvwxyz]{58}$"
+AGE_PUBLIC_KEY = re.compile(r"age1[023456789acdefghjklmnpqrstuvwxyz]{58}")
+
+# Shown as it is in listings: no room for escapes or line breaks.
+PRINTABLE_ASCII_64 = re.compile(r"[ -~]{0,64}")
 
 RUN_STATES = [str(state) for state in lifecycle.CURRENT_STATES]
 TASK_STATES = [str(state) for state in lifecycle.TaskStatus]
+
+
+class Matches(Regexp):
+    """The whole value matches pattern. marshmallow's Regexp checks with re.match, where "$" also matches
+    before a final newline ("logreg:1.0\\n" would pass); the document shows the pattern anchored."""
+
+    def __init__(self, pattern, error):
+        super().__init__(rf"^(?:{pattern.pattern})$", error=error)
+        self.whole = pattern
+
+    def __call__(self, value):
+        if self.whole.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+def Sha256(**kwargs):
+    return String(validate=Matches(names.SHA256_HEX, "must be a lowercase hex sha256"), **kwargs)
+
+
+def ImageDigest(**kwargs):
+    return Text(validate=Matches(names.IMAGE_DIGEST, "must be an image digest: sha256: and 64 lowercase hex digits"),
+                **kwargs)
 
 
 class Timestamp(DateTime):
@@ -79,7 +106,7 @@ class Count(Integer):
 
 
 class TaskIn(Schema):
-    image = Text(required=True, validate=[Length(1, 512), Regexp(
+    image = Text(required=True, validate=[Length(1, 512), Matches(
                      IMAGE_REFERENCE, error="{input!r} is not a Docker image reference such as "
                                             "registry.example.org/group/image:tag")],
                    metadata={"description": "Docker image reference the sites pull and run; pinned by digest "
@@ -224,7 +251,8 @@ class SitePageOut(PageOut):
 class ClaimIn(Schema):
     wait_seconds = Integer(load_default=0, validate=Range(min=0, max=120),
                            metadata={"description": "How long to wait for a run before answering 204."})
-    runner_version = Text(allow_none=True, validate=Length(max=64))
+    runner_version = Text(allow_none=True, validate=Matches(
+        PRINTABLE_ASCII_64, "must be at most 64 printable ASCII characters"))
     sparql_ok = Boolean(allow_none=True)
 
 
@@ -275,7 +303,7 @@ class LeaseIn(Schema):
 
 
 class StartIn(LeaseIn):
-    image_digest = Text(required=True, validate=Length(1, 256))
+    image_digest = ImageDigest(required=True)
 
 
 class ParkIn(LeaseIn):
@@ -283,7 +311,7 @@ class ParkIn(LeaseIn):
         "description": "awaiting_approval: before it runs, the site's IT officer must approve its image or the "
                        "task; held_for_review: it ended, and its output leaves once the IT officer released it."})
     reason = Text(required=True, validate=Length(1, 2000), metadata={"description": "What it waits for, in words."})
-    image_digest = Text(validate=Length(1, 256), metadata={
+    image_digest = ImageDigest(metadata={
         "description": "The digest the approval is for (awaiting_approval)."})
 
 
@@ -305,14 +333,15 @@ class FinishIn(LeaseIn):
 
 
 class DeliveryIn(LeaseIn):
-    recipient = Text(required=True, validate=Length(1, 128))
-    name = Text(required=True, validate=Length(1, 256))
+    # The FileService's own rule, for both: the recipient is a folder there, the name a file in it.
+    recipient = Text(required=True, validate=Matches(names.FILE_NAME, f"must be {names.FILE_NAME_RULE}"))
+    name = Text(required=True, validate=Matches(names.FILE_NAME, f"must be {names.FILE_NAME_RULE}"))
     size = Integer(required=True, validate=Range(min=0, max=2 ** 62))
-    sha256 = String(required=True, validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+    sha256 = Sha256(required=True)
 
 
 class PublicKeyIn(Schema):
-    public_key = String(required=True, validate=Regexp(AGE_PUBLIC_KEY, error="must be an age public key (age1...)"))
+    public_key = String(required=True, validate=Matches(AGE_PUBLIC_KEY, error="must be an age public key (age1...)"))
 
 
 class PublicKeyOut(Schema):

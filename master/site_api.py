@@ -9,12 +9,13 @@ import time
 
 from apiflask import APIBlueprint, Schema, abort
 from apiflask.fields import String
-from apiflask.validators import Length, Regexp
+from apiflask.validators import Length
 from flask import current_app, request
 
 from master import auth, blobs, lifecycle, store
 from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, ClosedSessionIdsOut, DeliveryIn, FinishIn,
-                            HeartbeatOut, LeaseIn, ParkIn, RefuseIn, ResumedOut, SessionIdsIn, SiteIdentityOut, StartIn)
+                            HeartbeatOut, LeaseIn, ParkIn, RefuseIn, ResumedOut, SessionIdsIn, Sha256, SiteIdentityOut,
+                            StartIn)
 
 log = logging.getLogger("pht.registry")
 
@@ -31,8 +32,7 @@ def _registry():
 
 class UploadHeaders(Schema):
     lease_id = String(required=True, data_key="X-Lease-Id", validate=Length(1, 64))
-    sha256 = String(required=True, data_key="X-Content-SHA256",
-                    validate=Regexp(r"^[0-9a-f]{64}$", error="must be a lowercase hex sha256"))
+    sha256 = Sha256(required=True, data_key="X-Content-SHA256")
 
 
 @bp.get("/me")

@@ -13,6 +13,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from common import names
 from master import lifecycle
 
 metadata = sa.MetaData()
@@ -132,6 +133,10 @@ run_events = sa.Table(
 )
 
 
+class Invalid(ValueError):
+    """A value the registry does not store; the message says which rule it breaks."""
+
+
 class NotFound(Exception):
     """The record does not exist, or is not visible to the caller."""
 
@@ -236,18 +241,28 @@ def _tune_sqlite(dbapi_connection, _record):
 
 # --- principals -------------------------------------------------------------
 
-def create_principal(engine, table, name, token_hash):
+SITE, RESEARCHER = "site", "researcher"
+PRINCIPALS = {SITE: sites, RESEARCHER: researchers}
+SITE_REVOKED = "revoked: the registry's operator revoked this site"
+RESEARCHER_REVOKED = "revoked: the registry's operator revoked the researcher who posted it"
+
+
+def create_principal(engine, role, name, token_hash):
+    problem = names.principal_name_problem(name, role)
+    if problem:
+        raise Invalid(problem)
+    table = PRINCIPALS[role]
     with engine.begin() as conn:
         exists = conn.execute(sa.select(table.c.id).where(table.c.name == name)).first()
         if exists:
-            raise Conflict(f"{name!r} already exists")
+            raise Conflict(f"{role} {name!r} already exists")
         conn.execute(table.insert().values(name=name, token_hash=token_hash, created_at=time.time()))
 
 
 def find_principal(engine, token_hash):
     """(role, id, name) of the holder of a token that is not revoked, else None."""
     with engine.connect() as conn:
-        for role, table in (("site", sites), ("researcher", researchers)):
+        for role, table in PRINCIPALS.items():
             row = conn.execute(
                 sa.select(table.c.id, table.c.name).where(
                     table.c.token_hash == token_hash, table.c.revoked_at.is_(None))).first()
@@ -256,19 +271,63 @@ def find_principal(engine, token_hash):
     return None
 
 
-def revoke_principal(engine, name_or_hash):
-    """Revoke the site or researcher with this name or token hash; returns what was revoked."""
-    revoked = []
+def roles_named(engine, name):
+    """The roles (site, researcher) that have someone called name, revoked or not."""
+    with engine.connect() as conn:
+        return [role for role, table in PRINCIPALS.items()
+                if conn.execute(sa.select(table.c.id).where(table.c.name == name)).first()]
+
+
+def revoke_principal(engine, role, name, now=None):
+    """Revoke the site or researcher called name, and end what it leaves unfinished, in one transaction:
+    a site's runs that have not ended fail, a researcher's are cancelled (no site can claim them after).
+    Returns the ids of the runs ended; NotFound if there is no such active site or researcher."""
+    now = now if now is not None else time.time()
+    table = PRINCIPALS[role]
     with engine.begin() as conn:
-        for role, table in (("site", sites), ("researcher", researchers)):
-            result = conn.execute(
-                table.update()
-                .where(sa.or_(table.c.name == name_or_hash, table.c.token_hash == name_or_hash),
-                       table.c.revoked_at.is_(None))
-                .values(revoked_at=time.time())
-                .returning(table.c.name))
-            revoked += [(role, name) for (name,) in result]
-    return revoked
+        principal_id = conn.execute(
+            table.update().where(table.c.name == name, table.c.revoked_at.is_(None))
+            .values(revoked_at=now).returning(table.c.id)).scalar()
+        if principal_id is None:
+            raise NotFound(f"no active {role} is called {name!r}")
+        if role == SITE:
+            ended = _end_runs(conn, runs.c.site_id == principal_id, lifecycle.FAILABLE_STATES,
+                              lifecycle.FAILED, SITE_REVOKED, now)
+        else:
+            ended = _end_runs(conn, runs.c.task_id.in_(sa.select(tasks.c.id).where(tasks.c.researcher_id == principal_id)),
+                              lifecycle.CANCELLABLE_STATES, lifecycle.CANCELLED, RESEARCHER_REVOKED, now)
+    return ended
+
+
+def _end_runs(conn, which, from_states, status, reason, now):
+    """End the runs which selects that are in from_states; returns their ids. One statement for all of them:
+    a run claimed at the same moment is either ended here or not claimed. A site that holds one learns
+    its end at its next heartbeat, with its lease."""
+    ended = conn.execute(
+        runs.update().where(which, runs.c.status.in_(from_states))
+        .values(status=status, reason=reason, updated_at=now)
+        .returning(runs.c.id)).scalars().all()
+    for run_id in ended:
+        _record_event(conn, run_id, status, now, reason)
+    return ended
+
+
+def replace_token(engine, role, name, token_hash):
+    """Give the site or researcher called name a new token; the old one stops working at once. A revoked
+    one becomes active again (its ended runs stay ended). NotFound if there is none of that name."""
+    table = PRINCIPALS[role]
+    with engine.begin() as conn:
+        replaced = conn.execute(table.update().where(table.c.name == name)
+                                .values(token_hash=token_hash, revoked_at=None)).rowcount
+    if not replaced:
+        raise NotFound(f"no {role} is called {name!r}")
+
+
+def list_researchers(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(researchers.c.name, researchers.c.created_at, researchers.c.revoked_at)
+                            .order_by(researchers.c.name)).mappings().all()
+    return [dict(r) for r in rows]
 
 
 def list_sites(engine, include_revoked=True, page=1, per_page=None):
@@ -349,6 +408,15 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
         if continued_session and conn.execute(sa.select(sessions.c.closed_at).where(
                 sessions.c.id == session_id).with_for_update(key_share=True)).scalar() is not None:
             raise Conflict(f"session {session_id} is closed; omit session_id to start a new one")
+        # Likewise a revoke at the same moment: it either finds these runs to end, or is found here. FOR SHARE
+        # waits for a revoke that has not committed yet, and conflicts with its update of the row.
+        if conn.execute(sa.select(researchers.c.revoked_at).where(researchers.c.id == researcher_id)
+                        .with_for_update(read=True)).scalar() is not None:
+            raise Conflict("this researcher's token was revoked meanwhile")
+        if conn.execute(sa.select(sa.func.count()).select_from(
+                sa.select(sites.c.id).where(sites.c.id.in_(site_ids), sites.c.revoked_at.is_(None))
+                .with_for_update(read=True).subquery())).scalar() != len(site_ids):
+            raise Conflict("a site was revoked meanwhile; post the task again")
     return task_id, site_ids
 
 
@@ -448,14 +516,8 @@ def cancel_task(engine, task_id, researcher_id):
         owner = conn.execute(sa.select(tasks.c.researcher_id).where(tasks.c.id == task_id)).scalar()
         if owner != researcher_id:
             raise NotFound(f"task {task_id} does not exist")
-        cancelled = conn.execute(
-            runs.update()
-            .where(runs.c.task_id == task_id, runs.c.status.in_(lifecycle.CANCELLABLE_STATES))
-            .values(status=lifecycle.CANCELLED, reason="cancelled by the researcher", updated_at=now)
-            .returning(runs.c.id)).scalars().all()
-        for run_id in cancelled:
-            _record_event(conn, run_id, lifecycle.CANCELLED, now, "cancelled by the researcher")
-    return cancelled
+        return _end_runs(conn, runs.c.task_id == task_id, lifecycle.CANCELLABLE_STATES, lifecycle.CANCELLED,
+                         "cancelled by the researcher", now)
 
 
 # --- sessions ---------------------------------------------------------------
@@ -714,11 +776,14 @@ def expire_overdue_leases(engine):
             .where(overdue_condition)
             .with_for_update(skip_locked=True)).all()
         for run_id, site_id, attempts, task_id in overdue:
-            _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")
             status = lifecycle.status_after_expiry(attempts)
             reason = None if status == lifecycle.PENDING else f"lease ran out {attempts} times"
-            conn.execute(runs.update().where(runs.c.id == run_id).values(
-                status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now))
+            # Checked again as it is written: SQLite locks no rows, so a revocation or cancellation may
+            # have ended the run since it was read, and must not be undone.
+            if not conn.execute(runs.update().where(runs.c.id == run_id, overdue_condition).values(
+                    status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now)).rowcount:
+                continue
+            _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")
             _record_event(conn, run_id, status, now, reason)
             expired.append((run_id, site_id, status, task_id))
     return expired

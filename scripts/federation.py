@@ -52,7 +52,7 @@ def wait_until_answers(url, process, what, timeout=30):
     raise RuntimeError(f"{what} did not answer at {url} within {timeout} s")
 
 
-def register_directly(database_url, table, names):
+def register_directly(database_url, role, names):
     """Tokens for many sites or researchers at once, written straight into the registry's database:
     for tests and benchmarks, where hundreds of create-site commands would only take time."""
     import sqlalchemy as sa
@@ -63,7 +63,7 @@ def register_directly(database_url, table, names):
     tokens = {}
     for name in names:
         tokens[name] = auth.new_token()
-        store.create_principal(engine, table, name, auth.hash_token(tokens[name]))
+        store.create_principal(engine, role, name, auth.hash_token(tokens[name]))
     engine.dispose()
     return tokens
 

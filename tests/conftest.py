@@ -54,7 +54,8 @@ def app(tmp_path, database_url):
 def served_app(app):
     """The test's registry app on a loopback port, for the library's HTTP client; yields its URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    # Polled for shutdown every 50 ms, not 0.5 s: each test's teardown waits for it.
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     serving.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
@@ -66,17 +67,17 @@ def client(app):
     return app.test_client()
 
 
-def _bearer_for(app, table, name):
+def _bearer_for(app, role, name):
     token = auth.new_token()
-    store.create_principal(app.extensions["pht"].engine, table, name, auth.hash_token(token))
+    store.create_principal(app.extensions["pht"].engine, role, name, auth.hash_token(token))
     return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
 def make_researcher(app):
-    return lambda name="alice": _bearer_for(app, store.researchers, name)
+    return lambda name="alice": _bearer_for(app, store.RESEARCHER, name)
 
 
 @pytest.fixture
 def make_site(app):
-    return lambda name="hospital-a": _bearer_for(app, store.sites, name)
+    return lambda name="hospital-a": _bearer_for(app, store.SITE, name)

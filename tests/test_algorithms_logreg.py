@@ -78,6 +78,8 @@ def test_query_asks_for_complete_cases_of_the_named_properties():
     ({"outcome": "outcome", "covariates": ["age"], "coefficients": [0, 0, 0]}, "must have 2 numbers"),
     ({"outcome": "outcome }", "covariates": ["age"]}, "outcome must name"),
     ({"outcome": "outcome", "covariates": ["age } ?x"]}, "covariates must be"),
+    ({"outcome": "outcome\n", "covariates": ["age"]}, "outcome must name"),  # "$" would let it through
+    ({"outcome": "outcome", "covariates": ["age\n"]}, "covariates must be"),
 ])
 def test_bad_models_are_rejected_with_the_fix(model, message):
     with pytest.raises(ValueError, match=message):

@@ -59,6 +59,7 @@ def test_small_nonempty_cells_are_named_without_their_counts():
 @pytest.mark.parametrize("text, message", [
     ('["age"]', "JSON object"),
     ('{"variables": ["age; DROP"]}', "variables must be"),
+    ('{"variables": ["age\\n"]}', "variables must be"),  # "$" would let it through
     ('{"min_count": 0}', "min_count"),
     ('{"variables": ["age"], "bins": {"stage": [1, 2]}}', "not among the variables"),
     ('{"bins": {"age": [60, 50]}}', "increasing"),

@@ -4,6 +4,8 @@ Every generated request, valid or not, must get an answer the document allows, a
 The example count is bounded so the suite stays quick.
 """
 
+import re
+
 import hypothesis
 import pytest
 import schemathesis
@@ -18,9 +20,9 @@ def registry_app(tmp_path_factory):
     app = create_app(Settings(data_dir=tmp_path_factory.mktemp("fuzzed-registry"), max_input_bytes=64 * 1024))
     engine = app.extensions["pht"].engine
     tokens = {}
-    for role, table in (("researcher", store.researchers), ("site", store.sites)):
+    for role in (store.RESEARCHER, store.SITE):
         tokens[role] = auth.new_token()
-        store.create_principal(engine, table, f"fuzz-{role}", auth.hash_token(tokens[role]))
+        store.create_principal(engine, role, f"fuzz-{role}", auth.hash_token(tokens[role]))
     # Some stored state, so that reads and reports also reach code past "not found".
     task_id, _ = store.create_task(engine, 1, "127.0.0.1:5050/pht/x:1", b"{}", None)
     store.claim_next_run(engine, 1, 60)
@@ -62,3 +64,22 @@ def _reads_as_positive_number(value):
         return float(value) > 0
     except (TypeError, ValueError, OverflowError):
         return False
+
+
+@pytest.mark.parametrize("depth", [33, 50_000])
+def test_deeply_nested_json_is_refused_with_400_by_every_operation(registry_app, depth):
+    """Nested deeper than the registry reads (32), a body is refused before any handler sees it: at
+    50,000 levels Python's JSON parser itself would raise RecursionError, once a 500."""
+    client = registry_app.test_client()
+    body = "[" * depth + "]" * depth
+    document = client.get("/openapi.json").json
+    operations = [(method, path) for path, item in document["paths"].items() for method, operation in item.items()
+                  if "application/json" in operation.get("requestBody", {}).get("content", {})]
+    assert len(operations) >= 8
+    for method, path in operations:
+        role = "site" if path.startswith("/api/site/") else "researcher"
+        answer = client.open(re.sub(r"\{[^}]+\}", "1", path), method=method.upper(), data=body,
+                             headers={"Authorization": f"Bearer {registry_app.config['FUZZ_TOKENS'][role]}",
+                                      "Content-Type": "application/json"})
+        assert answer.status_code == 400, f"{method} {path}: {answer.status_code} {answer.get_data(as_text=True)[:200]}"
+        assert "nested" in answer.json["message"], answer.json

@@ -122,6 +122,20 @@ def test_a_file_for_an_undeclared_recipient_fails_the_run_and_goes_nowhere(feder
     assert not any(b"patient data" in blob for blob in stored_blobs(federation))
 
 
+def test_a_newline_in_a_recipient_folder_forges_no_log_line(federation):
+    """An algorithm names its recipient folder "ttp\\n<a log line of its choosing>": the run fails, and neither
+    the runner's log nor the registry's (which both record the reason) shows the forged line as a line."""
+    forged = "2026-01-01 00:00:00,000 INFO pht.registry: run 1 completed"
+    researcher = federation.researcher()
+    task = researcher.submit(pushed_test_image("ttp-sender"), {"files": {f"ttp\n{forged}/x.csv": "a"}})
+    run = researcher.wait(task["id"], timeout_seconds=120, progress=False)["runs"][0]
+
+    assert run["status"] == "failed" and "nothing was sent" in run["reason"]
+    for log in (federation.log_of(f"{SITE}-runner"), federation.log_of("registry")):
+        assert not any(line.startswith(forged) for line in log.splitlines())
+        assert f"\\x0a{forged}" in log or "?" + forged in log  # the line is there, its newline spelled out
+
+
 def test_keygen_command_writes_a_private_key_and_registers_the_public_one(federation, tmp_path):
     identity = tmp_path / "keys" / "identity.txt"
     environment = {**os.environ, "PHT_REGISTRY_URL": federation.registry_url, "PHT_TOKEN": federation.researcher_token}

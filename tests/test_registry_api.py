@@ -134,7 +134,7 @@ def test_tokens_and_roles_are_enforced(client, alice, hospital, make_researcher)
 
 
 def test_revoked_token_is_refused(app, client, alice, hospital):
-    store.revoke_principal(app.extensions["pht"].engine, "hospital-a")
+    store.revoke_principal(app.extensions["pht"].engine, store.SITE, "hospital-a")
     assert claim(client, hospital).status_code == 401
 
 
@@ -277,7 +277,7 @@ def test_a_site_learns_which_site_its_token_is(app, client, alice, make_site):
     assert me_a == {"id": me_a["id"], "name": "hospital-a"}
     assert client.get("/api/site/me", headers=alice).status_code == 403
     assert client.get("/api/site/me", headers={"Authorization": "Bearer pht_unknown"}).status_code == 401
-    store.revoke_principal(app.extensions["pht"].engine, "hospital-b")
+    store.revoke_principal(app.extensions["pht"].engine, store.SITE, "hospital-b")
     assert client.get("/api/site/me", headers=hospital_b).status_code == 401
 
 
@@ -591,7 +591,8 @@ def test_moves_the_lifecycle_does_not_allow_answer_409(client, alice, hospital, 
     ({"status": "running", "reason": "x"}, "Must be one of"),
     ({"status": "awaiting_approval", "reason": ""}, "Length must be between 1 and 2000"),
     ({"status": "awaiting_approval"}, "Missing data"),
-    ({"status": "awaiting_approval", "reason": "x", "image_digest": "d" * 300}, "Length must be between 1 and 256"),
+    ({"status": "awaiting_approval", "reason": "x", "image_digest": "d" * 300}, "must be an image digest"),
+    ({"status": "awaiting_approval", "reason": "x", "image_digest": "sha256:" + "d" * 64 + "\n"}, "must be an image digest"),
 ])
 def test_a_bad_park_is_a_422_naming_the_field(client, alice, hospital, body, complaint):
     post_task(client, alice)

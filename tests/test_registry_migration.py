@@ -135,7 +135,7 @@ def new_task_claimed_at_a_new_site(app, researcher):
     header, the task, the claim)."""
     client = app.test_client()
     site_token = auth.new_token()
-    store.create_principal(app.extensions["pht"].engine, store.sites, "hospital-b", auth.hash_token(site_token))
+    store.create_principal(app.extensions["pht"].engine, store.SITE, "hospital-b", auth.hash_token(site_token))
     site = {"Authorization": f"Bearer {site_token}"}
     task = client.post("/api/tasks", json={"image": "127.0.0.1:5050/pht/x:1", "input": "{}",
                                            "sites": ["hospital-b"]}, headers=researcher).json

@@ -69,23 +69,24 @@ def test_operator_commands(start_registry):
     duplicate = registry.admin("create-site", "hospital-a")
     assert duplicate.returncode != 0
     assert duplicate.stderr.strip().splitlines()[-1] == (
-        "Error: 'hospital-a' already exists; choose another name or revoke the old one")
+        "Error: site 'hospital-a' already exists; choose another name, or give it a new token with: "
+        "rotate-token --site hospital-a")
     assert "hospital-a\tactive\tlast seen never" in registry.admin("list-sites").stdout
 
     claim = lambda: requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(token), timeout=10)
     assert claim().status_code == 204
-    assert registry.admin("revoke", token).stdout.strip() == "revoked site hospital-a"
+    assert registry.admin("revoke", "hospital-a").stdout.strip() == "revoked site hospital-a; 0 unfinished run(s) failed"
     assert claim().status_code == 401
     assert "hospital-a\trevoked" in registry.admin("list-sites").stdout
     unknown = registry.admin("revoke", "nobody")
-    assert unknown.returncode != 0 and "no active site or researcher matches 'nobody'" in unknown.stderr
+    assert unknown.returncode != 0 and "no site or researcher is called 'nobody'" in unknown.stderr
 
 
 def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, database_url):
     registry = start_registry()
     waiting_sites = 300
-    site_tokens = register_directly(database_url, store.sites, [f"site-{i:03d}" for i in range(waiting_sites)])
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site_tokens = register_directly(database_url, store.SITE, [f"site-{i:03d}" for i in range(waiting_sites)])
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     answered = {}
 
     def long_poll(name):
@@ -125,8 +126,8 @@ def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, 
 
 def test_two_registries_on_one_database_never_hand_out_a_run_twice(start_registry, database_url):
     first, second = start_registry(), start_registry()
-    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     tasks = 40
     for _ in range(tasks):
         requests.post(first.url + "/api/tasks", headers=bearer(researcher), timeout=10,
@@ -150,8 +151,8 @@ def test_two_registries_on_one_database_never_hand_out_a_run_twice(start_registr
 
 def test_a_lapsed_lease_is_requeued_even_when_no_site_polls(start_registry, database_url):
     registry = start_registry("--lease-seconds", "2")
-    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     task = requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                          json={"image": IMAGE, "input": "{}"}).json()
     requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).raise_for_status()
@@ -168,8 +169,8 @@ def test_a_lapsed_lease_is_requeued_even_when_no_site_polls(start_registry, data
 
 def test_chunked_upload_streams_through_and_downloads_intact(start_registry, database_url):
     registry = start_registry()
-    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     run = requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).json()
@@ -193,8 +194,8 @@ def test_chunked_upload_streams_through_and_downloads_intact(start_registry, dat
 
 def test_upload_over_the_limit_is_refused_and_leaves_nothing(start_registry, database_url, tmp_path):
     registry = start_registry("--max-result-bytes", "1000")
-    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     run = requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).json()
@@ -208,8 +209,8 @@ def test_upload_over_the_limit_is_refused_and_leaves_nothing(start_registry, dat
 
 def test_every_request_and_state_change_is_logged_with_ids(start_registry, database_url):
     registry = start_registry()
-    site = register_directly(database_url, store.sites, ["hospital-a"])["hospital-a"]
-    researcher = register_directly(database_url, store.researchers, ["alice"])["alice"]
+    site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
+    researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
     requests.post(registry.url + "/api/tasks", headers=bearer(researcher), timeout=10,
                   json={"image": IMAGE, "input": "{}"}).raise_for_status()
     requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(site), timeout=10).raise_for_status()
