@@ -27,7 +27,9 @@ import logging  # noqa: E402
 
 import click  # noqa: E402
 
+from common.log_lines import log_to_stderr  # noqa: E402
 from fileservice.inbox import OPERATOR, SENDER, Inbox, Refused  # noqa: E402
+from master.server import limit_options  # noqa: E402
 
 
 @click.group(invoke_without_command=True)
@@ -45,18 +47,18 @@ def cli(context, data_dir):
 @click.option("--port", default=5001, show_default=True, type=int)
 @click.option("--max-file-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
               help="Largest file a sender may send.")
+@limit_options
 @click.pass_obj
-def serve(data_dir, host, port, max_file_bytes):
+def serve(data_dir, host, port, max_file_bytes, limits):
     """Serve the FileService."""
     from fileservice.app import create_app
     from master.server import serve_forever
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(data_dir, max_file_bytes)
     logging.getLogger("pht.fileservice").info("FileService on http://%s:%d, public key %s",
                                               host, port, app.extensions["inbox"].public_key)
-    serve_forever(app, host, port)
+    serve_forever(app, host, port, limits)
 
 
 def _inbox(data_dir):

@@ -34,6 +34,13 @@ def test_federation_benchmarks_run(script, arguments, expected):
     assert expected in run_bench(script, *arguments)
 
 
+def test_slow_clients_benchmark_answers_every_site_under_attack():
+    output = run_bench("slow_clients.py", "--sites", "20", "--slow", "10", "--header-seconds", "1",
+                       "--probe-seconds", "1", "--open-files", "0")
+    rows = {line.split()[0]: line for line in output.splitlines() if line.startswith(("quiet ", "attack "))}
+    assert " 20/20 " in rows["quiet"] and " 20/20 " in rows["attack"], output
+
+
 def test_sparql_gateway_benchmark_sends_every_query_through_the_gateway():
     output = run_bench("sparql_gateway.py", "--queries", "1", "--large-mb", "1", "--repeats", "1")
     assert "aim: gateway < 1.3x direct for the small query" in output
