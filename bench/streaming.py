@@ -4,8 +4,11 @@
 
 Prints throughput of each direction and the growth of peak resident memory (VmHWM) of the
 registry process and of this process (which uploads with client/registry_client.py, exactly as
-a runner does, and downloads in chunks, as a researcher does). Target: growth < 50 MB each.
-Linux only (reads /proc).
+a runner does, and downloads in chunks, as a researcher does). Then the researcher library's
+part: an output folder of FILES incompressible files, SIZE in all, packed and uploaded as a site
+runner does, then downloaded by Registry.result() (streamed to a file, its sha256 checked) and
+unpacked by extract_to(), with the growth of this process's peak RSS in each (VmHWM, reset
+before each). Target: growth < 50 MB each. Linux only (reads /proc).
 """
 
 import argparse
@@ -23,10 +26,16 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from client.output_archive import pack_output  # noqa: E402
 from client.registry_client import RegistryClient  # noqa: E402
+from researcher import Registry  # noqa: E402
 from scripts.federation import free_port, wait_until_answers  # noqa: E402
 
 MB = 1024 * 1024
+FILES = 16  # in the researcher's result
+# What the registry takes beyond the result itself: an archive's headers, and gzip's few bytes per block.
+ARCHIVE_ROOM_MB = 16
+TARGET_GROWTH_MB = 50  # of any process's peak RSS, in any phase
 
 
 def peak_rss_mb(pid):
@@ -40,11 +49,59 @@ def own_peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_random_file(path, size_mb):
-    block = os.urandom(MB)
+def own_peak_rss_growth_mb(work):
+    """(what work() returns, seconds it took, growth of this process's peak RSS meanwhile in MB): VmHWM is reset
+    to the current RSS first, so what came before does not hide it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = peak_rss_mb(os.getpid())
+    started = time.perf_counter()
+    value = work()
+    return value, time.perf_counter() - started, peak_rss_mb(os.getpid()) - before
+
+
+def write_random_file(path, size_bytes):
+    """size_bytes of one random MB block over and over: gzip finds no repeat within its 32 kB window."""
+    block = os.urandom(min(MB, size_bytes))
     with open(path, "wb") as file:
-        for _ in range(size_mb):
-            file.write(block)
+        for offset in range(0, size_bytes, len(block)):
+            file.write(block[:size_bytes - offset])
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while piece := file.read(MB):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def researcher_result(url, researcher, researcher_token, runner, folder, size_mb, registry_pid):
+    """A site's result of FILES files, size_mb in all, packed and uploaded as a runner does; then downloaded and
+    extracted by the researcher library. Returns ({phase: (seconds, this process's peak RSS growth in MB)}, the
+    registry's peak RSS growth while it sent the result, whether every extracted file is the one sent)."""
+    output = folder / "output"
+    output.mkdir()
+    for number in range(FILES):
+        write_random_file(output / f"part-{number:02}.bin", size_mb * MB // FILES)
+    pack_output(output, folder / "output.tar.gz", max_bytes=size_mb * MB)
+    task = requests.post(url + "/api/tasks", json={"image": "bench/stream:1", "input": "{}"},
+                         headers=researcher, timeout=10)
+    task.raise_for_status()
+    run = runner.claim_run(0, sparql_ok=None)
+    runner.report_started(run.id, run.lease_id, "sha256:" + "0" * 64)
+    runner.upload(run.id, run.lease_id, "output", folder / "output.tar.gz")
+    runner.finish(run.id, run.lease_id, 0)
+
+    library = Registry(url, researcher_token, download_dir=folder / "downloads")
+    [listed] = library.task(task.json()["id"])["runs"]
+    registry_before = peak_rss_mb(registry_pid)
+    result, download_seconds, download_growth = own_peak_rss_growth_mb(lambda: library.result(listed))
+    registry_growth = peak_rss_mb(registry_pid) - registry_before
+    extracted, extract_seconds, extract_growth = own_peak_rss_growth_mb(lambda: result.extract_to(folder / "extracted"))
+    intact = all(sha256_of(extracted / path.name) == sha256_of(path) for path in output.iterdir())
+    result.close()
+    return {"Registry.result()": (download_seconds, download_growth),
+            "extract_to()": (extract_seconds, extract_growth)}, registry_growth, intact
 
 
 def main():
@@ -63,18 +120,19 @@ def main():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         registry = subprocess.Popen([*taskmaster, "serve", "--host", "127.0.0.1", "--port", str(port),
-                                     "--max-result-bytes", str((args.size_mb + 1) * MB)],
+                                     "--max-result-bytes", str((args.size_mb + ARCHIVE_ROOM_MB) * MB)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until_answers(url + "/health", registry, "the registry")
             researcher = {"Authorization": f"Bearer {researcher_token}"}
             requests.post(url + "/api/tasks", json={"image": "bench/stream:1", "input": "{}"},
                           headers=researcher, timeout=10).raise_for_status()
+            result = folder / "result.bin"
+            write_random_file(result, args.size_mb * MB)
+            # Claimed once the file is written: the lease (60 s) covers only the upload, download and finish.
             runner = RegistryClient(url, site_token)
             run = runner.claim_run(0, sparql_ok=None)
-
-            result = folder / "result.bin"
-            write_random_file(result, args.size_mb)
+            runner.report_started(run.id, run.lease_id, "sha256:" + "0" * 64)
             registry_before, own_before = peak_rss_mb(registry.pid), own_peak_rss_mb()
 
             started = time.perf_counter()
@@ -93,6 +151,12 @@ def main():
             download_seconds = time.perf_counter() - started
             registry_after, own_after = peak_rss_mb(registry.pid), own_peak_rss_mb()
             expected = download.headers["X-Content-SHA256"]
+            runner.finish(run.id, run.lease_id, 0)  # or the researcher's part would claim this run again
+            result.unlink()
+            (folder / "downloaded.bin").unlink()
+
+            library_phases, registry_growth, intact = researcher_result(url, researcher, researcher_token, runner,
+                                                                        folder, args.size_mb, registry.pid)
         finally:
             registry.terminate()
             registry.wait(timeout=10)
@@ -104,7 +168,18 @@ def main():
           f"   downloader peak RSS +{own_after - own_after_upload:6.1f} MB")
     print(f"  checksum {'intact' if digest.hexdigest() == expected else 'MISMATCH'}")
     print(f"  registry peak RSS {registry_after:.1f} MB in all (target: growth < 50 MB)")
-    return 0 if digest.hexdigest() == expected else 1
+    print(f"researcher library, a result of {FILES} files, {args.size_mb} MB in all")
+    for phase, (seconds, growth) in library_phases.items():
+        print(f"  {phase:<18} {args.size_mb / seconds:8.1f} MB/s   researcher peak RSS +{growth:6.1f} MB")
+    print(f"  registry peak RSS +{registry_growth:6.1f} MB while it sent the result")
+    print(f"  extracted files {'intact' if intact else 'NOT AS SENT'} (target: growth < 50 MB)")
+    growths = [registry_after_upload - registry_before, own_after_upload - own_before,
+               registry_after - registry_after_upload, own_after - own_after_upload, registry_growth,
+               *(growth for _seconds, growth in library_phases.values())]
+    over = [growth for growth in growths if growth >= TARGET_GROWTH_MB]
+    if over:
+        print(f"OVER TARGET: peak RSS grew by {max(over):.1f} MB (target: < {TARGET_GROWTH_MB} MB)")
+    return 0 if digest.hexdigest() == expected and intact and not over else 1
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@
 Tables for people by default, --json for scripts. The registry URL and token come from
 PHT_REGISTRY_URL and PHT_TOKEN or ~/.config/pht/researcher.toml (see researcher/settings.py).
 Exit codes: 0 done; 1 an error, or a site did not complete the task; 2 a usage error; 3 a timeout.
+
+What sites and the registry send is not trusted: every string of theirs reaches the terminal escaped
+(`one_line`, and a log with only its newlines and tabs kept), and `results --output-dir DIR` writes
+only DIR/SITE/ and DIR/SITE.log, SITE being the site's name made a safe folder name.
 """
 
+import dataclasses
 import functools
 import json
 import sys
@@ -25,13 +30,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from common.printable import escaped
 from master import lifecycle
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
 from researcher.images import ImageNotPinned
 from researcher.keys import DecryptionFailed, generate_identity
+from researcher.results import ResultLimits, ResultTooLarge, UnsafeOutput, UnsafeSiteName
 from researcher.settings import SettingsError, connect
 
 TIMED_OUT = 3
+FILES_SHOWN = 10  # of a result's output files, in the results table
 # In a pipe rich would fold tables to 80 columns; a wider page keeps each row on one line.
 PIPE_WIDTH = 200
 
@@ -60,14 +68,44 @@ def command(function):
             fail(f"{error}; wait again, or stop it with: python -m researcher cancel {error.task['id']}", TIMED_OUT)
         except ImageNotPinned as error:
             fail(error.explain("use --no-pin"))
-        except (RegistryError, SettingsError, TaskFailed, DecryptionFailed, OSError) as error:
+        except ResultTooLarge as error:
+            fail(error.explain(f"{limit_option(error.limit)} N"))
+        except (RegistryError, SettingsError, TaskFailed, DecryptionFailed, UnsafeOutput, UnsafeSiteName,
+                OSError) as error:
             fail(str(error))
     return run
 
 
+def with_result_limits(function):
+    """A subcommand that downloads results, with an option for each cap of ResultLimits."""
+    @functools.wraps(function)
+    def run(registry, *args, **options):
+        chosen = {limit.name: options.pop(limit.name) for limit in dataclasses.fields(ResultLimits)}
+        registry.limits = dataclasses.replace(registry.limits, **{name: value for name, value in chosen.items()
+                                                                  if value is not None})
+        return function(registry, *args, **options)
+    for limit in reversed(dataclasses.fields(ResultLimits)):
+        run = click.option(limit_option(limit.name), limit.name, type=click.IntRange(1), metavar="N",
+                           help=f"Cap on the {limit.metadata['what']} (default {limit.default}).")(run)
+    return run
+
+
+def limit_option(limit):
+    return "--" + limit.replace("_", "-")
+
+
 def fail(message, exit_code=1):
-    click.echo("error: " + " ".join(message.split()), err=True)
+    click.echo("error: " + escaped(" ".join(message.split())), err=True)
     sys.exit(exit_code)
+
+
+def say(line):
+    """Print a line that quotes what the registry or a site sent."""
+    click.echo(one_line(line))
+
+
+def one_line(value):
+    return escaped(str(value))
 
 
 @command
@@ -79,8 +117,8 @@ def sites(registry, as_json):
     table = new_table("site", "online", "SPARQL", "last seen (UTC)", "runner")
     for site in found:
         sparql = {True: "ok", False: "not answering", None: "unknown"}[site["sparql_ok"]]
-        table.add_row(site["name"], "yes" if site["online"] else "no", sparql,
-                      (site["last_seen_at"] or "never")[:19], site["runner_version"] or "")
+        add_row(table, site["name"], "yes" if site["online"] else "no", sparql,
+                (site["last_seen_at"] or "never")[:19], site["runner_version"] or "")
     print_table(table)
 
 
@@ -110,10 +148,11 @@ def submit_command(registry, as_json, image, input_text, input_file, site_names,
     if as_json:
         return print_json(task)
     sites_named = ", ".join(run["site"] for run in task["runs"])
-    click.echo(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
+    say(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
 
 
 @command
+@with_result_limits
 @click.argument("task_id", type=int)
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0, min_open=True), default=600,
               show_default=True, help="Give up waiting after this many seconds (exit code 3).")
@@ -124,37 +163,68 @@ def wait_command(registry, as_json, task_id, timeout_seconds):
         print_json(task)
     else:
         print_runs(task)
-    registry.results(task)  # raises TaskFailed, naming each site that did not complete and why
+    if not all(run["status"] == lifecycle.COMPLETED for run in task["runs"]):
+        registry.results(task)  # raises TaskFailed, naming each site that did not complete and why
 
 
 @command
+@with_result_limits
 @click.argument("task_id", type=int)
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Extract each site's output files to DIR/SITE/ and its log to DIR/SITE.log.")
+              help="Extract each site's output files to DIR/SITE/ and its log to DIR/SITE.log "
+                   "(SITE: the site's name, with any character but a-z, 0-9, '.', '_' and '-' written %XX).")
 @click.option("--partial", is_flag=True, help="Show what there is even if some sites did not complete the task.")
 @click.option("--logs", is_flag=True, help="Also print each site's log.")
 def results_command(registry, as_json, task_id, output_dir, partial, logs):
     """Each site's result: status, exit code, SPARQL queries, image digest, output files and output.txt."""
     results = registry.results(task_id, accept_partial=partial)
     if output_dir is not None:
-        for result in results:
-            result.extract_to(output_dir / result.site)
-            (output_dir / f"{result.site}.log").write_text(result.log, encoding="utf-8")
+        for result, (folder, log_file) in zip(results, output_paths(output_dir, results)):
+            result.extract_to(folder)
+            result.save_log(log_file)
     if as_json:
         return print_json([{"run_id": r.run_id, "site": r.site, "status": r.status, "reason": r.reason,
                             "exit_code": r.exit_code, "image_digest": r.image_digest, "sparql": r.sparql,
                             "files": sorted(r.files), "output": r.output, "log": r.log} for r in results])
     table = new_table("site", "status", "exit code", "queries", "image", "files", "output.txt")
     for result in results:
-        output = result.output if isinstance(result.output, str) else json.dumps(result.output)
-        table.add_row(result.site, result.status, str(result.exit_code if result.exit_code is not None else ""),
-                      describe_sparql(result.sparql), short_digest(result.image_digest),
-                      ", ".join(sorted(result.files)), "" if result.output is None else output)
+        output = result.output
+        add_row(table, result.site, result.status, "" if result.exit_code is None else result.exit_code,
+                describe_sparql(result.sparql), short_digest(result.image_digest), describe_files(result.files),
+                "" if output is None else output if isinstance(output, str) else json.dumps(output))
     print_table(table)
     for result in results if logs else []:
-        click.echo(f"\n--- log of {result.site} ---\n{result.log}")
+        click.echo()
+        say(f"--- log of {result.site} ---")
+        click.echo(escaped(result.log, keep="\n\t"))
     if output_dir is not None:
         click.echo(f"output files and logs written to {output_dir}/")
+
+
+def output_paths(output_dir, results):
+    """Where each result goes: (output_dir/SITE/, output_dir/SITE.log), SITE its site's safe folder name.
+
+    Raises UnsafeSiteName, before anything is written, for a name that cannot be a folder's, for two sites that
+    would share a path (a site called x.log and a site x's log; compared without case, as some file systems
+    do), and for a path that leads out of output_dir through a link already there."""
+    root = output_dir.resolve()
+    owners = {}
+    paths = []
+    for result in results:
+        name = result.folder_name
+        pair = (output_dir / name, output_dir / f"{name}.log")
+        for path in pair:
+            owner = owners.setdefault(path.name.casefold(), result)
+            if owner is not result:
+                problem = f"the sites '{owner.site}' and '{result.site}' would both write {path.name}"
+            elif path.resolve().parent != root:
+                problem = f"{path} leads outside it, through a link"
+            else:
+                continue
+            raise UnsafeSiteName(f"cannot write the results to {output_dir}: {problem}; "
+                                 "choose another --output-dir, or extract them with the library")
+        paths.append(pair)
+    return paths
 
 
 @command
@@ -178,8 +248,8 @@ def tasks_command(registry, as_json, session_id, status):
     table = new_table("task", "session", "name", "image", "status", "sites done", "created (UTC)")
     for task in found:
         done = sum(run["status"] == lifecycle.COMPLETED for run in task["runs"])
-        table.add_row(str(task["id"]), str(task["session_id"]), task["name"] or "", task["image"], task["status"],
-                      f"{done}/{len(task['runs'])}", task["created_at"][:19])
+        add_row(table, task["id"], task["session_id"], task["name"] or "", task["image"], task["status"],
+                f"{done}/{len(task['runs'])}", task["created_at"][:19])
     print_table(table)
 
 
@@ -191,8 +261,8 @@ def sessions(registry, as_json):
         return print_json(found)
     table = new_table("session", "tasks", "created (UTC)", "closed (UTC)")
     for session in found:
-        table.add_row(str(session["id"]), str(session["task_count"]), session["created_at"][:19],
-                      (session["closed_at"] or "open")[:19])
+        add_row(table, session["id"], session["task_count"], session["created_at"][:19],
+                (session["closed_at"] or "open")[:19])
     print_table(table)
 
 
@@ -203,7 +273,7 @@ def close_session_command(registry, as_json, session_id):
     session = registry.close_session(session_id)
     if as_json:
         return print_json(session)
-    click.echo(f"session {session['id']} closed; each site removes its /temp/ of it when it next asks the registry")
+    say(f"session {session['id']} closed; each site removes its /temp/ of it when it next asks the registry")
 
 
 @cli.command()
@@ -226,9 +296,9 @@ def keygen(connect_to_registry, identity_file, register):
 def print_runs(task):
     table = new_table("site", "status", "exit code", "queries", "reason")
     for run in task["runs"]:
-        table.add_row(run["site"], run["status"], "" if run["exit_code"] is None else str(run["exit_code"]),
-                      describe_sparql(run.get("sparql")), run["reason"] or "")
-    click.echo(f"task {task['id']} (session {task['session_id']}): {task['status']}")
+        add_row(table, run["site"], run["status"], "" if run["exit_code"] is None else run["exit_code"],
+                describe_sparql(run.get("sparql")), run["reason"] or "")
+    say(f"task {task['id']} (session {task['session_id']}): {task['status']}")
     print_table(table)
 
 
@@ -237,6 +307,11 @@ def new_table(*columns):
     for column in columns:
         table.add_column(column, overflow="fold")
     return table
+
+
+def add_row(table, *cells):
+    """A row of cells, each on one line whatever the registry or a site put in it."""
+    table.add_row(*(one_line(cell) for cell in cells))
 
 
 def print_table(table):
@@ -248,7 +323,21 @@ def print_table(table):
 
 
 def print_json(value):
-    click.echo(json.dumps(value, indent=2))
+    # ensure_ascii (json's default) writes every control and non-ASCII character as \uXXXX: no string in
+    # value can reach a terminal as a control sequence.
+    click.echo(json.dumps(value, indent=2, ensure_ascii=True))
+
+
+def describe_files(files):
+    """A result's files in one cell: the first few names, in the archive's order, then how many more (a site may
+    send 100,000)."""
+    names, more = [], 0
+    for name in files:
+        if len(names) < FILES_SHOWN:
+            names.append(name)
+        else:
+            more += 1
+    return ", ".join(names) + (f" and {more} more" if more else "")
 
 
 def short_digest(digest):

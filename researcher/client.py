@@ -6,10 +6,12 @@
         print(result.site, result.exit_code, result.output)
 
 Tasks, runs and sites are the registry's JSON objects as plain dicts (see docs/api.md);
-a site's answer is a RunResult.
+a site's answer is a RunResult, whose output archive and log are downloaded to files (see
+researcher/results.py for how long they last and how they are read).
 """
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -17,14 +19,25 @@ import time
 from pathlib import Path
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
+from common.names import SHA256_HEX
+from common.printable import escaped, shown
 from master import lifecycle
 from researcher import keys
 from researcher.images import pin_to_digest
 from researcher.progress import SiteProgress
-from researcher.results import RunResult
+from researcher.results import DownloadFolder, ResultLimits, ResultTooLarge, RunResult, describe_file
 
 PAGE_SIZE = 200  # the registry's largest page
+
+# A registry at its connection cap answers 503 with Retry-After, and may close a kept-alive connection
+# just as a request goes out on it: reads are asked again, a few times. Posts are not (a task posted
+# twice would run twice).
+READS_RETRIED = Retry(total=5, connect=5, read=0, status=5, status_forcelist=[503], allowed_methods={"GET"},
+                      backoff_factor=0.5, respect_retry_after_header=True, raise_on_status=False)
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
 
 # Each wait is a long-poll that the registry answers the moment a run ends; its length only
 # sets how often the progress display is refreshed while nothing ends.
@@ -35,6 +48,10 @@ class RegistryError(Exception):
     """The registry rejected a request, or could not be reached; the message says why."""
 
 
+class ChecksumMismatch(RegistryError):
+    """A file the registry sent is not the one it lists for the run (another sha256); nothing of it was kept."""
+
+
 class TaskTimeout(Exception):
     """A task's runs did not all end in time; `task` is its last known state."""
 
@@ -43,7 +60,7 @@ class TaskTimeout(Exception):
         states = ", ".join(f"{run['site']}: {run['status']}" + (f" ({run['reason']})" if run["status"] in
                                                                   lifecycle.PARKED_STATES else "")
                            for run in task["runs"])
-        super().__init__(f"task {task['id']} not finished after {timeout_seconds:g} s ({states})")
+        super().__init__(escaped(f"task {task['id']} not finished after {timeout_seconds:g} s ({states})"))
 
 
 class TaskFailed(Exception):
@@ -54,16 +71,25 @@ class TaskFailed(Exception):
         self.results = results
         self.failed = [result for result in results if not result.ok]
         reasons = "; ".join(result.describe_failure() for result in self.failed)
-        super().__init__(f"task {task_id}: {len(self.failed)} of {len(results)} sites did not complete it: {reasons}")
+        super().__init__(escaped(f"task {task_id}: {len(self.failed)} of {len(results)} sites did not complete "
+                                      f"it: {reasons}"))
 
 
 class Registry:
-    def __init__(self, url, token, identity_file=None):
-        """identity_file: the private age key that opens the results of encrypted tasks."""
+    def __init__(self, url, token, identity_file=None, limits=None, download_dir=None):
+        """identity_file: the private age key that opens the results of encrypted tasks.
+
+        limits: a ResultLimits, the caps on what one site's result may download and unpack to (its defaults
+        take whatever sites and registries send with theirs). download_dir: where each result's output archive
+        and log are downloaded, in a temporary folder of their own that lasts as long as the RunResult
+        (default: the system's temporary folder, $TMPDIR)."""
         self.url = url.rstrip("/")
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
+        self.http.mount(self.url, HTTPAdapter(max_retries=READS_RETRIED))
         self.identities = [keys.load_identity(identity_file)] if identity_file else []
+        self.limits = limits or ResultLimits()
+        self.download_dir = download_dir
 
     # --- keys for end-to-end encryption -----------------------------------------------------
 
@@ -173,17 +199,62 @@ class Registry:
         return self.results(self.wait(task_id, timeout_seconds, progress), accept_partial)
 
     def result(self, run, encrypted=False):
-        """One run's RunResult, its output archive and log downloaded (and decrypted) when it has them."""
-        def fetch(kind):
-            blob = self._download(f"/api/runs/{run['id']}/{kind}")
-            return keys.decrypt(blob, self.identities, f"the {kind} of run {run['id']}") if encrypted else blob
+        """One run's RunResult (run: as the task lists it), its output archive and log downloaded, each checked
+        against the sha256 the registry lists for it and decrypted when encrypted, into a temporary folder
+        that lasts as long as the result (see RunResult).
 
-        archive = fetch("output") if run["output_sha256"] else None
-        log = fetch("log").decode("utf-8", "replace") if run["log_sha256"] else ""
+        Raises ChecksumMismatch, ResultTooLarge (before writing past a cap of self.limits) or DecryptionFailed.
+        """
+        problem = _run_problem(run)
+        if problem:
+            raise RegistryError(f"the registry listed a run the library cannot use: {problem}")
+        downloads = DownloadFolder(self.download_dir, run["id"])
+        try:
+            archive = self._download(run, "output", "max_archive_bytes", downloads, encrypted)
+            log = self._download(run, "log", "max_log_bytes", downloads, encrypted)
+        except BaseException:
+            downloads.close()
+            raise
         # .get: registries before API 1.1 do not send the SPARQL summary.
         return RunResult(run_id=run["id"], site=run["site"], status=run["status"], reason=run["reason"],
-                         exit_code=run["exit_code"], image_digest=run["image_digest"], log=log,
-                         output_archive=archive, sparql=run.get("sparql"))
+                         exit_code=run["exit_code"], image_digest=run["image_digest"], sparql=run.get("sparql"),
+                         archive_path=archive, log_path=log, limits=self.limits, downloads=downloads)
+
+    def _download(self, run, kind, limit, downloads, encrypted):
+        """The run's output or log (kind) as a file in downloads, None when it has none."""
+        sha256 = run[f"{kind}_sha256"]
+        if sha256 is None:
+            return None
+        subject, cap = describe_file(kind, run["id"], run["site"]), getattr(self.limits, limit)
+        if (run.get(f"{kind}_size") or 0) > cap:
+            raise ResultTooLarge(subject, limit, cap)
+        if encrypted:
+            keys.require_identity(self.identities, subject)  # before downloading what could not be opened
+        # The registry's sha256 and size are of the file as the site sent it: the ciphertext when encrypted.
+        target = downloads.path / kind
+        received = target.with_suffix(".age") if encrypted else target
+        self._receive(f"/api/runs/{run['id']}/{kind}", received, sha256, subject, limit, cap)
+        if encrypted:
+            keys.decrypt_file(received, target, self.identities, subject)
+            received.unlink()
+        return target
+
+    def _receive(self, path, target, sha256, subject, limit, cap):
+        """Download path to the file target piece by piece, hashing as it comes; never more than cap bytes."""
+        digest, size = hashlib.sha256(), 0
+        # Identity: a body compressed on the way would be unpacked by urllib3 before the cap could count it.
+        with self._request("GET", path, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as answer, \
+                open(target, "wb") as file:
+            for piece in answer.raw.stream(DOWNLOAD_CHUNK_BYTES, decode_content=False):
+                size += len(piece)
+                if size > cap:
+                    raise ResultTooLarge(subject, limit, cap)
+                digest.update(piece)
+                file.write(piece)
+        if digest.hexdigest() != sha256:
+            raise ChecksumMismatch(f"{subject} that the registry sent has sha256 {digest.hexdigest()}, not the "
+                                   f"{sha256} it lists: download it again; if it stays so, the registry's copy is "
+                                   "damaged or the registry is not to be trusted")
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -195,9 +266,6 @@ class Registry:
             if page * PAGE_SIZE >= answer["total"]:
                 return
             page += 1
-
-    def _download(self, path):
-        return self._request("GET", path, timeout=300).content
 
     def _call(self, method, path, timeout=60, **kwargs):
         return self._request(method, path, timeout=timeout, **kwargs).json()
@@ -226,6 +294,20 @@ def _encode_input(task_input):
     raise TypeError(f"task input must be a dict, list, str, bytes or pathlib.Path, not {type(task_input).__name__}")
 
 
+def _run_problem(run):
+    """Pure: what in a run, as the registry listed it, the library cannot use safely (its id names a folder, its
+    sizes are compared, its checksums checked), or None."""
+    if type(run.get("id")) is not int or not isinstance(run.get("site"), str):
+        return f"no whole-number id and site name in {shown(run)}"
+    for kind in ("output", "log"):
+        sha256, size = run.get(f"{kind}_sha256"), run.get(f"{kind}_size")
+        if not (sha256 is None or (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256))):
+            return f"run {run['id']}'s {kind}_sha256 is not a sha256: {shown(sha256)}"
+        if not (size is None or type(size) is int):
+            return f"run {run['id']}'s {kind}_size is not a whole number: {shown(size)}"
+    return None
+
+
 def _error_message(response):
     hint = {401: " (is the token right? the registry's operator issues it)",
             403: " (this token is not a researcher's)"}.get(response.status_code, "")
@@ -234,6 +316,6 @@ def _error_message(response):
         message = body.get("message", "")
         if body.get("detail"):
             message += f": {json.dumps(body['detail'])}"
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
         message = response.text.strip()[:200]
-    return f"registry answered {response.status_code} {message}{hint}"
+    return escaped(f"registry answered {response.status_code} {message}{hint}")

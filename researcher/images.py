@@ -11,8 +11,9 @@ from contextlib import closing
 import docker
 import requests
 
-PINNED = re.compile(r"@sha256:[0-9a-f]{64}$")
-DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+from common import names
+
+PINNED = re.compile(rf"@{names.IMAGE_DIGEST.pattern}\Z")  # \Z: "$" would also match before a final newline
 
 
 class ImageNotPinned(Exception):
@@ -60,6 +61,6 @@ def pin_to_digest(reference):
                                                         f"{error.explanation}") from None
     except (docker.errors.DockerException, requests.RequestException) as error:  # the latter: a timeout, say
         raise ImageNotPinned(reference, image_registry, f"no Docker engine answers here: {error}") from None
-    if not DIGEST.match(digest or ""):
+    if not names.IMAGE_DIGEST.fullmatch(digest or ""):
         raise ImageNotPinned(reference, image_registry, f"the engine answered {digest!r}, not a sha256 digest")
     return f"{reference}@{digest}"

@@ -39,11 +39,21 @@ def load_identity(path):
     return pyrage.x25519.Identity.from_str(lines[0])
 
 
-def decrypt(ciphertext, identities, what):
+def require_identity(identities, what):
+    """Raises DecryptionFailed when there is no identity to open what ("the output of run 7 from ...") with."""
     if not identities:
         raise DecryptionFailed(f"{what} is encrypted: give your identity file (identity_file=..., or PHT_IDENTITY)")
+
+
+def decrypt_file(source, target, identities, what):
+    """Decrypt the file source into the file target as a stream, one of age's 64 KiB chunks at a time, so a
+    result of any size never lies whole in memory. what names it in messages ("the output of run 7 from ...")."""
+    require_identity(identities, what)
     try:
-        return pyrage.decrypt(ciphertext, identities)
+        pyrage.decrypt_file(str(source), str(target), identities)
     except pyrage.DecryptError as error:
         raise DecryptionFailed(f"{what} does not decrypt with your identity ({error}): "
                                "it was encrypted to other public keys") from None
+    except OSError as error:  # how pyrage reports a chunk that fails its check, as well as a disk that is full
+        raise DecryptionFailed(f"{what} could not be decrypted ({error}): it was cut short or altered "
+                               "after the site encrypted it, or this machine could not write it") from None

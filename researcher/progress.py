@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from common.printable import escaped
 from master import lifecycle
 
 STATE_STYLES = {lifecycle.COMPLETED: "green", lifecycle.FAILED: "bold red", lifecycle.REFUSED: "bold red",
@@ -19,8 +20,9 @@ STATE_STYLES = {lifecycle.COMPLETED: "green", lifecycle.FAILED: "bold red", life
 
 
 class SiteProgress:
-    def __init__(self, task_id, enabled=True):
-        self.console = Console(stderr=True)
+    def __init__(self, task_id, enabled=True, console=None):
+        """console: where to draw (default: standard error)."""
+        self.console = console or Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal
         self.bar = Progress(TextColumn(f"task {task_id}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("sites done"), TimeElapsedColumn(), console=self.console)
@@ -43,7 +45,8 @@ class SiteProgress:
         self.bar.update(self.bar_task, total=len(runs), completed=finished)
         sites = Table.grid(padding=(0, 2))
         for run in runs:
-            # Text, not markup: a site name or reason may contain brackets.
-            sites.add_row(Text(f"  {run['site']}"), Text(run["status"], style=STATE_STYLES.get(run["status"], "")),
-                          Text(run["reason"] or ""))
+            # Text, not markup: a site name or reason may contain brackets; escaped: or a terminal's controls.
+            sites.add_row(Text(escaped(f"  {run['site']}")),
+                          Text(escaped(str(run["status"])), style=STATE_STYLES.get(run["status"], "")),
+                          Text(escaped(str(run["reason"] or ""))))
         self.live.update(Group(self.bar, sites))

@@ -5,16 +5,16 @@ hospital-b is registered but has no runner: its runs stay pending until cancelle
 claim them themselves, as its runner would, to see the input the registry hands out.
 """
 
-import io
+import gzip
 import json
-import tarfile
 import time
 
 import pytest
 import requests
 
-from researcher import RunResult, TaskFailed, TaskTimeout
+from researcher import RunResult, TaskFailed, TaskTimeout, UnsafeOutput
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
+from tests.test_researcher_boundaries import plain_tar
 
 SUMMARY = f"{IMAGE_REGISTRY}/pht/summary:latest"
 
@@ -143,29 +143,47 @@ def test_sites_report_whether_their_runner_is_online_and_their_sparql_answers(re
 
 
 def archive_of(files):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, content in files.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(content)
-            archive.addfile(member, io.BytesIO(content))
-    return buffer.getvalue()
+    return gzip.compress(plain_tar(files))
 
 
-def a_result(files):
-    return RunResult(run_id=1, site="hospital-x", status="completed", reason=None, exit_code=0,
-                     image_digest="sha256:00", log="", output_archive=archive_of(files))
+@pytest.fixture
+def a_result(tmp_path):
+    """A RunResult of the output files given, from an archive on disk as a caller may have one."""
+    def make(files):
+        archive = tmp_path / "output.tar.gz"
+        archive.write_bytes(archive_of(files))
+        return RunResult(run_id=1, site="hospital-x", status="completed", reason=None, exit_code=0,
+                         image_digest="sha256:00", archive_path=archive)
+    return make
 
 
-def test_output_txt_is_parsed_only_when_it_is_json():
+def test_output_txt_is_parsed_only_when_it_is_json(a_result):
     assert a_result({"output.txt": b'{"n": 3}'}).output == {"n": 3}
     assert a_result({"output.txt": b"3 patients\n"}).output == "3 patients\n"
     assert a_result({"result.csv": b"n\n3\n"}).output is None
 
 
-def test_extracting_refuses_paths_outside_the_folder(tmp_path):
+def test_output_files_are_read_on_demand_as_a_mapping(a_result):
+    result = a_result({"output.txt": b"{}", "tables/counts.csv": b"n\n3\n"})
+    assert sorted(result.files) == ["output.txt", "tables/counts.csv"] and len(result.files) == 2
+    assert "tables/counts.csv" in result.files and "missing" not in result.files
+    assert dict(result.files.items()) == {"output.txt": b"{}", "tables/counts.csv": b"n\n3\n"}
+    assert result.read_text("tables/counts.csv") == "n\n3\n" and result.log == ""
+    with pytest.raises(KeyError):
+        result.files["missing"]
+
+
+def test_closing_a_result_made_from_a_callers_files_leaves_them(a_result, tmp_path):
+    """Only downloads the library made are removed: a RunResult made from a caller's own files is theirs."""
+    result = a_result({"output.txt": b"{}"})
+    with result:
+        assert result.output == {}
+    assert (tmp_path / "output.tar.gz").exists()
+
+
+def test_extracting_refuses_paths_outside_the_folder(a_result, tmp_path):
     """An output archive comes from another organisation's machine; it must not write outside the folder."""
     result = a_result({"../escaped.txt": b"x"})
-    with pytest.raises(tarfile.OutsideDestinationError):
+    with pytest.raises(UnsafeOutput, match="not a path inside /output/"):
         result.extract_to(tmp_path / "results")
     assert not (tmp_path / "escaped.txt").exists()
