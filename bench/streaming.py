@@ -1,6 +1,7 @@
 """Streaming benchmark: a large result uploaded by the site runner's client and downloaded again.
 
     .venv/bin/python bench/streaming.py [--size-mb 1024] [--database-url URL]
+        [--result-store s3://BUCKET --s3-endpoint-url URL]   (with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set)
 
 Prints throughput of each direction and the growth of peak resident memory (VmHWM) of the
 registry process and of this process (which uploads with client/registry_client.py, exactly as
@@ -108,6 +109,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--database-url", default="", help="default: SQLite in a temporary folder")
+    parser.add_argument("--result-store", default="", help="default: the registry's data folder")
+    parser.add_argument("--s3-endpoint-url", default="")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pht-bench-") as folder:
@@ -120,7 +123,8 @@ def main():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         registry = subprocess.Popen([*taskmaster, "serve", "--host", "127.0.0.1", "--port", str(port),
-                                     "--max-result-bytes", str((args.size_mb + ARCHIVE_ROOM_MB) * MB)],
+                                     "--max-result-bytes", str((args.size_mb + ARCHIVE_ROOM_MB) * MB),
+                                     "--result-store", args.result_store, "--s3-endpoint-url", args.s3_endpoint_url],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until_answers(url + "/health", registry, "the registry")
@@ -161,7 +165,8 @@ def main():
             registry.terminate()
             registry.wait(timeout=10)
 
-    print(f"streaming {args.size_mb} MB ({'PostgreSQL' if args.database_url else 'SQLite'})")
+    print(f"streaming {args.size_mb} MB ({'PostgreSQL' if args.database_url else 'SQLite'}, results in "
+          f"{args.result_store or 'the data folder'})")
     print(f"  upload   {args.size_mb / upload_seconds:8.1f} MB/s   registry peak RSS +{registry_after_upload - registry_before:6.1f} MB"
           f"   uploader peak RSS +{own_after_upload - own_before:6.1f} MB")
     print(f"  download {args.size_mb / download_seconds:8.1f} MB/s   registry peak RSS +{registry_after - registry_after_upload:6.1f} MB"

@@ -33,7 +33,7 @@ from common import names  # noqa: E402
 from common.log_lines import log_to_stderr  # noqa: E402
 from common.printable import escaped  # noqa: E402
 from master import auth, store  # noqa: E402
-from master.app import Settings, create_app, expire_leases_periodically, open_data  # noqa: E402
+from master.app import Settings, create_app, expire_leases_periodically, hear_other_replicas, open_data  # noqa: E402
 from master.server import limit_options  # noqa: E402
 
 
@@ -58,22 +58,36 @@ def cli(context, data_dir, database_url):
               help="Largest task configuration file accepted.")
 @click.option("--max-result-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
               help="Largest output archive or log a site may upload.")
+@click.option("--result-store", default="", envvar="PHT_RESULT_STORE", metavar="s3://BUCKET[/PREFIX]",
+              help="Where results are kept: an S3-compatible bucket, shared by every replica of the registry. "
+                   "Default: the folder blobs/ in --data-dir. Credentials: AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY (or boto3's other usual places).")
+@click.option("--s3-endpoint-url", default="", envvar="PHT_S3_ENDPOINT_URL",
+              help="The object store's URL, for one other than AWS (MinIO, Ceph, SeaweedFS).")
 @limit_options
 @click.pass_obj
-def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, limits):
+def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, result_store, s3_endpoint_url,
+          limits):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
+    from master.blobs import StoreUnreachable
     from master.server import serve_forever
 
     log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
-                           "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes})
-    app = create_app(settings)
+                           "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes,
+                           "result_store": result_store, "s3_endpoint_url": s3_endpoint_url})
+    try:
+        app = create_app(settings)
+    except StoreUnreachable as error:
+        raise click.ClickException(str(error)) from None
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
-    logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s)",
-                                           host, port, settings.data_dir)
+    threading.Thread(target=hear_other_replicas, args=(app, threading.Event()), name="replica-news",
+                     daemon=True).start()
+    logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s, results in %s)",
+                                           host, port, settings.data_dir, app.extensions["pht"].blobs.describe())
     serve_forever(app, host, port, limits)
 
 

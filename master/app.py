@@ -5,13 +5,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
 from apiflask import APIFlask, abort
 from flask import g, request
 
 from common.private_files import private_file, private_folder
 from master import api_docs, blobs, json_bodies, lifecycle, researcher_api, site_api, store
 from master.schemas import INT_MAX
-from master.wakeup import Announcements
+from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
 
@@ -25,6 +26,8 @@ class Settings:
     lease_seconds: int = 60
     max_input_bytes: int = 4 * 1024 * 1024
     max_result_bytes: int = 2 * 1024 ** 3
+    result_store: str = ""  # empty: the folder blobs/ in data_dir; else s3://bucket/prefix (master/blobs.py)
+    s3_endpoint_url: str = ""
     # A site counts as online while its last poll is this recent.
     online_window_seconds: int = 120
 
@@ -50,9 +53,11 @@ class Registry:
     """What every request handler shares: settings, database, result files, long-poll wake-ups."""
     settings: Settings
     engine: object
-    blobs: blobs.BlobStore
+    blobs: blobs.FolderStore | blobs.S3Store
     work_for_sites: Announcements  # by site id: a run became pending for it
     ended_tasks: Announcements  # by task id: one of its runs ended, or waits for its site
+    # On PostgreSQL, news also goes to (and comes from) the registry's other replicas.
+    relay: PostgresRelay | None = None
 
     def expire_lapsed_leases(self):
         """Requeue (or fail) runs whose lease ran out, and wake the sites that got them back."""
@@ -72,13 +77,15 @@ def create_app(settings):
         SECURITY_SCHEMES={"BearerAuth": {"type": "http", "scheme": "bearer"}},
         INFO={"description": "Tasks for sites to run, and their results. See docs/api.md."},
     )
-    app.extensions["pht"] = Registry(
+    registry = app.extensions["pht"] = Registry(
         settings=settings,
         engine=engine,
-        blobs=blobs.BlobStore(Path(settings.data_dir) / "blobs"),
-        work_for_sites=Announcements(),
-        ended_tasks=Announcements(),
+        blobs=blobs.open_store(settings.result_store, settings.data_dir, settings.s3_endpoint_url),
+        work_for_sites=Announcements("pht_work_for_sites"),
+        ended_tasks=Announcements("pht_ended_tasks"),
     )
+    if engine.dialect.name == "postgresql":
+        registry.relay = PostgresRelay(engine, [registry.work_for_sites, registry.ended_tasks])
     json_bodies.read_checked()
     app.register_blueprint(researcher_api.bp)
     app.register_blueprint(site_api.bp)
@@ -104,13 +111,43 @@ def expire_leases_periodically(app, stop, interval_seconds):
             log.exception("expiring overdue leases failed; trying again in %s s", interval_seconds)
 
 
+def hear_other_replicas(app, stop):
+    """On PostgreSQL, wake this replica's long-polls with the news of the others until stop is set (run it
+    in a background thread, a greenlet under gevent); on SQLite, return at once."""
+    relay = app.extensions["pht"].relay
+    if relay is not None:
+        relay.listen(stop)
+
+
 def _register_health(app):
+    last_problems = []
+
     @app.get("/health")
-    @app.doc(tags=["Health"], responses={200: "The registry is up and its database answers."})
+    @app.doc(tags=["Health"], responses={
+        200: "The registry is up, and its database and result store answer.",
+        503: "The database or the result store does not answer: `problems` says which (a load balancer "
+             "sends no requests to this replica meanwhile)."})
     def health():
-        """Liveness check; needs no token."""
-        with app.extensions["pht"].engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+        """Readiness check; needs no token."""
+        registry = app.extensions["pht"]
+        problems = []
+        try:
+            with registry.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except sa.exc.SQLAlchemyError as error:
+            problems.append(f"the database does not answer: {getattr(error, 'orig', None) or error}")
+        store_problem = registry.blobs.problem()
+        if store_problem:
+            problems.append(store_problem)
+        # A balancer asks every few seconds: the log says when the answer changes, not each time.
+        if problems != last_problems:
+            if problems:
+                log.error("unhealthy: %s", "; ".join(problems))
+            else:
+                log.info("healthy again")
+            last_problems[:] = problems
+        if problems:
+            return {"status": "unavailable", "problems": problems}, 503
         return {"status": "ok"}
 
 

@@ -1,15 +1,29 @@
-"""Result files on disk, addressed by their sha256.
+"""Result files (output archives and logs), addressed by their sha256, in one of two stores.
 
-Uploads are streamed to a temporary file while hashing, so a result of any size
-never sits in memory; the file takes its final name only once it is complete and
-its checksum matches what the sender declared. A reader therefore never sees a
-partial blob, and storing the same content twice is naturally idempotent.
+- FolderStore, the embedded default: a folder on the registry's disk (`<data-dir>/blobs`).
+- S3Store: a bucket of an S3-compatible object store (AWS S3, MinIO, Ceph, SeaweedFS), shared by every
+  replica of the registry, so that a result uploaded through one downloads through another.
+
+Either way an upload is streamed to a temporary file on the replica's own disk while it is hashed, so a
+result of any size never sits in memory, and it is stored only once it is complete and its checksum
+matches what the sender declared: a reader never sees a partial blob, a wrong upload never replaces a
+right one, and storing the same content twice is idempotent. Downloads are streamed from the store.
+
+A blob the database lists but the store does not hold whole (deleted, truncated, a bucket emptied by
+mistake) raises BlobMissing, which the API answers with a JSON 500 naming the run: never a traceback.
 """
 
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -22,11 +36,24 @@ class TooLarge(Exception):
     pass
 
 
-class BlobStore:
+class BlobMissing(Exception):
+    """The store does not hold the blob the database lists, or holds one of another size."""
+
+
+class StoreUnreachable(Exception):
+    """The result store cannot be used at all (a bucket that does not exist, wrong credentials, no answer)."""
+
+
+class FolderStore:
+    """Blobs as files below root: root/ab/ab12… ."""
+
     def __init__(self, root):
         self.root = Path(root)
         self._incoming = self.root / "incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
+
+    def describe(self):
+        return f"the folder {self.root}"
 
     def path_of(self, sha256):
         return self.root / sha256[:2] / sha256
@@ -40,8 +67,118 @@ class BlobStore:
             os.replace(temp, final)
             return size
         finally:
-            if temp.exists():
-                temp.unlink()
+            temp.unlink(missing_ok=True)
+
+    def open(self, sha256, size):
+        """The blob as a binary file to read from; BlobMissing unless it is there with this size."""
+        try:
+            blob = open(self.path_of(sha256), "rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"{self.describe()} has no file {sha256}") from None
+        found = os.fstat(blob.fileno()).st_size
+        if found != size:
+            blob.close()
+            raise BlobMissing(f"{self.describe()} holds {found} bytes of {sha256}, not {size}")
+        return blob
+
+    def problem(self):
+        """Why the store cannot be used now, or None (for /health)."""
+        return None if os.access(self.root, os.R_OK | os.W_OK | os.X_OK) else f"{self.describe()} is not writable"
+
+
+class S3Store:
+    """Blobs as objects <prefix><sha256> of one bucket. Credentials come from boto3's usual places (the
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables, ~/.aws/credentials, an instance
+    role): never from the command line. Any failure of the store itself raises StoreUnreachable."""
+
+    def __init__(self, client, bucket, prefix, incoming):
+        self._client, self.bucket, self.prefix = client, bucket, prefix
+        self._incoming = Path(incoming)
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        # Parts in sequence: under gevent, threads would be greenlets anyway, and memory stays at one part.
+        self._transfer = TransferConfig(use_threads=False, multipart_chunksize=16 * CHUNK_SIZE)
+
+    def describe(self):
+        return f"the bucket {self.bucket} at {self._client.meta.endpoint_url}"
+
+    def key_of(self, sha256):
+        return f"{self.prefix}{sha256}"
+
+    def store_stream(self, stream, declared_sha256, max_bytes):
+        temp, size = receive_stream(stream, self._incoming, declared_sha256, max_bytes)
+        try:
+            with self._answering():
+                if self._size_of(declared_sha256) != size:
+                    self._client.upload_file(str(temp), self.bucket, self.key_of(declared_sha256),
+                                             Config=self._transfer)
+            return size
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def open(self, sha256, size):
+        with self._answering():
+            try:
+                answer = self._client.get_object(Bucket=self.bucket, Key=self.key_of(sha256))
+            except ClientError as error:
+                if _not_found(error):
+                    raise BlobMissing(f"{self.describe()} has no object {self.key_of(sha256)}") from None
+                raise
+        if answer["ContentLength"] != size:
+            answer["Body"].close()
+            raise BlobMissing(f"{self.describe()} holds {answer['ContentLength']} bytes of "
+                              f"{self.key_of(sha256)}, not {size}")
+        return answer["Body"]
+
+    def problem(self):
+        try:
+            with self._answering():
+                self._client.head_bucket(Bucket=self.bucket)
+        except StoreUnreachable as error:
+            return str(error)
+        return None
+
+    def _size_of(self, sha256):
+        """The stored object's size, or None when there is none."""
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=self.key_of(sha256))["ContentLength"]
+        except ClientError as error:
+            if _not_found(error):
+                return None
+            raise
+
+    @contextmanager
+    def _answering(self):
+        try:
+            yield
+        except (BotoCoreError, ClientError) as error:
+            raise StoreUnreachable(f"{self.describe()} failed: {error}") from error
+
+
+def _not_found(error):
+    return str(error.response.get("Error", {}).get("Code")) in ("NoSuchKey", "NotFound", "404")
+
+
+def open_store(location, data_dir, s3_endpoint_url=""):
+    """The store that location names: "" for the folder data_dir/blobs, or s3://bucket/prefix/ (with
+    s3_endpoint_url for a store other than AWS). Raises StoreUnreachable, naming the fix, when the store
+    cannot be used: better at start-up than at the first upload."""
+    if not location:
+        return FolderStore(Path(data_dir) / "blobs")
+    parts = urlsplit(location)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise StoreUnreachable(f"result store {location!r} is not s3://BUCKET or s3://BUCKET/PREFIX/; "
+                               "leave it out for the folder in --data-dir")
+    prefix = parts.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    client = boto3.client("s3", endpoint_url=s3_endpoint_url or None, config=Config(
+        s3={"addressing_style": "path"}, retries={"mode": "standard"}, connect_timeout=10, read_timeout=60))
+    store = S3Store(client, parts.netloc, prefix, Path(data_dir) / "incoming")
+    problem = store.problem()
+    if problem:
+        raise StoreUnreachable(f"{problem}; check the bucket's name, --s3-endpoint-url and the credentials "
+                               "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    return store
 
 
 def receive_stream(stream, incoming, declared_sha256, max_bytes):

@@ -9,9 +9,10 @@ import logging
 import time
 
 from apiflask import APIBlueprint, abort
-from flask import current_app, send_file
+from flask import Response, current_app, request
+from werkzeug.wsgi import wrap_file
 
-from master import auth, lifecycle, store
+from master import auth, blobs, lifecycle, store
 from master.schemas import (ClosedSessionOut, PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SessionPageOut,
                             SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn, TaskWaitIn)
 
@@ -133,11 +134,22 @@ def get_run_history(run_id):
 def _send_blob(run_id, kind, mimetype, filename):
     registry = _registry()
     run = store.get_researcher_run(registry.engine, run_id, auth.caller().id)
-    sha256 = run[f"{kind}_sha256"]
+    sha256, size = run[f"{kind}_sha256"], run[f"{kind}_size"]
     if sha256 is None:
         abort(404, f"run {run_id} has no {kind} yet (it is {run['status']})")
-    response = send_file(registry.blobs.path_of(sha256), mimetype=mimetype,
-                         as_attachment=True, download_name=filename)
+    try:
+        blob = registry.blobs.open(sha256, size)
+    except blobs.BlobMissing as error:
+        log.error("the %s of run %s cannot be sent: %s", kind, run_id, error)
+        abort(500, f"the {kind} of run {run_id} is missing from the registry's result store; "
+                   "the registry's operator finds why in its log")
+    except blobs.StoreUnreachable as error:
+        log.error("the %s of run %s cannot be sent: %s", kind, run_id, error)
+        abort(503, "the registry's result store does not answer; try again later")
+    response = Response(wrap_file(request.environ, blob, blobs.CHUNK_SIZE), mimetype=mimetype,
+                        direct_passthrough=True)
+    response.content_length = size
+    response.headers.set("Content-Disposition", "attachment", filename=filename)
     response.headers["X-Content-SHA256"] = sha256
     return response
 

@@ -21,8 +21,8 @@ log = logging.getLogger("pht.registry")
 
 bp = APIBlueprint("sites", __name__, url_prefix="/api/site", tag="Sites")
 
-# Several registry processes may share one PostgreSQL database; work posted through
-# another process is not announced here, so a waiting claim looks again this often.
+# Work posted through another replica is announced here through PostgreSQL (wakeup.PostgresRelay);
+# should that fail, a waiting claim still looks again this often.
 RECHECK_SECONDS = 5
 
 
@@ -176,6 +176,9 @@ def _receive_blob(run_id, kind, headers_data):
         abort(413, str(error))
     except blobs.ChecksumMismatch as error:
         abort(400, str(error))
+    except blobs.StoreUnreachable as error:
+        log.error("run %s %s not stored: %s", run_id, kind, error)
+        abort(503, "the registry's result store does not answer; upload again later")
     store.attach_blob(registry.engine, run_id, site.id, headers_data["lease_id"], kind, headers_data["sha256"], size)
     log.info("run %s %s stored: %d bytes, sha256 %s", run_id, kind, size, headers_data["sha256"])
     return {"sha256": headers_data["sha256"], "size": size}

@@ -6,25 +6,51 @@ module is monkey-patched there). Each key (a site id, a task id) has a generatio
 number that grows with every announcement; a waiter remembers the number it saw
 before it last looked in the database, so news announced between that look and
 the wait is never missed. Only the waiters of the announced keys are woken.
+
+Replicas of the registry on one PostgreSQL database hear each other's news through it
+(PostgresRelay): every announcement is also a NOTIFY on its channel, and each replica
+LISTENs, so a task posted through one replica wakes the sites waiting on another. On
+SQLite there is one process, and nothing to relay.
 """
 
 import collections
+import logging
 import threading
+import uuid
+
+import psycopg
+import sqlalchemy as sa
+
+log = logging.getLogger("pht.registry")
+
+# A NOTIFY payload must stay under 8,000 bytes: more keys go in several.
+MAX_PAYLOAD_CHARS = 7000
+RELISTEN_SECONDS = (1, 2, 5, 10, 30)  # backing off while the database does not answer
 
 
 class Announcements:
-    def __init__(self):
+    def __init__(self, channel):
+        self.channel = channel  # its name among the replicas (PostgresRelay)
         self._lock = threading.Lock()
         self._generation = collections.Counter()
         self._changed = collections.defaultdict(lambda: threading.Condition(self._lock))
+        self.relay = None  # set by PostgresRelay: where announcements also go
 
     def generation(self, key):
         with self._lock:
             return self._generation[key]
 
     def announce(self, keys):
+        """News for keys: wake their waiters here, and on the other replicas."""
+        keys = list(keys)
+        self.hear(keys)
+        if self.relay is not None and keys:
+            self.relay.publish(self.channel, keys)
+
+    def hear(self, keys):
+        """News for keys (or, with None, for every key someone waits on): wake their waiters here only."""
         with self._lock:
-            for key in keys:
+            for key in list(self._changed) if keys is None else keys:
                 self._generation[key] += 1
                 self._changed[key].notify_all()
 
@@ -32,3 +58,76 @@ class Announcements:
         """True as soon as the key's generation moves past seen_generation; False after timeout."""
         with self._lock:
             return self._changed[key].wait_for(lambda: self._generation[key] != seen_generation, timeout)
+
+
+class PostgresRelay:
+    """Announcements shared by the registry's replicas through PostgreSQL's NOTIFY and LISTEN.
+
+    publish() NOTIFYs from the engine's pool; listen() holds one connection of its own, outside the pool,
+    for as long as the replica runs. A replica ignores its own notifications (it woke its waiters when it
+    announced), so each carries the replica's id. While the listening connection is lost, news from other
+    replicas is missed: once it is back, every waiter here is woken to look in the database again.
+    """
+
+    def __init__(self, engine, announcements):
+        self._engine = engine
+        self._by_channel = {each.channel: each for each in announcements}
+        self.replica = uuid.uuid4().hex[:12]
+        self.listening = threading.Event()  # set while listen() hears the other replicas
+        for each in announcements:
+            each.relay = self
+
+    def publish(self, channel, keys):
+        try:
+            with self._engine.begin() as conn:
+                for payload in payloads(self.replica, keys):
+                    conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
+                                 {"channel": channel, "payload": payload})
+        except sa.exc.SQLAlchemyError as error:  # the waiters here are woken; others recheck on their own
+            log.warning("could not tell the other replicas of news on %s: %s", channel, error)
+
+    def listen(self, stop):
+        """Hear the other replicas until stop is set (run it in a thread: a greenlet under gevent)."""
+        conninfo = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        failures = 0
+        while not stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    for channel in self._by_channel:
+                        conn.execute(f"LISTEN {channel}")
+                    if failures:
+                        log.info("listening to the other replicas again")
+                    failures = 0
+                    self.listening.set()
+                    self._hear_all()  # whatever was missed before this connection listened
+                    while not stop.is_set():
+                        for notification in conn.notifies(timeout=1.0):
+                            self._hear(notification.channel, notification.payload)
+            except psycopg.Error as error:
+                self.listening.clear()
+                delay = RELISTEN_SECONDS[min(failures, len(RELISTEN_SECONDS) - 1)]
+                failures += 1
+                log.warning("not listening to the other replicas (%s); trying again in %s s", error, delay)
+                stop.wait(delay)
+
+    def _hear(self, channel, payload):
+        replica, _, keys = payload.partition(" ")
+        if replica != self.replica and channel in self._by_channel:
+            self._by_channel[channel].hear([int(key) for key in keys.split(",") if key.isdigit()])
+
+    def _hear_all(self):
+        for each in self._by_channel.values():
+            each.hear(None)
+
+
+def payloads(replica, keys):
+    """Pure: "<replica> <key>,<key>,…" payloads that together name every key, each under MAX_PAYLOAD_CHARS."""
+    batch, length = [], len(replica) + 1
+    for key in map(str, keys):
+        if batch and length + len(key) + 1 > MAX_PAYLOAD_CHARS:
+            yield f"{replica} {','.join(batch)}"
+            batch, length = [], len(replica) + 1
+        batch.append(key)
+        length += len(key) + 1
+    if batch:
+        yield f"{replica} {','.join(batch)}"

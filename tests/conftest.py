@@ -27,8 +27,13 @@ def no_filesystems_left_mounted(tmp_path_factory):
 def database_url(request, tmp_path):
     """Each registry test runs on the embedded SQLite store and on a real PostgreSQL server."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.sqlite'}"
-        return
+        return f"sqlite:///{tmp_path / 'registry.sqlite'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def postgres_url():
+    """The test database of the PostgreSQL server scripts/test.sh starts, empty."""
     url = os.environ.get("PHT_TEST_DATABASE_URL")
     if not url:
         pytest.skip("PHT_TEST_DATABASE_URL is not set: no PostgreSQL server (scripts/test.sh starts one)")
