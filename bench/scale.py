@@ -1,13 +1,21 @@
-"""Scale benchmark: many simulated sites against one registry process on this machine.
+"""Scale benchmark: many simulated sites against the registry on this machine, as one process or several.
 
     .venv/bin/python bench/scale.py [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
+        [--database-url URL] [--replicas N [--balancer]]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
 long-poll for a run, heartbeat once, upload a small output and log, report it finished. A poster
 sends tasks to random sites at --rate per second. For each site count it prints tasks dispatched
 per second, dispatch latency (POST sent -> the site holds the run: median, p95) and the registry's
-RSS and CPU. Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The simulated sites share the
-machine's two cores with the registry, so the figures are pessimistic for the registry.
+RSS and CPU (of all its replicas together). Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The
+simulated sites share the machine's two cores with the registry, so the figures are pessimistic for
+the registry.
+
+With --replicas N (PostgreSQL only: --database-url), N registry processes share the database, each with
+its own data folder. Without --balancer the sites are spread over the replicas and the poster posts to
+the first: the table then also gives the p95 of sites on another replica than the poster's (their
+wake-up comes through PostgreSQL's NOTIFY). With --balancer, sites and poster all go through HAProxy
+(scripts/balancer.py) in front of the replicas.
 """
 
 from gevent import monkey
@@ -34,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from master import store  # noqa: E402
+from scripts.balancer import Balancer  # noqa: E402
 from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402
 
 LONG_POLL_SECONDS = 30  # the site runner's default
@@ -89,7 +98,21 @@ class SimulatedSite:
         self.http.post(f"{base}/finish", json={**lease, "exit_code": 0}, timeout=60).raise_for_status()
 
 
-def measure(site_count, seconds, rate, database_url, folder):
+def start_registries(count, database_url, folder):
+    """count registry processes on database_url, each with its own data folder: [(process, url)]."""
+    started = []
+    for number in range(count):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(folder / f"replica-{number}"),
+             "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append((process, f"http://127.0.0.1:{port}"))
+        wait_until_answers(f"http://127.0.0.1:{port}/health", process, "the registry")
+    return started
+
+
+def measure(site_count, seconds, rate, database_url, folder, replica_count=1, balanced=False):
     data_dir = folder / f"registry-{site_count}"
     data_dir.mkdir()
     database_url = database_url or f"sqlite:///{data_dir / 'registry.sqlite'}"
@@ -97,55 +120,72 @@ def measure(site_count, seconds, rate, database_url, folder):
         engine = sa.create_engine(database_url)
         store.metadata.drop_all(engine)
         engine.dispose()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    registry = subprocess.Popen(
-        [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(data_dir),
-         "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    registries = start_registries(replica_count, database_url, data_dir)
+    balancer = None
     try:
-        wait_until_answers(url + "/health", registry, "the registry")
+        if balanced:
+            balancer = Balancer(data_dir / "balancer", f"127.0.0.1:{free_port()}",
+                                [url.removeprefix("http://") for _, url in registries]).start()
+            wait_until_answers(balancer.url + "/health", balancer.process, "the balancer")
+            poster_url = balancer.url
+        else:
+            poster_url = registries[0][1]
         site_tokens = register_directly(database_url, store.SITE, [f"site-{i:05d}" for i in range(site_count)])
         researcher = register_directly(database_url, store.RESEARCHER, ["bench"])["bench"]
         posted_at, claimed_at, stop = {}, {}, [False]
-        sites = [SimulatedSite(url, token, claimed_at, stop) for token in site_tokens.values()]
+        # Without a balancer, site i polls replica i mod N.
+        sites = [SimulatedSite(balancer.url if balanced else registries[i % replica_count][1], token, claimed_at, stop)
+                 for i, token in enumerate(site_tokens.values())]
+        remote_names = {name for i, name in enumerate(site_tokens) if not balanced and i % replica_count}
         workers = [gevent.spawn(site.work) for site in sites]
         gevent.sleep(3 + site_count / 500)  # every site has made its first claim and is parked
         poster = requests.Session()
         poster.headers["Authorization"] = f"Bearer {researcher}"
         names = list(site_tokens)
-        cpu_before, started = cpu_seconds(registry.pid), time.monotonic()
-        peak_rss = rss_mb(registry.pid)
-        posted = 0
+        pids = [process.pid for process, _ in registries]
+        cpu_before, started = sum(map(cpu_seconds, pids)), time.monotonic()
+        peak_rss = sum(map(rss_mb, pids))
+        posted, remote_tasks = 0, set()
         while time.monotonic() - started < seconds:
             sent = time.monotonic()
-            response = poster.post(f"{url}/api/tasks", timeout=60, json={
-                "image": "bench/scale:1", "input": "{}", "sites": [random.choice(names)]})
+            name = random.choice(names)
+            response = poster.post(f"{poster_url}/api/tasks", timeout=60, json={
+                "image": "bench/scale:1", "input": "{}", "sites": [name]})
             response.raise_for_status()
             posted_at[response.json()["id"]] = sent
+            if name in remote_names:
+                remote_tasks.add(response.json()["id"])
             posted += 1
-            peak_rss = max(peak_rss, rss_mb(registry.pid))
+            peak_rss = max(peak_rss, sum(map(rss_mb, pids)))
             gevent.sleep(max(0.0, started + posted / rate - time.monotonic()))
         deadline = time.monotonic() + 30
         while len(claimed_at) < posted and time.monotonic() < deadline:
             gevent.sleep(0.1)
         elapsed = max(claimed_at.values(), default=time.monotonic()) - started
-        cpu_share = (cpu_seconds(registry.pid) - cpu_before) / elapsed
+        cpu_share = (sum(map(cpu_seconds, pids)) - cpu_before) / elapsed
         stop[0] = True
         gevent.killall(workers, timeout=10)
     finally:
-        registry.terminate()
-        registry.wait(timeout=10)
-    latencies = [claimed_at[task] - posted_at[task] for task in claimed_at if task in posted_at]
-    ordered = sorted(latencies)
-    p95 = ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
+        if balancer is not None:
+            balancer.stop()
+        for process, _ in registries:
+            process.terminate()
+            process.wait(timeout=10)
+    latencies = {task: claimed_at[task] - posted_at[task] for task in claimed_at if task in posted_at}
+    remote = [latency for task, latency in latencies.items() if task in remote_tasks]
     return {
         "sites": site_count, "posted": posted, "dispatched": len(latencies),
         "per_second": len(latencies) / elapsed,
-        "median_ms": statistics.median(ordered) * 1000 if ordered else float("nan"),
-        "p95_ms": p95 * 1000, "rss_mb": peak_rss, "cpu_percent": cpu_share * 100,
+        "median_ms": statistics.median(latencies.values()) * 1000 if latencies else float("nan"),
+        "p95_ms": p95(latencies.values()) * 1000, "remote_p95_ms": p95(remote) * 1000,
+        "rss_mb": peak_rss, "cpu_percent": cpu_share * 100,
         "errors": dict(sum((site.errors for site in sites), collections.Counter())),
     }
+
+
+def p95(latencies):
+    ordered = sorted(latencies)
+    return ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
 
 
 def main():
@@ -154,15 +194,21 @@ def main():
     parser.add_argument("--seconds", type=float, default=20, help="how long tasks are posted per site count")
     parser.add_argument("--rate", type=float, default=50, help="tasks posted per second")
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file per site count")
+    parser.add_argument("--replicas", type=int, default=1, help="registry processes (PostgreSQL only)")
+    parser.add_argument("--balancer", action="store_true", help="sites and poster go through HAProxy")
     args = parser.parse_args()
+    if args.replicas > 1 and not args.database_url.startswith("postgresql"):
+        parser.error("--replicas needs --database-url postgresql+psycopg://...: replicas share one database")
+    print(f"{args.replicas} replica(s){', through HAProxy' if args.balancer else ''}")
     print(f"{'sites':>6} {'posted':>7} {'dispatched':>10} {'per s':>7} {'median ms':>10} {'p95 ms':>8} "
-          f"{'RSS MB':>7} {'CPU %':>6} {'errors':>6}")
+          f"{'remote p95':>10} {'RSS MB':>7} {'CPU %':>6} {'errors':>6}")
     with tempfile.TemporaryDirectory(prefix="pht-scale-") as folder:
         for site_count in args.sites:
-            r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder))
+            r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder), args.replicas,
+                        args.balancer)
             print(f"{r['sites']:>6} {r['posted']:>7} {r['dispatched']:>10} {r['per_second']:>7.1f} "
-                  f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['rss_mb']:>7.1f} {r['cpu_percent']:>6.0f} "
-                  f"{sum(r['errors'].values()):>6} {r['errors'] or ''}", flush=True)
+                  f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['remote_p95_ms']:>10.1f} {r['rss_mb']:>7.1f} "
+                  f"{r['cpu_percent']:>6.0f} {sum(r['errors'].values()):>6} {r['errors'] or ''}", flush=True)
 
 
 if __name__ == "__main__":

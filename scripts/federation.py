@@ -52,6 +52,17 @@ def wait_until_answers(url, process, what, timeout=30):
     raise RuntimeError(f"{what} did not answer at {url} within {timeout} s")
 
 
+def stop_process(process, timeout=10):
+    """SIGTERM, and SIGKILL if it has not exited within timeout seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def register_directly(database_url, role, names):
     """Tokens for many sites or researchers at once, written straight into the registry's database:
     for tests and benchmarks, where hundreds of create-site commands would only take time."""

@@ -21,8 +21,9 @@ REGISTRY_USER="pht-images"
 export PHT_IMAGE_REGISTRY="$REGISTRY_ADDR"
 
 # e2fsprogs: the site runner holds algorithms to their disk limits with small ext4 filesystems.
+# haproxy: the balancer in front of the registry's replicas in tests and benchmarks (scripts/balancer.py).
 SYSTEM_PACKAGES=(docker.io docker-registry apache2-utils debootstrap postgresql age python3-venv
-    debian-archive-keyring e2fsprogs)
+    debian-archive-keyring e2fsprogs haproxy)
 # Daemons and debootstrap live in sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -31,7 +32,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 
 missing_system_tools() {
     local tool
-    for tool in dockerd docker docker-registry htpasswd debootstrap pg_ctlcluster age python3 mkfs.ext4; do
+    for tool in dockerd docker docker-registry htpasswd debootstrap pg_ctlcluster age python3 mkfs.ext4 haproxy; do
         command -v "$tool" >/dev/null || echo "$tool"
     done
     # Debian splits venv support out of python3; without it `python3 -m venv` fails.
@@ -66,7 +67,7 @@ install_system_packages() {
     # Same reason at boot time: a socket-activated docker.service would come up with a bridge.
     if [[ -d /run/systemd/system ]]; then
         local unit
-        for unit in docker.socket docker.service docker-registry.service; do
+        for unit in docker.socket docker.service docker-registry.service haproxy.service; do
             if systemctl cat "$unit" >/dev/null 2>&1; then
                 systemctl disable --now "$unit"
             fi

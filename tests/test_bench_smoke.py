@@ -22,7 +22,18 @@ def test_streaming_benchmark_keeps_the_checksum():
 
 def test_scale_benchmark_dispatches_every_task():
     table = run_bench("scale.py", "--sites", "20", "--seconds", "2", "--rate", "10").splitlines()
-    sites, posted, dispatched, *_ = table[1].split()
+    sites, posted, dispatched, *_ = table[2].split()
+    assert sites == "20" and int(posted) > 0 and posted == dispatched
+
+
+@pytest.mark.parametrize("balancer", [[], ["--balancer"]], ids=["replicas", "replicas-behind-haproxy"])
+def test_scale_benchmark_dispatches_every_task_across_replicas(balancer):
+    database_url = os.environ.get("PHT_TEST_DATABASE_URL")
+    if not database_url:
+        pytest.skip("PHT_TEST_DATABASE_URL is not set: no PostgreSQL server (scripts/test.sh starts one)")
+    table = run_bench("scale.py", "--sites", "20", "--seconds", "2", "--rate", "10", "--replicas", "2",
+                      "--database-url", database_url, *balancer).splitlines()
+    sites, posted, dispatched, *_ = table[2].split()
     assert sites == "20" and int(posted) > 0 and posted == dispatched
 
 

@@ -29,7 +29,7 @@ from client.site_config import SPARQL_GATEWAY_DEFAULTS, SparqlGatewaySettings
 from client.sparql_gateway import (SOCKET_NAME, QueryLog, RunGateway, Upstream, endpoint_problem, query_log_path,
                                    read_query_log, summarize)
 from client.sparql_queries import REFUSED
-from scripts.federation import OXIGRAPH, free_port, wait_until_answers
+from scripts.federation import OXIGRAPH, free_port, stop_process, wait_until_answers
 
 EX = "http://example.org/pht/"
 PATIENTS = [("p1", 34, 'Ann "},{" O\'Neil'), ("p2", 51, "Bob <result>\nline"), ("p3", 67, "Cé, 😀"),
@@ -82,13 +82,7 @@ class Oxigraph:
         requests.post(self.base + "/update", data={"update": update}, timeout=10).raise_for_status()
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_oxigraph(folder, ntriples):
