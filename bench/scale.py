@@ -4,7 +4,7 @@
         [--database-url URL] [--replicas N [--balancer]]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
-long-poll for a run, heartbeat once, upload a small output and log, report it finished. A poster
+long-poll for a run, report it started, heartbeat once, upload a small output and log, report it finished. A poster
 sends tasks to random sites at --rate per second. For each site count it prints tasks dispatched
 per second, dispatch latency (POST sent -> the site holds the run: median, p95) and the registry's
 RSS and CPU (of all its replicas together). Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The
@@ -91,6 +91,8 @@ class SimulatedSite:
     def report(self, run):
         base = f"{self.url}/api/site/runs/{run['id']}"
         lease = {"lease_id": run["lease_id"]}
+        self.http.post(f"{base}/start", json={**lease, "image_digest": "sha256:" + "0" * 64},
+                       timeout=60).raise_for_status()
         self.http.post(f"{base}/heartbeat", json=lease, timeout=60).raise_for_status()
         for kind in ("output", "log"):
             self.http.put(f"{base}/{kind}", data=SMALL_RESULT, timeout=60, headers={
@@ -105,7 +107,9 @@ def start_registries(count, database_url, folder):
         port = free_port()
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(folder / f"replica-{number}"),
-             "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port)],
+             "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port),
+             # Every simulated site (and the balancer) comes from 127.0.0.1: no cap on idle connections per address.
+             "--max-idle-per-address", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append((process, f"http://127.0.0.1:{port}"))
         wait_until_answers(f"http://127.0.0.1:{port}/health", process, "the registry")

@@ -7,7 +7,7 @@ The timeouts follow the registry's (master/server.py): long-polls wait up to 120
 not a dead server until well after that; a request's head must be in within 10 s; idle kept-alive client
 connections are closed after 60 s, before the registry's 75 s. Bodies stream through both ways (no
 buffering): an upload of gigabytes goes on as long as it moves. A replica leaves the rotation when its
-/health fails twice in a row (its database or result store does not answer, or it is gone), and a
+/health fails three times in a row (its database or result store does not answer, or it is gone), and a
 request whose connection to a replica fails is sent to another.
 """
 
@@ -28,7 +28,7 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LONGEST_WAIT_SECONDS = 120  # master/schemas.py: a researcher's wait_seconds (a site's is at most 60)
 
 
-def haproxy_config(listen, replicas, check_seconds=1.0):
+def haproxy_config(listen, replicas, check_seconds=2.0):
     """Pure: HAProxy's configuration for a balancer on listen ("host:port") in front of replicas
     (["host:port", ...]), which are asked for /health every check_seconds."""
     servers = "\n".join(f"    server replica{number} {address}" for number, address in enumerate(replicas, 1))
@@ -41,6 +41,8 @@ def haproxy_config(listen, replicas, check_seconds=1.0):
     timeout http-keep-alive 60s
     timeout client {quiet}s
     timeout server {quiet}s
+    # A replica busy with thousands of long-polls may answer /health late: late is not down.
+    timeout check 5s
     # A request that never reached a replica (its connection refused: the replica is gone) goes to
     # another. Not one that reached it: a task posted twice would be two tasks.
     retries 2
@@ -56,7 +58,7 @@ backend replicas
     option httpchk
     http-check send meth GET uri /health
     http-check expect status 200
-    default-server check inter {round(check_seconds * 1000)}ms fall 2 rise 2
+    default-server check inter {round(check_seconds * 1000)}ms fall 3 rise 2
 {servers}
 """
 
@@ -64,7 +66,7 @@ backend replicas
 class Balancer:
     """haproxy in the foreground, with its configuration in folder; a context manager."""
 
-    def __init__(self, folder, listen, replicas, check_seconds=1.0):
+    def __init__(self, folder, listen, replicas, check_seconds=2.0):
         self.folder, self.listen = Path(folder), listen
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config = self.folder / "haproxy.cfg"
