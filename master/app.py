@@ -119,36 +119,43 @@ def hear_other_replicas(app, stop):
         relay.listen(stop)
 
 
+# /health needs no token, and a balancer asks every few seconds: the result store (a request to S3 for a
+# bucket) is asked at most this often.
+STORE_CHECK_SECONDS = 5
+
+
 def _register_health(app):
-    last_problems = []
+    last = {"problems": {}, "store_checked_at": -STORE_CHECK_SECONDS, "store_problem": None}
 
     @app.get("/health")
     @app.doc(tags=["Health"], responses={
-        200: "The registry is up, and its database and result store answer.",
-        503: "The database or the result store does not answer: `problems` says which (a load balancer "
-             "sends no requests to this replica meanwhile)."})
+        200: "The registry is up. `status` is `ok`, or `degraded` while its result store does not answer "
+             "(`problems` says so): claims, heartbeats and reports go on, uploads and downloads of results "
+             "answer 503. A store shared by every replica must not take them all out of a balancer at once.",
+        503: "The database does not answer (`problems` says so): a load balancer sends this replica nothing "
+             "meanwhile."})
     def health():
-        """Readiness check; needs no token."""
+        """Readiness check; needs no token. Says which part fails, not how: that is in the registry's log."""
         registry = app.extensions["pht"]
-        problems = []
+        problems = {}
         try:
             with registry.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except sa.exc.SQLAlchemyError as error:
-            problems.append(f"the database does not answer: {getattr(error, 'orig', None) or error}")
-        store_problem = registry.blobs.problem()
-        if store_problem:
-            problems.append(store_problem)
-        # A balancer asks every few seconds: the log says when the answer changes, not each time.
-        if problems != last_problems:
+            problems["the database does not answer"] = str(getattr(error, "orig", None) or error)
+        if time.monotonic() - last["store_checked_at"] >= STORE_CHECK_SECONDS:
+            last["store_problem"], last["store_checked_at"] = registry.blobs.problem(), time.monotonic()
+        if last["store_problem"]:
+            problems["the result store does not answer"] = last["store_problem"]
+        if problems.keys() != last["problems"].keys():  # the log says when the answer changes, not each time
             if problems:
-                log.error("unhealthy: %s", "; ".join(problems))
+                log.error("unhealthy: %s", "; ".join(f"{what}: {why}" for what, why in problems.items()))
             else:
                 log.info("healthy again")
-            last_problems[:] = problems
-        if problems:
-            return {"status": "unavailable", "problems": problems}, 503
-        return {"status": "ok"}
+        last["problems"] = problems
+        if "the database does not answer" in problems:
+            return {"status": "unavailable", "problems": list(problems)}, 503
+        return {"status": "degraded", "problems": list(problems)} if problems else {"status": "ok"}
 
 
 def _register_error_mapping(app):

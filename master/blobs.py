@@ -15,17 +15,21 @@ mistake) raises BlobMissing, which the API answers with a JSON 500 naming the ru
 
 import hashlib
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 CHUNK_SIZE = 1024 * 1024
+# s3://bucket or s3://bucket/some/prefix: S3's rule for a bucket's name; a prefix's parts never empty or "..".
+S3_LOCATION = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])"
+                         r"(?:/(?P<prefix>(?!\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)*))?/?")
 
 
 class ChecksumMismatch(Exception):
@@ -44,13 +48,21 @@ class StoreUnreachable(Exception):
     """The result store cannot be used at all (a bucket that does not exist, wrong credentials, no answer)."""
 
 
+def incoming_folder(path):
+    """The folder uploads are received in, emptied: what is in it was cut short by a stop or a crash."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for leftover in path.iterdir():
+        leftover.unlink(missing_ok=True)
+    return path
+
+
 class FolderStore:
     """Blobs as files below root: root/ab/ab12… ."""
 
     def __init__(self, root):
         self.root = Path(root)
-        self._incoming = self.root / "incoming"
-        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._incoming = incoming_folder(self.root / "incoming")
 
     def describe(self):
         return f"the folder {self.root}"
@@ -75,6 +87,8 @@ class FolderStore:
             blob = open(self.path_of(sha256), "rb")
         except FileNotFoundError:
             raise BlobMissing(f"{self.describe()} has no file {sha256}") from None
+        except OSError as error:  # not readable: permissions, a failing disk
+            raise StoreUnreachable(f"{self.describe()} cannot give {sha256}: {error}") from None
         found = os.fstat(blob.fileno()).st_size
         if found != size:
             blob.close()
@@ -93,8 +107,7 @@ class S3Store:
 
     def __init__(self, client, bucket, prefix, incoming):
         self._client, self.bucket, self.prefix = client, bucket, prefix
-        self._incoming = Path(incoming)
-        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._incoming = incoming_folder(incoming)
         # Parts in sequence: under gevent, threads would be greenlets anyway, and memory stays at one part.
         self._transfer = TransferConfig(use_threads=False, multipart_chunksize=16 * CHUNK_SIZE)
 
@@ -108,9 +121,9 @@ class S3Store:
         temp, size = receive_stream(stream, self._incoming, declared_sha256, max_bytes)
         try:
             with self._answering():
-                if self._size_of(declared_sha256) != size:
+                if not self._holds(declared_sha256):
                     self._client.upload_file(str(temp), self.bucket, self.key_of(declared_sha256),
-                                             Config=self._transfer)
+                                             Config=self._transfer, ExtraArgs={"Metadata": {"sha256": declared_sha256}})
             return size
         finally:
             temp.unlink(missing_ok=True)
@@ -137,20 +150,22 @@ class S3Store:
             return str(error)
         return None
 
-    def _size_of(self, sha256):
-        """The stored object's size, or None when there is none."""
+    def _holds(self, sha256):
+        """Whether the bucket holds this blob whole: stored by a registry, which records the sha256 it checked.
+        An object of the same name put there otherwise (or damaged) is replaced."""
         try:
-            return self._client.head_object(Bucket=self.bucket, Key=self.key_of(sha256))["ContentLength"]
+            head = self._client.head_object(Bucket=self.bucket, Key=self.key_of(sha256))
         except ClientError as error:
             if _not_found(error):
-                return None
+                return False
             raise
+        return head.get("Metadata", {}).get("sha256") == sha256
 
     @contextmanager
     def _answering(self):
         try:
             yield
-        except (BotoCoreError, ClientError) as error:
+        except (BotoCoreError, ClientError, Boto3Error) as error:  # Boto3Error: upload_file's own failures
             raise StoreUnreachable(f"{self.describe()} failed: {error}") from error
 
 
@@ -164,16 +179,20 @@ def open_store(location, data_dir, s3_endpoint_url=""):
     cannot be used: better at start-up than at the first upload."""
     if not location:
         return FolderStore(Path(data_dir) / "blobs")
-    parts = urlsplit(location)
-    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-        raise StoreUnreachable(f"result store {location!r} is not s3://BUCKET or s3://BUCKET/PREFIX/; "
-                               "leave it out for the folder in --data-dir")
-    prefix = parts.path.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    client = boto3.client("s3", endpoint_url=s3_endpoint_url or None, config=Config(
-        s3={"addressing_style": "path"}, retries={"mode": "standard"}, connect_timeout=10, read_timeout=60))
-    store = S3Store(client, parts.netloc, prefix, Path(data_dir) / "incoming")
+    parts = S3_LOCATION.fullmatch(location)
+    if parts is None:
+        # Not repeated in the message: it might hold credentials (s3://KEY:SECRET@bucket).
+        raise StoreUnreachable("--result-store is not s3://BUCKET or s3://BUCKET/PREFIX (a bucket's "
+                               "name, a prefix of letters, digits and ._-/ without empty or .. parts, no credentials:"
+                               " those come from the environment); leave it out for the folder in --data-dir")
+    prefix = f"{parts['prefix']}/" if parts["prefix"] else ""
+    try:
+        client = boto3.client("s3", endpoint_url=s3_endpoint_url or None, config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard"}, connect_timeout=10, read_timeout=60))
+    except ValueError as error:  # an endpoint that is no URL
+        raise StoreUnreachable(f"--s3-endpoint-url {s3_endpoint_url!r} is not a URL ({error}); give "
+                               "http(s)://HOST[:PORT]") from None
+    store = S3Store(client, parts["bucket"], prefix, Path(data_dir) / "incoming")
     problem = store.problem()
     if problem:
         raise StoreUnreachable(f"{problem}; check the bucket's name, --s3-endpoint-url and the credentials "

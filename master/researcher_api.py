@@ -9,10 +9,9 @@ import logging
 import time
 
 from apiflask import APIBlueprint, abort
-from flask import Response, current_app, request
-from werkzeug.wsgi import wrap_file
+from flask import Response, current_app
 
-from master import auth, blobs, lifecycle, store
+from master import auth, blobs, lifecycle, store, wakeup
 from master.schemas import (ClosedSessionOut, PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SessionPageOut,
                             SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn, TaskWaitIn)
 
@@ -80,7 +79,9 @@ def get_task(task_id, query_data):
         remaining = deadline - time.monotonic()
         if task["status"] != lifecycle.TaskStatus.ACTIVE or remaining <= 0:
             return task
-        if registry.ended_tasks.wait_for_news(task_id, seen, remaining):
+        # News of the task's runs comes from every replica (wakeup.PostgresRelay); should it fail, the task
+        # is looked at again within wakeup.RECHECK_SECONDS.
+        if registry.ended_tasks.wait_for_news(task_id, seen, min(remaining, wakeup.RECHECK_SECONDS)):
             return store.get_task(registry.engine, task_id, researcher.id)
 
 
@@ -146,12 +147,23 @@ def _send_blob(run_id, kind, mimetype, filename):
     except blobs.StoreUnreachable as error:
         log.error("the %s of run %s cannot be sent: %s", kind, run_id, error)
         abort(503, "the registry's result store does not answer; try again later")
-    response = Response(wrap_file(request.environ, blob, blobs.CHUNK_SIZE), mimetype=mimetype,
-                        direct_passthrough=True)
+    response = Response(_sent(blob, f"the {kind} of run {run_id}"), mimetype=mimetype, direct_passthrough=True)
     response.content_length = size
     response.headers.set("Content-Disposition", "attachment", filename=filename)
     response.headers["X-Content-SHA256"] = sha256
     return response
+
+
+def _sent(blob, what):
+    """The blob's bytes, piece by piece, closed at the end. A store that fails once the answer's headers are
+    out can only cut it short (the client sees fewer bytes than Content-Length): said once in the log."""
+    try:
+        while piece := blob.read(blobs.CHUNK_SIZE):
+            yield piece
+    except Exception as error:  # whatever the store's client raises: the answer is under way
+        log.error("%s was cut short while it was sent: %s", what, error)
+    finally:
+        blob.close()
 
 
 @bp.get("/runs/<int:run_id>/output")

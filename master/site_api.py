@@ -12,7 +12,7 @@ from apiflask.fields import String
 from apiflask.validators import Length
 from flask import current_app, request
 
-from master import auth, blobs, lifecycle, store
+from master import auth, blobs, lifecycle, store, wakeup
 from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, ClosedSessionIdsOut, DeliveryIn, FinishIn,
                             HeartbeatOut, LeaseIn, ParkIn, RefuseIn, ResumedOut, SessionIdsIn, Sha256, SiteIdentityOut,
                             StartIn)
@@ -21,9 +21,6 @@ log = logging.getLogger("pht.registry")
 
 bp = APIBlueprint("sites", __name__, url_prefix="/api/site", tag="Sites")
 
-# Work posted through another replica is announced here through PostgreSQL (wakeup.PostgresRelay);
-# should that fail, a waiting claim still looks again this often.
-RECHECK_SECONDS = 5
 
 
 def _registry():
@@ -67,7 +64,7 @@ def claim_run(json_data):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "", 204
-        registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, RECHECK_SECONDS))
+        registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
 
 
 @bp.post("/sessions/closed")
@@ -168,6 +165,13 @@ def _receive_blob(run_id, kind, headers_data):
     run = store.get_site_run(registry.engine, run_id, site.id)
     if run["lease_id"] != headers_data["lease_id"]:
         abort(409, f"run {run_id} is not leased to this runner")
+    # Decided before the body is read, so that what could not be attached is never stored: a site sending
+    # other results after its run ended would otherwise fill the store with blobs nothing refers to.
+    if run[f"{kind}_sha256"] == headers_data["sha256"]:
+        return {"sha256": run[f"{kind}_sha256"], "size": run[f"{kind}_size"]}  # the same upload again
+    if run[f"{kind}_sha256"] is not None or run["status"] not in lifecycle.LEASED_STATES:
+        abort(409, f"run {run_id} already has a different {kind}" if run[f"{kind}_sha256"] else
+              f"run {run_id} is {run['status']}: it takes no {kind}")
     limit = registry.settings.max_result_bytes
     request.max_content_length = limit
     try:

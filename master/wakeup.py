@@ -15,6 +15,7 @@ SQLite there is one process, and nothing to relay.
 
 import collections
 import logging
+import re
 import threading
 import uuid
 
@@ -23,9 +24,20 @@ import sqlalchemy as sa
 
 log = logging.getLogger("pht.registry")
 
+# News from another replica comes through PostgreSQL (PostgresRelay); should that fail, a waiting claim or
+# wait for a task looks in the database again this often.
+RECHECK_SECONDS = 5
 # A NOTIFY payload must stay under 8,000 bytes: more keys go in several.
 MAX_PAYLOAD_CHARS = 7000
 RELISTEN_SECONDS = (1, 2, 5, 10, 30)  # backing off while the database does not answer
+# What a replica sends: its id, then ids (positive, 32-bit). Anyone who may connect to the database may
+# NOTIFY: a payload of any other shape is ignored.
+PAYLOAD = re.compile(r"(?P<replica>[0-9a-f]{12}) (?P<keys>[0-9]{1,10}(?:,[0-9]{1,10})*)")
+LARGEST_KEY = 2 ** 31 - 1
+# The listening connection's TCP keepalives: a connection cut without a word (a failover, a partition)
+# is noticed within about a minute, and connected again.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+              "connect_timeout": 10}
 
 
 class Announcements:
@@ -83,7 +95,7 @@ class PostgresRelay:
                 for payload in payloads(self.replica, keys):
                     conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
                                  {"channel": channel, "payload": payload})
-        except sa.exc.SQLAlchemyError as error:  # the waiters here are woken; others recheck on their own
+        except sa.exc.SQLAlchemyError as error:  # the waiters here are woken; the others look again within RECHECK_SECONDS
             log.warning("could not tell the other replicas of news on %s: %s", channel, error)
 
     def listen(self, stop):
@@ -92,7 +104,7 @@ class PostgresRelay:
         failures = 0
         while not stop.is_set():
             try:
-                with psycopg.connect(conninfo, autocommit=True) as conn:
+                with psycopg.connect(conninfo, autocommit=True, **KEEPALIVES) as conn:
                     for channel in self._by_channel:
                         conn.execute(f"LISTEN {channel}")
                     if failures:
@@ -103,7 +115,7 @@ class PostgresRelay:
                     while not stop.is_set():
                         for notification in conn.notifies(timeout=1.0):
                             self._hear(notification.channel, notification.payload)
-            except psycopg.Error as error:
+            except Exception as error:  # whatever it was, this replica must go on listening
                 self.listening.clear()
                 delay = RELISTEN_SECONDS[min(failures, len(RELISTEN_SECONDS) - 1)]
                 failures += 1
@@ -111,13 +123,22 @@ class PostgresRelay:
                 stop.wait(delay)
 
     def _hear(self, channel, payload):
-        replica, _, keys = payload.partition(" ")
-        if replica != self.replica and channel in self._by_channel:
-            self._by_channel[channel].hear([int(key) for key in keys.split(",") if key.isdigit()])
+        keys = keys_from(payload, self.replica)
+        if keys and channel in self._by_channel:
+            self._by_channel[channel].hear(keys)
 
     def _hear_all(self):
         for each in self._by_channel.values():
             each.hear(None)
+
+
+def keys_from(payload, own_replica):
+    """Pure: the keys another replica's payload names; [] for this replica's own, or for a payload that is
+    not one a replica sends."""
+    sent = PAYLOAD.fullmatch(payload)
+    if sent is None or sent["replica"] == own_replica:
+        return []
+    return [key for key in map(int, sent["keys"].split(",")) if 0 < key <= LARGEST_KEY]
 
 
 def payloads(replica, keys):

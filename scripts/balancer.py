@@ -5,9 +5,9 @@ benchmarks, and the configuration docs/deployment.md gives an operator.
 
 The timeouts follow the registry's (master/server.py): long-polls wait up to 120 s, so a quiet answer is
 not a dead server until well after that; a request's head must be in within 10 s; idle kept-alive client
-connections are closed after 60 s, before the registry's 75 s. Bodies stream through both ways (no
+connections are closed after 60 s. Bodies stream through both ways (no
 buffering): an upload of gigabytes goes on as long as it moves. A replica leaves the rotation when its
-/health fails three times in a row (its database or result store does not answer, or it is gone), and a
+/health fails three times in a row (its database does not answer, or it is gone), and a
 request whose connection to a replica fails is sent to another.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.federation import stop_process  # noqa: E402
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-LONGEST_WAIT_SECONDS = 120  # master/schemas.py: a researcher's wait_seconds (a site's is at most 60)
+LONGEST_WAIT_SECONDS = 120  # master/schemas.py: a site's claim wait_seconds (a researcher's is at most 60)
 
 
 def haproxy_config(listen, replicas, check_seconds=2.0):

@@ -18,10 +18,11 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from master import app as app_module
 from master import blobs
 from master.app import Settings, create_app
 from tests.conftest import ROOT, _bearer_for
-from tests.test_registry_api import claim, post_task, upload
+from tests.test_registry_api import claim, finish, post_task, upload
 
 S3_CREDENTIALS = ROOT / ".local" / "seaweedfs" / "credentials"
 MIB = 1024 ** 2
@@ -214,7 +215,9 @@ class Relay:
             connection.close()
 
 
-def test_a_store_that_stops_answering_is_named_by_health_and_answers_503(tmp_path, s3_endpoint, bucket, caplog):
+def test_a_store_that_stops_answering_degrades_the_registry_and_its_results_answer_503(
+        tmp_path, s3_endpoint, bucket, caplog, monkeypatch):
+    monkeypatch.setattr(app_module, "STORE_CHECK_SECONDS", 0)  # each probe asks the store
     relay = Relay(s3_endpoint)
     app = create_app(Settings(data_dir=tmp_path / "registry", result_store=f"s3://{bucket}",
                               s3_endpoint_url=relay.url))
@@ -226,16 +229,53 @@ def test_a_store_that_stops_answering_is_named_by_health_and_answers_503(tmp_pat
 
     with caplog.at_level(logging.INFO, logger="pht.registry"):
         health = [client.get("/health") for _ in range(3)]
-    assert {answer.status_code for answer in health} == {503}
-    assert f"the bucket {bucket} at {relay.url} failed" in health[0].json["problems"][0]
-    assert sum("unhealthy" in record.getMessage() for record in caplog.records) == 1  # once, not per probe
+    # Still in a balancer's rotation: a store every replica shares must not take them all out at once.
+    assert [answer.status_code for answer in health] == [200] * 3
+    assert health[0].json == {"status": "degraded", "problems": ["the result store does not answer"]}
+    unhealthy = [record.getMessage() for record in caplog.records if "unhealthy" in record.getMessage()]
+    assert len(unhealthy) == 1 and f"the bucket {bucket} at {relay.url} failed" in unhealthy[0]  # once, not per probe
     download = client.get(f"/api/runs/{run['id']}/output", headers=alice)
     assert download.status_code == 503 and download.json["message"] == (
         "the registry's result store does not answer; try again later")
     post_task(client, alice)
-    answer = upload(client, hospital, claim(client, hospital).json, "output", b"stored after")
+    claimed = claim(client, hospital).json  # what does not touch the store goes on
+    answer = upload(client, hospital, claimed, "output", b"stored after")
     assert answer.status_code == 503 and "upload again later" in answer.json["message"]
     app.extensions["pht"].engine.dispose()
+
+
+def test_a_run_that_has_its_result_stores_no_other(registry, result_store):
+    """Attack: a site uploads other results for a run that has one (or has ended). Each was stored before it was
+    refused with 409: blobs nothing refers to, as many as the site liked. Now the answer comes before the body."""
+    client, alice, hospital, run = a_run_of(registry)
+    upload(client, hospital, run, "output", b"the result")
+    finish(client, hospital, run)
+    for other in (b"another result", b"and another"):
+        assert upload(client, hospital, run, "output", other).status_code == 409
+    assert upload(client, hospital, run, "log", b"a late log").status_code == 409
+    assert upload(client, hospital, run, "output", b"the result").status_code == 200  # the same again is fine
+    assert set(result_store.stored(registry)) == {hashlib.sha256(b"the result").hexdigest()}
+
+
+def test_an_object_of_the_same_name_not_stored_by_the_registry_is_replaced(registry, result_store):
+    """The bucket held bytes of the right size under a result's name (damaged, or put there by someone else):
+    the next upload of that result stores it again, instead of counting it stored."""
+    if result_store.kind != "s3":
+        pytest.skip("a folder's file is replaced by each upload anyway")
+    client, alice, hospital, run = a_run_of(registry)
+    content = b"the site's result"
+    result_store.replace(registry, hashlib.sha256(content).hexdigest(), b"x" * len(content))
+    assert upload(client, hospital, run, "output", content).status_code == 200
+    assert client.get(f"/api/runs/{run['id']}/output", headers=alice).data == content
+
+
+def test_uploads_cut_short_by_a_crash_are_removed_at_start(tmp_path, result_store):
+    settings = result_store.settings(tmp_path / "registry")
+    create_app(settings).extensions["pht"].engine.dispose()
+    incoming = next(path for path in (tmp_path / "registry").rglob("incoming") if path.is_dir())
+    (incoming / "tmpcut").write_bytes(b"half an upload")
+    create_app(settings).extensions["pht"].engine.dispose()
+    assert list(incoming.iterdir()) == []
 
 
 def test_two_replicas_with_their_own_data_folders_share_results(tmp_path, database_url, request):
@@ -257,18 +297,22 @@ def test_two_replicas_with_their_own_data_folders_share_results(tmp_path, databa
 
 @pytest.mark.parametrize("store_options, complaint", [
     (["--result-store", "s3://pht-no-such-bucket"], "the bucket pht-no-such-bucket at "),
-    (["--result-store", "ftp://somewhere/results"], "is not s3://BUCKET or s3://BUCKET/PREFIX/"),
+    (["--result-store", "ftp://somewhere/results"], "is not s3://BUCKET or s3://BUCKET/PREFIX"),
+    (["--result-store", "s3://[bucket"], "is not s3://BUCKET or s3://BUCKET/PREFIX"),
+    (["--result-store", "s3://pht-results/../other"], "is not s3://BUCKET or s3://BUCKET/PREFIX"),
+    (["--result-store", "s3://pht-results", "--s3-endpoint-url", "localhost:8333"], "is not a URL"),
 ])
 def test_serve_names_a_result_store_it_cannot_use_and_stops(tmp_path, s3_endpoint, s3_credentials, store_options,
                                                             complaint):
     done = subprocess.run([sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(tmp_path / "r"),
-                           "serve", "--host", "127.0.0.1", "--port", "1", *store_options,
-                           "--s3-endpoint-url", s3_endpoint], capture_output=True, text=True, timeout=60)
+                           "serve", "--host", "127.0.0.1", "--port", "1", "--s3-endpoint-url", s3_endpoint,
+                           *store_options], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and complaint in last and "Traceback" not in done.stderr
 
 
-def test_blobs_open_store_refuses_a_location_it_does_not_know(tmp_path):
-    with pytest.raises(blobs.StoreUnreachable, match="leave it out for the folder in --data-dir"):
-        blobs.open_store("s3://", tmp_path)
+def test_a_location_with_credentials_is_refused_without_repeating_them(tmp_path):
+    with pytest.raises(blobs.StoreUnreachable, match="leave it out for the folder in --data-dir") as refused:
+        blobs.open_store("s3://KEY:SECRET@pht-results", tmp_path)
+    assert "SECRET" not in str(refused.value)
