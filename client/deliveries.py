@@ -78,7 +78,7 @@ def set_aside(output_dir, outbox, recipients):
     return problem
 
 
-def deliver(outbox, recipients, record_receipt, retry_for_seconds):
+def deliver(outbox, recipients, record_receipt, retry_for_seconds, ca_bundle=None):
     """Send every file in the outbox to its recipient's FileService, then record a receipt for it.
 
     Sending again after a crash is harmless: the FileService accepts the same file twice, and
@@ -92,6 +92,7 @@ def deliver(outbox, recipients, record_receipt, retry_for_seconds):
             def send(path=path, sha256=sha256):
                 with open(path, "rb") as body:
                     return requests.put(f"{recipient.url.rstrip('/')}/files/{path.name}", data=body, timeout=300,
+                                        verify=str(ca_bundle) if ca_bundle else True,
                                         headers={"Authorization": f"Bearer {recipient.token}",
                                                  "X-Content-SHA256": sha256})
 

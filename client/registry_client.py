@@ -64,10 +64,12 @@ MAX_SESSIONS_ASKED = 1000  # the registry's limit per request; the others are as
 
 
 class RegistryClient:
-    def __init__(self, url, token, retry_for_seconds=600, connections=10):
+    def __init__(self, url, token, retry_for_seconds=600, connections=10, ca_bundle=None):
+        """ca_bundle: a PEM file of the CAs that sign the registry's certificate (default: the system's)."""
         self.url = url.rstrip("/")
         self.retry_for_seconds = retry_for_seconds
         self.http = requests.Session()
+        self.http.verify = str(ca_bundle) if ca_bundle else True
         # The main loop, and every run's worker and heartbeat, talk to the registry at the same time.
         self.http.mount(self.url, requests.adapters.HTTPAdapter(pool_maxsize=connections))
         self.http.headers["Authorization"] = f"Bearer {token}"
@@ -204,10 +206,12 @@ class RegistryClient:
                     raise GarbledAnswer(f"the answer is larger than {MAX_ANSWER_BYTES} bytes")
                 response._content = body  # so that .json() and .text read what was read here
                 outcome["response"] = response
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
-                outcome["error"] = GarbledAnswer(f"the answer could not be read ({type(error).__name__})")
+            # requests' own errors first: they are OSErrors too, and their kind (an unverified certificate,
+            # a refused connection) is what the runner reports.
             except requests.RequestException as error:
                 outcome["error"] = error
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+                outcome["error"] = GarbledAnswer(f"the answer could not be read ({type(error).__name__})")
         # A thread of its own, so that the deadline holds even against an answer that trickles.
         thread = threading.Thread(target=exchange, name="registry-request", daemon=True)
         thread.start()

@@ -39,6 +39,7 @@ from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
 from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
 from common.log_lines import log_to_stderr  # noqa: E402
 from common.printable import printable  # noqa: E402
+from common.transport import plain_http_warning  # noqa: E402
 from master import lifecycle  # noqa: E402
 from client.site_config import ConfigError, ConfigSource, load_site_config  # noqa: E402
 
@@ -78,7 +79,7 @@ def main(argv=None):
         sys.exit("\n".join(problems))
 
     registry = RegistryClient(config.registry_url, config.site_token,
-                              connections=2 * config.max_concurrent_runs + 1)
+                              connections=2 * config.max_concurrent_runs + 1, ca_bundle=config.ca_bundle)
     runner = SiteRunner(config, engine, registry)
 
     def stop(signum, _frame):
@@ -96,6 +97,10 @@ def main(argv=None):
     runner.config_source = ConfigSource(args.config)
     log.info("site %s: runner started (registry %s, up to %d run(s) at once)",
              config.site_name, config.registry_url, config.max_concurrent_runs)
+    for url in (config.registry_url, *(recipient.url for recipient in config.recipients.values())):
+        warning = plain_http_warning(url)
+        if warning:
+            log.warning("%s", warning)
     network = config.container.network
     if uses_gateway(config):
         log.info("algorithms have no network; they reach %s only through each run's read-only SPARQL gateway",

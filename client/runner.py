@@ -158,6 +158,8 @@ class SiteRunner:
                 name = self.registry.site_name()
             except TokenRefused as error:
                 raise WrongIdentity(token_refused(self.config, error)) from None
+            except requests.exceptions.SSLError:
+                raise WrongIdentity(certificate_refused(self.config)) from None
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
                 self.note_registry_problem(registry_problem(error))
                 self.stopping.wait(self.config.poll_interval_seconds)
@@ -767,7 +769,8 @@ class SiteRunner:
         if failure_reason is None:
             try:
                 deliveries.deliver(folder.outbox, self.config.recipients, retry_for_seconds=self.registry.retry_for_seconds,
-                                   record_receipt=lambda *receipt: self.delivered(run, *receipt))
+                                   record_receipt=lambda *receipt: self.delivered(run, *receipt),
+                                   ca_bundle=self.config.ca_bundle)
             except deliveries.DeliveryRefused as error:
                 failure_reason = str(error)
         if failure_reason is None and folder.archive.exists():
@@ -878,7 +881,16 @@ class Heartbeat:
 
 def registry_problem(error):
     """A request to the registry that failed, in words for the log: its refusal, or what kept it from answering."""
+    if isinstance(error, requests.exceptions.SSLError):
+        return "its TLS certificate is not verified (replaced, expired, or signed by a CA not in ca_bundle)"
     return str(error) if isinstance(error, RegistryRefused) else f"unreachable ({type(error).__name__})"
+
+
+def certificate_refused(config):
+    """The runner's first request found a registry that did not prove who it is."""
+    return (f"the registry {config.registry_url} did not prove who it is: its TLS certificate is not verified "
+            f"against {config.ca_bundle or 'the system CAs'}; if a private CA signs it, set ca_bundle to that CA's "
+            "PEM file")
 
 
 def token_refused(config, error):

@@ -111,6 +111,7 @@ class SparqlGatewaySettings:
 @dataclass(frozen=True)
 class SiteConfig:
     registry_url: str
+    ca_bundle: Path | None  # the private CA that signs the registry's and recipients' certificates; None: the system's
     site_name: str
     site_token: str
     sparql_endpoint: str
@@ -231,6 +232,10 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     registry_url = take("registry_url", str, required=True)
     if registry_url and not re.match(r"^https?://[^/\s]+", registry_url):
         problems.append(f"registry_url {registry_url!r} must start with http:// or https://")
+    ca_bundle = take("ca_bundle", str)
+    if ca_bundle and not _folder(ca_bundle, base_dir).is_file():
+        problems.append(f"ca_bundle {ca_bundle!r} is not a file; give the PEM file of the CA that signs the "
+                        "registry's certificate, or leave it out for the system's CAs")
     site_name = take("site_name", str, socket.gethostname())
     if not site_name.strip():
         problems.append("site_name is empty; give the name the registry's operator registered this site under")
@@ -275,7 +280,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     if problems:
         raise ConfigError(source, problems)
     return SiteConfig(
-        registry_url=registry_url.rstrip("/"), site_name=site_name, site_token=token,
+        registry_url=registry_url.rstrip("/"), ca_bundle=_folder(ca_bundle, base_dir) if ca_bundle else None,
+        site_name=site_name, site_token=token,
         sparql_endpoint=sparql_endpoint, endpoint_type=endpoint_type, endpoint_token=endpoint_token,
         whitelist=tuple(whitelist), require_digest=require_digest, work_dir=work_dir,
         image_import_folder=_folder(import_folder, base_dir) if import_folder else None,

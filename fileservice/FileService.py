@@ -29,7 +29,7 @@ import click  # noqa: E402
 
 from common.log_lines import log_to_stderr  # noqa: E402
 from fileservice.inbox import OPERATOR, SENDER, Inbox, Refused  # noqa: E402
-from master.server import limit_options  # noqa: E402
+from master.server import limit_options, tls_options  # noqa: E402
 
 
 @click.group(invoke_without_command=True)
@@ -48,17 +48,18 @@ def cli(context, data_dir):
 @click.option("--max-file-bytes", default=2 * 1024 ** 3, show_default=True, type=click.IntRange(1),
               help="Largest file a sender may send.")
 @limit_options
+@tls_options
 @click.pass_obj
-def serve(data_dir, host, port, max_file_bytes, limits):
+def serve(data_dir, host, port, max_file_bytes, limits, tls):
     """Serve the FileService."""
     from fileservice.app import create_app
     from master.server import serve_forever
 
     log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(data_dir, max_file_bytes)
-    logging.getLogger("pht.fileservice").info("FileService on http://%s:%d, public key %s",
+    logging.getLogger("pht.fileservice").info("FileService on %s://%s:%d, public key %s", "https" if tls else "http",
                                               host, port, app.extensions["inbox"].public_key)
-    serve_forever(app, host, port, limits)
+    serve_forever(app, host, port, limits, tls)
 
 
 def _inbox(data_dir):

@@ -34,7 +34,7 @@ from common.log_lines import log_to_stderr  # noqa: E402
 from common.printable import escaped  # noqa: E402
 from master import auth, store  # noqa: E402
 from master.app import Settings, create_app, expire_leases_periodically, hear_other_replicas, open_data  # noqa: E402
-from master.server import limit_options  # noqa: E402
+from master.server import limit_options, tls_options  # noqa: E402
 
 
 @click.group(invoke_without_command=True)
@@ -65,9 +65,10 @@ def cli(context, data_dir, database_url):
 @click.option("--s3-endpoint-url", default="", envvar="PHT_S3_ENDPOINT_URL",
               help="The object store's URL, for one other than AWS (MinIO, Ceph, SeaweedFS).")
 @limit_options
+@tls_options
 @click.pass_obj
 def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, result_store, s3_endpoint_url,
-          limits):
+          limits, tls):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
@@ -82,13 +83,18 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
         app = create_app(settings)
     except StoreUnreachable as error:
         raise click.ClickException(str(error)) from None
+    if app.extensions["pht"].engine.dialect.name == "postgresql" and not result_store:
+        logging.getLogger("pht.registry").warning(
+            "results are kept in %s, this process's own: replicas on one database need one --result-store",
+            settings.data_dir / "blobs")
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
     threading.Thread(target=hear_other_replicas, args=(app, threading.Event()), name="replica-news",
                      daemon=True).start()
-    logging.getLogger("pht.registry").info("registry listening on http://%s:%d (data in %s, results in %s)",
-                                           host, port, settings.data_dir, app.extensions["pht"].blobs.describe())
-    serve_forever(app, host, port, limits)
+    logging.getLogger("pht.registry").info("registry listening on %s://%s:%d (data in %s, results in %s)",
+                                           "https" if tls else "http", host, port, settings.data_dir,
+                                           app.extensions["pht"].blobs.describe())
+    serve_forever(app, host, port, limits, tls)
 
 
 def _engine(settings):

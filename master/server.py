@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import time
 from dataclasses import dataclass, replace
 
@@ -120,10 +121,40 @@ def limit_options(command):
     return with_limits
 
 
-def serve_forever(app, host, port, limits=ServerLimits()):
+def tls_options(command):
+    """The serve commands' --tls-cert and --tls-key, shared by the registry and the FileService: the command
+    is called with tls=an ssl.SSLContext (None for plain HTTP) in their place."""
+    readable = click.Path(exists=True, dir_okay=False, readable=True)
+
+    @click.option("--tls-cert", type=readable, help="Serve HTTPS with this certificate (PEM; the chain after it).")
+    @click.option("--tls-key", type=readable, help="The certificate's private key (PEM).")
+    @functools.wraps(command)
+    def with_tls(*args, tls_cert, tls_key, **kwargs):
+        if bool(tls_cert) != bool(tls_key):
+            raise click.UsageError("give --tls-cert and --tls-key together, or neither for plain HTTP")
+        return command(*args, tls=tls_context(tls_cert, tls_key) if tls_cert else None, **kwargs)
+    return with_tls
+
+
+def tls_context(certfile, keyfile):
+    """A server's TLS context: TLS 1.2 or later, the certificate and key given. Raises click.UsageError,
+    naming the file, when they do not load."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as error:
+        raise click.UsageError(f"--tls-cert {certfile} and --tls-key {keyfile} do not load as a certificate "
+                               f"and its key: {error}") from None
+    return context
+
+
+def serve_forever(app, host, port, limits=ServerLimits(), tls=None):
+    """Serve app until the process ends; HTTPS when tls (an ssl.SSLContext) is given."""
     _allow_many_open_files()
     server = LimitedServer((host, port), app, _fitted_to_open_files(limits), log=None,
-                           error_log=logging.getLogger("pht.wsgi"), backlog=LISTEN_BACKLOG)
+                           error_log=logging.getLogger("pht.wsgi"), backlog=LISTEN_BACKLOG,
+                           **({"ssl_context": tls} if tls else {}))
     server.serve_forever()
 
 
@@ -394,6 +425,23 @@ class LimitedServer(WSGIServer):
             self.open_connections -= 1
             self.count_idle(address[0], -1)
             raise
+
+    def wrap_socket_and_handle(self, client_socket, address):
+        # gevent's TLS handshake comes before the handler, with no deadline of its own: a client that
+        # stalls in it would hold the connection. It is part of the request's head, and has its deadline.
+        try:
+            with Timeout(self.limits.header_seconds):
+                tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except (Timeout, ssl.SSLError, OSError) as error:
+            reason = (f"TLS handshake not done within {self.limits.header_seconds:g} s (--header-seconds)"
+                      if isinstance(error, Timeout)
+                      else f"TLS handshake failed ({getattr(error, 'reason', None) or type(error).__name__})")
+            self.drops.record("closed", reason, address[0])
+            client_socket.close()
+            self.open_connections -= 1
+            self.count_idle(address[0], -1)
+            return None
+        return self.handle(tls_socket, address)
 
     def handle(self, client_socket, address):
         try:

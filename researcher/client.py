@@ -13,6 +13,7 @@ researcher/results.py for how long they last and how they are read).
 import base64
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -24,18 +25,22 @@ from urllib3.util import Retry
 
 from common.names import SHA256_HEX
 from common.printable import escaped, shown
+from common.transport import plain_http_warning
 from master import lifecycle
 from researcher import keys
 from researcher.images import pin_to_digest
 from researcher.progress import SiteProgress
 from researcher.results import DownloadFolder, ResultLimits, ResultTooLarge, RunResult, describe_file
 
+log = logging.getLogger("pht.researcher")
+
 PAGE_SIZE = 200  # the registry's largest page
 
 # A registry at its connection cap answers 503 with Retry-After, and may close a kept-alive connection
 # just as a request goes out on it: reads are asked again, a few times. Posts are not (a task posted
 # twice would run twice).
-READS_RETRIED = Retry(total=5, connect=5, read=0, status=5, status_forcelist=[503], allowed_methods={"GET"},
+# Nothing else is retried: not a certificate that fails verification (an "other" error to urllib3).
+READS_RETRIED = Retry(total=5, connect=5, read=0, other=0, status=5, status_forcelist=[503], allowed_methods={"GET"},
                       backoff_factor=0.5, respect_retry_after_header=True, raise_on_status=False)
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
 
@@ -76,15 +81,22 @@ class TaskFailed(Exception):
 
 
 class Registry:
-    def __init__(self, url, token, identity_file=None, limits=None, download_dir=None):
+    def __init__(self, url, token, identity_file=None, limits=None, download_dir=None, ca_bundle=None):
         """identity_file: the private age key that opens the results of encrypted tasks.
 
         limits: a ResultLimits, the caps on what one site's result may download and unpack to (its defaults
         take whatever sites and registries send with theirs). download_dir: where each result's output archive
         and log are downloaded, in a temporary folder of their own that lasts as long as the RunResult
-        (default: the system's temporary folder, $TMPDIR)."""
+        (default: the system's temporary folder, $TMPDIR). ca_bundle: a PEM file of the CA certificates that
+        sign the registry's, when a private CA does (default: the system's). Plain http:// to anything but
+        this machine is logged as a warning."""
         self.url = url.rstrip("/")
+        warning = plain_http_warning(self.url)
+        if warning:
+            log.warning("%s", warning)
         self.http = requests.Session()
+        # Given with each request: a session's own verify loses to $REQUESTS_CA_BUNDLE (requests' #3829).
+        self._verify = str(ca_bundle) if ca_bundle else None
         self.http.headers["Authorization"] = f"Bearer {token}"
         self.http.mount(self.url, HTTPAdapter(max_retries=READS_RETRIED))
         self.identities = [keys.load_identity(identity_file)] if identity_file else []
@@ -272,7 +284,11 @@ class Registry:
 
     def _request(self, method, path, **kwargs):
         try:
-            response = self.http.request(method, self.url + path, **kwargs)
+            response = self.http.request(method, self.url + path, **kwargs, verify=self._verify)
+        except requests.exceptions.SSLError:
+            raise RegistryError(f"the registry at {self.url} did not prove who it is (its TLS certificate was not "
+                                "verified); if a private CA signs it, give that CA's bundle: ca_bundle in the "
+                                "config file or PHT_CA_BUNDLE") from None
         except requests.ConnectionError as error:
             raise RegistryError(f"cannot reach the registry at {self.url} ({type(error).__name__}); "
                                 "is the URL right and the registry running?") from None

@@ -39,13 +39,13 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def wait_until_answers(url, process, what, timeout=30):
+def wait_until_answers(url, process, what, timeout=30, ca_bundle=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with code {process.returncode} before answering at {url}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=1, verify=str(ca_bundle) if ca_bundle else None)
             return
         except requests.ConnectionError:
             time.sleep(0.1)
@@ -104,6 +104,8 @@ class LocalFederation:
     # Extra site config fields for every site; "container" entries are merged into the container limits.
     site_settings: dict = field(default_factory=dict)
     folder: Path | None = None
+    # {"cert", "key", "ca"}: PEM files; the registry then serves HTTPS, and sites and researcher verify it.
+    tls: dict | None = None
 
     def __post_init__(self):
         self._processes = []
@@ -125,7 +127,7 @@ class LocalFederation:
     def start(self):
         self.registry_data = self.folder / "registry"
         self.registry_port = free_port()
-        self.registry_url = f"http://127.0.0.1:{self.registry_port}"
+        self.registry_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.registry_port}"
         self.start_registry()
         self.researcher_token = self.admin("create-researcher", "researcher")
         for index, name in enumerate(self.site_names):
@@ -139,8 +141,14 @@ class LocalFederation:
         self.registry_process = self._spawn(
             "registry", [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
                          "serve", "--host", "127.0.0.1", "--port", str(self.registry_port),
-                         "--lease-seconds", str(self.lease_seconds)])
-        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry")
+                         "--lease-seconds", str(self.lease_seconds),
+                         *(["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"])] if self.tls else [])])
+        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry",
+                           ca_bundle=self.ca_bundle)
+
+    @property
+    def ca_bundle(self):
+        return self.tls["ca"] if self.tls else None
 
     def stop_registry(self):
         """Stop the registry process (as an outage would); start_registry() brings it back."""
@@ -155,7 +163,7 @@ class LocalFederation:
         return done.stdout.strip()
 
     def researcher(self):
-        return Registry(self.registry_url, self.researcher_token)
+        return Registry(self.registry_url, self.researcher_token, ca_bundle=self.ca_bundle)
 
     def _start_site(self, name, seed):
         folder = self.folder / name
@@ -185,6 +193,7 @@ class LocalFederation:
             "long_poll_seconds": 10,
             "container": {"network": self.container_network, "timeout_seconds": 300, **extra.pop("container", {})},
             **({"allow_host_network": True} if self.container_network == "host" else {}),
+            **({"ca_bundle": str(self.ca_bundle)} if self.tls else {}),
             **extra,
         }
         config_path.write_text(json.dumps(config, indent=2))
