@@ -1,21 +1,23 @@
 """Soak run: many tasks through a whole local federation, with cancels and a runner killed mid-way.
 
     .venv/bin/python bench/soak.py [--tasks 200] [--sites 3] [--cancel-share 0.1] [--seed 7]
+        [--replicas 2 --database-url postgresql+psycopg://… --result-store s3://BUCKET --s3-endpoint-url URL]
 
 Posts TASKS tasks for every site (patient-count), cancels a random share of them at random moments,
-and kills one site's runner with SIGKILL halfway and starts it again. Then checks, and prints:
+and kills one site's runner with SIGKILL halfway and starts it again. With --replicas, the registry is
+that many replicas behind HAProxy (on PostgreSQL and an S3 bucket, AWS_* in the environment), and one
+replica is killed with SIGKILL halfway too, and started again. Then checks, and prints:
 - every run ended (completed, failed, refused or cancelled) within the time limit;
-- no result lost: every completed run has its output and log, stored on disk under their sha256;
+- no result lost: every completed run's output and log download whole, matching their sha256;
 - nothing duplicated: one run per task and site, at most one completed event per run, and every
   completed run's result says that site's patient count;
-- the registry's SQLite database passes PRAGMA integrity_check and foreign_key_check.
+- on SQLite, the registry's database passes PRAGMA integrity_check and foreign_key_check.
 Exits non-zero if any check fails. Needs scripts/setup.sh to have run. Loopback only; every wait
 is bounded.
 """
 
 import argparse
 import collections
-import hashlib
 import json
 import random
 import signal
@@ -24,9 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from master import lifecycle  # noqa: E402
+from master import lifecycle, store  # noqa: E402
+from researcher import ChecksumMismatch, RegistryError  # noqa: E402
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
 IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
@@ -39,14 +44,25 @@ def main():
     parser.add_argument("--cancel-share", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--time-limit", type=float, default=1200, help="seconds for every run to end")
+    parser.add_argument("--replicas", type=int, default=1, help="registry replicas behind HAProxy")
+    parser.add_argument("--database-url", default="",
+                        help="PostgreSQL for --replicas, emptied first: give it a database of its own (default: SQLite)")
+    parser.add_argument("--result-store", default="", help="s3://BUCKET, for --replicas")
+    parser.add_argument("--s3-endpoint-url", default="")
     args = parser.parse_args()
+    if args.database_url:  # a database of its own, emptied, as scale.py does
+        engine = sa.create_engine(args.database_url)
+        store.metadata.drop_all(engine)
+        engine.dispose()
     chance = random.Random(args.seed)
     names = tuple(f"site-{i}" for i in range(args.sites))
     started = time.monotonic()
     failures = []
 
     with LocalFederation(site_names=names, patients_per_site=30, lease_seconds=20,
-                         site_settings={"max_concurrent_runs": 2}) as federation:
+                         site_settings={"max_concurrent_runs": 2}, replicas=args.replicas,
+                         database_url=args.database_url, result_store=args.result_store,
+                         s3_endpoint_url=args.s3_endpoint_url) as federation:
         researcher = federation.researcher()
         task_ids, cancelled = [], set()
         for number in range(args.tasks):
@@ -60,6 +76,10 @@ def main():
                 federation.stop_runner(victim_site, how=signal.SIGKILL)
                 print(f"killed the runner of {victim_site} after {number + 1} tasks; starting it again", flush=True)
                 federation.start_runner(victim_site)
+                if args.replicas > 1:
+                    federation.stop_registry(0, how=signal.SIGKILL)
+                    print("killed registry replica 0; starting it again", flush=True)
+                    federation.start_registry(0)
             time.sleep(0.05)
 
         deadline = time.monotonic() + args.time_limit
@@ -76,7 +96,6 @@ def main():
               + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())))
         print(f"tasks cancelled on purpose: {len(cancelled)}")
 
-        blobs = federation.folder / "registry" / "blobs"
         for task in tasks:
             sites_seen = [run["site"] for run in task["runs"]]
             if sorted(sites_seen) != sorted(names):
@@ -94,23 +113,26 @@ def main():
                 completions = [e for e in researcher.run_history(run["id"]) if e["status"] == lifecycle.COMPLETED]
                 if len(completions) != 1:
                     failures.append(f"{where}: completed {len(completions)} times")
-                for kind in ("output", "log"):
-                    sha = run[f"{kind}_sha256"]
-                    path = blobs / sha[:2] / sha if sha else None
-                    if path is None or not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-                        failures.append(f"{where}: its {kind} is missing or does not match its sha256")
-                result = researcher.result(run)
+                if not (run["output_sha256"] and run["log_sha256"]):
+                    failures.append(f"{where}: completed without its output or log")
+                    continue
+                try:
+                    result = researcher.result(run)  # each checked against its sha256 as it downloads
+                except (RegistryError, ChecksumMismatch) as error:
+                    failures.append(f"{where}: its result does not download whole: {error}")
+                    continue
                 expected = len(federation.sites[run["site"]].patients)
                 if json.loads(result.files["result.json"])["patient_count"] != expected:
                     failures.append(f"{where}: its result is not its site's patient count")
 
-        database = sqlite3.connect(federation.folder / "registry" / "registry.sqlite")
-        integrity = database.execute("PRAGMA integrity_check").fetchall()
-        foreign = database.execute("PRAGMA foreign_key_check").fetchall()
-        database.close()
-        print(f"database: integrity_check {integrity[0][0]}, foreign_key_check {len(foreign)} problem(s)")
-        if integrity != [("ok",)] or foreign:
-            failures.append(f"database: integrity {integrity}, foreign keys {foreign}")
+        if not args.database_url:
+            database = sqlite3.connect(federation.folder / "registry" / "registry.sqlite")
+            integrity = database.execute("PRAGMA integrity_check").fetchall()
+            foreign = database.execute("PRAGMA foreign_key_check").fetchall()
+            database.close()
+            print(f"database: integrity_check {integrity[0][0]}, foreign_key_check {len(foreign)} problem(s)")
+            if integrity != [("ok",)] or foreign:
+                failures.append(f"database: integrity {integrity}, foreign keys {foreign}")
 
     for failure in failures[:30]:
         print("FAIL", failure)

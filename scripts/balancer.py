@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.federation import stop_process  # noqa: E402
+from scripts.processes import stop_process  # noqa: E402
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LONGEST_WAIT_SECONDS = 120  # master/schemas.py: a site's claim wait_seconds (a researcher's is at most 60)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from client import disk_limits  # noqa: E402
 from data.generate_cohort import generate_cohort, write_ntriples  # noqa: E402
 from researcher import Registry  # noqa: E402
+from scripts.balancer import Balancer  # noqa: E402
 
 PYTHON = sys.executable
 OXIGRAPH = str(Path(sys.executable).parent / "oxigraph")
@@ -50,17 +51,6 @@ def wait_until_answers(url, process, what, timeout=30, ca_bundle=None):
         except requests.ConnectionError:
             time.sleep(0.1)
     raise RuntimeError(f"{what} did not answer at {url} within {timeout} s")
-
-
-def stop_process(process, timeout=10):
-    """SIGTERM, and SIGKILL if it has not exited within timeout seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def register_directly(database_url, role, names):
@@ -106,6 +96,12 @@ class LocalFederation:
     folder: Path | None = None
     # {"cert", "key", "ca"}: PEM files; the registry then serves HTTPS, and sites and researcher verify it.
     tls: dict | None = None
+    # More than one: registry replicas behind HAProxy (scripts/balancer.py), each with its own data folder, on
+    # database_url (PostgreSQL) and result_store (s3://…, with s3_endpoint_url and AWS_* in the environment).
+    replicas: int = 1
+    database_url: str = ""  # empty: SQLite in the registry's data folder
+    result_store: str = ""
+    s3_endpoint_url: str = ""
 
     def __post_init__(self):
         self._processes = []
@@ -125,10 +121,23 @@ class LocalFederation:
         self.stop()
 
     def start(self):
+        if self.replicas > 1 and not self.database_url.startswith("postgresql"):
+            raise ValueError("replicas share one database: give database_url (PostgreSQL)")
         self.registry_data = self.folder / "registry"
-        self.registry_port = free_port()
-        self.registry_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.registry_port}"
-        self.start_registry()
+        self.registry_ports = [free_port() for _ in range(self.replicas)]
+        self.registry_processes = [None] * self.replicas
+        scheme = "https" if self.tls else "http"
+        for replica in range(self.replicas):
+            self.start_registry(replica)
+        if self.replicas > 1:
+            self.balancer = Balancer(self.folder / "balancer", f"127.0.0.1:{free_port()}",
+                                     [f"127.0.0.1:{port}" for port in self.registry_ports], check_seconds=0.5)
+            self.balancer.start()
+            self._processes.append(self.balancer.process)
+            self.registry_url = self.balancer.url
+            wait_until_answers(self.registry_url + "/health", self.balancer.process, "the balancer")
+        else:
+            self.registry_url = f"{scheme}://127.0.0.1:{self.registry_ports[0]}"
         self.researcher_token = self.admin("create-researcher", "researcher")
         for index, name in enumerate(self.site_names):
             self.sites[name] = self._start_site(name, self.seed + index)
@@ -136,30 +145,38 @@ class LocalFederation:
             for name in self.site_names:
                 self.start_runner(name)
 
-    def start_registry(self):
-        """Start the registry process; again after stop_registry(), on the same port and data."""
-        self.registry_process = self._spawn(
-            "registry", [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
-                         "serve", "--host", "127.0.0.1", "--port", str(self.registry_port),
-                         "--lease-seconds", str(self.lease_seconds),
-                         *(["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"])] if self.tls else [])])
-        wait_until_answers(self.registry_url + "/health", self.registry_process, "the registry",
-                           ca_bundle=self.ca_bundle)
+    def start_registry(self, replica=0):
+        """Start a registry process (replica: which); again after stop_registry(), on the same port and data."""
+        port = self.registry_ports[replica]
+        data = self.registry_data if replica == 0 else self.folder / f"registry-{replica}"
+        store = ["--result-store", self.result_store, "--s3-endpoint-url", self.s3_endpoint_url] if self.result_store else []
+        tls = ["--tls-cert", str(self.tls["cert"]), "--tls-key", str(self.tls["key"])] if self.tls else []
+        self.registry_processes[replica] = self._spawn(
+            "registry" if replica == 0 else f"registry-{replica}",
+            [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(data), "--database-url", self.database_url,
+             "serve", "--host", "127.0.0.1", "--port", str(port), "--lease-seconds", str(self.lease_seconds),
+             *store, *tls])
+        wait_until_answers(f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/health",
+                           self.registry_processes[replica], "the registry", ca_bundle=self.ca_bundle)
+
+    @property
+    def registry_process(self):
+        return self.registry_processes[0]
 
     @property
     def ca_bundle(self):
         return self.tls["ca"] if self.tls else None
 
-    def stop_registry(self):
-        """Stop the registry process (as an outage would); start_registry() brings it back."""
-        self.registry_process.terminate()
-        self.registry_process.wait(timeout=15)
+    def stop_registry(self, replica=0, how=signal.SIGTERM):
+        """Stop a registry process (as an outage would; SIGKILL as a crash); start_registry() brings it back."""
+        self.registry_processes[replica].send_signal(how)
+        self.registry_processes[replica].wait(timeout=15)
 
     def admin(self, *command):
         """Run one of the registry's operator commands; returns what it printed."""
         done = subprocess.run(
-            [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data), *command],
-            capture_output=True, text=True, check=True)
+            [PYTHON, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(self.registry_data),
+             "--database-url", self.database_url, *command], capture_output=True, text=True, check=True)
         return done.stdout.strip()
 
     def researcher(self):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_result_store import bucket, s3, s3_credentials, s3_endpoint  # noqa: F401 (fixtures)
 
 
 def run_bench(script, *arguments):
@@ -35,6 +36,13 @@ def test_scale_benchmark_dispatches_every_task_across_replicas(balancer):
                       "--database-url", database_url, *balancer).splitlines()
     sites, posted, dispatched, *_ = table[2].split()
     assert sites == "20" and int(posted) > 0 and posted == dispatched
+
+
+def test_soak_benchmark_survives_a_killed_replica_behind_the_balancer(postgres_url, s3_credentials, s3_endpoint,
+                                                                     bucket):
+    assert "soak: every check passed" in run_bench(
+        "soak.py", "--tasks", "6", "--sites", "2", "--replicas", "2", "--database-url", postgres_url,
+        "--result-store", f"s3://{bucket}", "--s3-endpoint-url", s3_endpoint)
 
 
 @pytest.mark.parametrize("script, arguments, expected", [

@@ -29,7 +29,8 @@ from client.site_config import SPARQL_GATEWAY_DEFAULTS, SparqlGatewaySettings
 from client.sparql_gateway import (SOCKET_NAME, QueryLog, RunGateway, Upstream, endpoint_problem, query_log_path,
                                    read_query_log, summarize)
 from client.sparql_queries import REFUSED
-from scripts.federation import OXIGRAPH, free_port, stop_process, wait_until_answers
+from scripts.federation import OXIGRAPH, free_port, wait_until_answers
+from scripts.processes import stop_process
 
 EX = "http://example.org/pht/"
 PATIENTS = [("p1", 34, 'Ann "},{" O\'Neil'), ("p2", 51, "Bob <result>\nline"), ("p3", 67, "Cé, 😀"),

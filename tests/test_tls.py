@@ -17,8 +17,8 @@ from common.transport import plain_http_warning
 from master import store
 from researcher import Registry, RegistryError
 from researcher.__main__ import cli as researcher_cli
-from scripts.federation import (IMAGE_REGISTRY, LocalFederation, free_port, register_directly, stop_process,
-                                wait_until_answers)
+from scripts.federation import IMAGE_REGISTRY, LocalFederation, free_port, register_directly, wait_until_answers
+from scripts.processes import stop_process
 from tests.conftest import ROOT
 
 GIVE_UP_SECONDS = 30
