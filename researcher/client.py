@@ -37,10 +37,12 @@ log = logging.getLogger("pht.researcher")
 PAGE_SIZE = 200  # the registry's largest page
 
 # A registry at its connection cap answers 503 with Retry-After, and may close a kept-alive connection
-# just as a request goes out on it: reads are asked again, a few times. Posts are not (a task posted
-# twice would run twice).
-# Nothing else is retried: not a certificate that fails verification (an "other" error to urllib3).
-READS_RETRIED = Retry(total=5, connect=5, read=0, other=0, status=5, status_forcelist=[503], allowed_methods={"GET"},
+# just as a request goes out on it; behind a balancer, a replica that dies during a request (a wait for a
+# task, say) leaves it a 502 or 504: reads are asked again, a few times. Posts are not (a task posted
+# twice would run twice). Nothing else is retried: not a certificate that fails verification (an "other"
+# error to urllib3).
+READS_RETRIED = Retry(total=5, connect=5, read=0, other=0, status=5, status_forcelist=[502, 503, 504],
+                      allowed_methods={"GET"},
                       backoff_factor=0.5, respect_retry_after_header=True, raise_on_status=False)
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
 

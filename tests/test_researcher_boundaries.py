@@ -636,16 +636,18 @@ def test_the_progress_display_shows_hostile_strings_escaped():
     assert HOSTILE_SHOWN in drawn
 
 
-def test_a_read_answered_503_at_the_registrys_cap_is_asked_again():
-    """A registry at its connection cap answers 503 with Retry-After (master/server.py); a researcher's read
-    then waits and asks again instead of failing, while a post is never sent twice."""
+@pytest.mark.parametrize("status", [503, 502, 504])
+def test_a_read_answered_503_at_the_registrys_cap_is_asked_again(status):
+    """A registry at its connection cap answers 503 with Retry-After (master/server.py), and a balancer whose
+    replica died during the request 502 or 504; a researcher's read then waits and asks again instead of
+    failing, while a post is never sent twice."""
     asked = []
 
     class AtItsCapOnce(BaseHTTPRequestHandler):
         def do_GET(self):
             asked.append(("GET", self.path))
             if len(asked) == 1:
-                self.send_response(503)
+                self.send_response(status)
                 self.send_header("Retry-After", "0")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
