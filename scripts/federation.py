@@ -164,6 +164,11 @@ class LocalFederation:
         return self.registry_processes[0]
 
     @property
+    def registry_port(self):
+        """The port sites reach the registry on: the balancer's, with replicas."""
+        return int(self.registry_url.rsplit(":", 1)[1])
+
+    @property
     def ca_bundle(self):
         return self.tls["ca"] if self.tls else None
 

@@ -7,10 +7,13 @@ import concurrent.futures
 import hashlib
 import os
 import signal
+import socket
+import time
 
 import pytest
 import requests
 
+from client.registry_client import RegistryClient
 from master import store
 from scripts.balancer import Balancer
 from scripts.federation import free_port, register_directly, wait_until_answers
@@ -76,3 +79,42 @@ def test_a_round_goes_through_the_balancer_and_goes_on_when_a_replica_is_killed(
 
     assert requests.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
     assert one_round(url, tokens, b"after the loss of a replica") == b"after the loss of a replica"
+
+
+def test_an_upload_cut_by_a_replicas_death_is_sent_again_and_lands_once(replicated, tmp_path, s3, bucket):  # noqa: F811
+    url, replicas, tokens = replicated
+    site, researcher = bearer(tokens["site"]), bearer(tokens["researcher"])
+    requests.post(f"{url}/api/tasks", json={"image": IMAGE, "input": "{}"}, headers=researcher,
+                  timeout=30).raise_for_status()
+    run = requests.post(f"{url}/api/site/claim", json={"wait_seconds": 0}, headers=site, timeout=30).json()
+    content = os.urandom(1024 * 1024)
+    sha256 = hashlib.sha256(content).hexdigest()
+    host, port = url.removeprefix("http://").split(":")
+    cut = socket.create_connection((host, int(port)), timeout=30)
+    cut.sendall((f"PUT /api/site/runs/{run['id']}/output HTTP/1.1\r\nHost: registry\r\n"
+                 f"Authorization: Bearer {tokens['site']}\r\nX-Lease-Id: {run['lease_id']}\r\n"
+                 f"X-Content-SHA256: {sha256}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+                + b"%x\r\n%s\r\n" % (65536, content[:65536]))
+    receiving = wait_for(lambda: next((replica for replica in replicas
+                                       if any((replica.data_dir / "incoming").glob("*"))), None),
+                         "a replica receives the upload")
+    receiving.process.send_signal(signal.SIGKILL)  # mid-upload
+    receiving.process.wait()
+    cut.close()
+
+    (tmp_path / "output.tar.gz").write_bytes(content)  # the site runner's client sends it again, whole
+    RegistryClient(url, tokens["site"], retry_for_seconds=60).upload(run["id"], run["lease_id"], "output",
+                                                                      tmp_path / "output.tar.gz")
+
+    downloaded = requests.get(f"{url}/api/runs/{run['id']}/output", headers=researcher, timeout=60)
+    assert downloaded.status_code == 200 and downloaded.content == content
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])] == [f"results/{sha256}"]
+
+
+def wait_for(found, what, timeout=30):
+    """What found() returns once it is something; fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while (value := found()) is None:
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+    return value

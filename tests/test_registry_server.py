@@ -22,7 +22,7 @@ class RegistryProcess:
     def __init__(self, data_dir, database_url, log_path, *serve_options):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
+        self.log_path, self.data_dir = log_path, data_dir
         self.base = [sys.executable, TASKMASTER, "--data-dir", str(data_dir), "--database-url", database_url]
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
