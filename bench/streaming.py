@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.output_archive import pack_output  # noqa: E402
-from client.registry_client import RegistryClient  # noqa: E402
+from client.registry_client import RegistryClient, sha256_of  # noqa: E402
 from researcher import Registry  # noqa: E402
 from scripts.federation import free_port, wait_until_answers  # noqa: E402
 
@@ -66,14 +66,6 @@ def write_random_file(path, size_bytes):
     with open(path, "wb") as file:
         for offset in range(0, size_bytes, len(block)):
             file.write(block[:size_bytes - offset])
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while piece := file.read(MB):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def researcher_result(url, researcher, researcher_token, runner, folder, size_mb, registry_pid):

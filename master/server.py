@@ -422,9 +422,13 @@ class LimitedServer(WSGIServer):
         try:
             super().do_handle(client_socket, address)
         except BaseException:  # no greenlet for it: the handler will never count it off
-            self.open_connections -= 1
-            self.count_idle(address[0], -1)
+            self._count_off(address)
             raise
+
+    def _count_off(self, address):
+        """A connection admitted by do_handle that ends before its handler runs."""
+        self.open_connections -= 1
+        self.count_idle(address[0], -1)
 
     def wrap_socket_and_handle(self, client_socket, address):
         # gevent's TLS handshake comes before the handler, with no deadline of its own: a client that
@@ -438,8 +442,7 @@ class LimitedServer(WSGIServer):
                       else f"TLS handshake failed ({getattr(error, 'reason', None) or type(error).__name__})")
             self.drops.record("closed", reason, address[0])
             client_socket.close()
-            self.open_connections -= 1
-            self.count_idle(address[0], -1)
+            self._count_off(address)
             return None
         return self.handle(tls_socket, address)
 

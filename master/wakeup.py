@@ -95,7 +95,8 @@ class PostgresRelay:
                 for payload in payloads(self.replica, keys):
                     conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
                                  {"channel": channel, "payload": payload})
-        except sa.exc.SQLAlchemyError as error:  # the waiters here are woken; the others look again within RECHECK_SECONDS
+        # The waiters here are woken; the other replicas' look in the database again within RECHECK_SECONDS.
+        except sa.exc.SQLAlchemyError as error:
             log.warning("could not tell the other replicas of news on %s: %s", channel, error)
 
     def listen(self, stop):

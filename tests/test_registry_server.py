@@ -19,16 +19,18 @@ IMAGE = "127.0.0.1:5050/pht/patient-count:latest"
 
 
 class RegistryProcess:
-    def __init__(self, data_dir, database_url, log_path, *serve_options):
+    def __init__(self, data_dir, database_url, log_path, *serve_options, tls=None):
+        """tls: {"cert", "key", "ca"} (PEM files) to serve HTTPS, verified against the ca."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.log_path, self.data_dir = log_path, data_dir
         self.base = [sys.executable, TASKMASTER, "--data-dir", str(data_dir), "--database-url", database_url]
+        tls_options = ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])] if tls else []
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [*self.base, "serve", "--host", "127.0.0.1", "--port", str(self.port), *serve_options],
+                [*self.base, "serve", "--host", "127.0.0.1", "--port", str(self.port), *tls_options, *serve_options],
                 stdout=log, stderr=subprocess.STDOUT)
-        wait_until_answers(self.url + "/health", self.process, "the registry")
+        wait_until_answers(self.url + "/health", self.process, "the registry", ca_bundle=tls and tls["ca"])
 
     def admin(self, *command):
         return subprocess.run([*self.base, *command], capture_output=True, text=True, timeout=60)

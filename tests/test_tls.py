@@ -20,6 +20,7 @@ from researcher.__main__ import cli as researcher_cli
 from scripts.federation import IMAGE_REGISTRY, LocalFederation, free_port, register_directly, wait_until_answers
 from scripts.processes import stop_process
 from tests.conftest import ROOT
+from tests.test_registry_server import RegistryProcess
 
 GIVE_UP_SECONDS = 30
 PATIENT_COUNT = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
@@ -49,22 +50,16 @@ def certificates(tmp_path_factory):
 
 @pytest.fixture
 def https_registry(tmp_path, certificates):
-    """A registry serving HTTPS (SQLite): (its https:// URL, a researcher's token, a site's token)."""
-    port = free_port()
+    """A registry serving HTTPS (SQLite): (its https:// URL, a researcher's token, a site's token, its log)."""
     database_url = f"sqlite:///{tmp_path / 'data' / 'registry.sqlite'}"
-    with open(tmp_path / "registry.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(tmp_path / "data"), "serve",
-             "--host", "127.0.0.1", "--port", str(port), "--tls-cert", str(certificates["cert"]),
-             "--tls-key", str(certificates["key"]), "--header-seconds", "1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"https://127.0.0.1:{port}"
+    registry = RegistryProcess(tmp_path / "data", database_url, tmp_path / "registry.log", "--header-seconds", "1",
+                               tls={"cert": certificates["cert"], "key": certificates["key"], "ca": certificates["ca"]})
     try:
-        wait_until_answers(url + "/health", process, "the registry", ca_bundle=certificates["ca"])
         researcher = register_directly(database_url, store.RESEARCHER, ["alice"])["alice"]
         site = register_directly(database_url, store.SITE, ["hospital-a"])["hospital-a"]
-        yield url, researcher, site, tmp_path / "registry.log"
+        yield registry.url, researcher, site, registry.log_path
     finally:
-        stop_process(process)
+        registry.stop()
 
 
 def test_the_researcher_library_verifies_the_registry_with_the_consortium_ca(https_registry, certificates):
