@@ -1,6 +1,6 @@
 """Disk limits benchmark: what a fixed-size filesystem per run costs the site runner, and takes of its disk.
 
-    sudo .venv/bin/python bench/disk_limits.py [--runs 20] [--limits 1024:100000 10240:100000 8:200]
+    sudo .venv/bin/python -m bench.disk_limits [--runs 20] [--limits 1024:100000 10240:100000 8:200]
 
 For each limit (MiB:files) it prints how long the runner's start-up sizing takes (disk_limits.calibrate),
 the median time to make and mount a run's filesystem and to unmount and remove it again (what every run
@@ -15,10 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from client import disk_limits  # noqa: E402
+from client import disk_limits
 
 MIB = 1024 ** 2
 

@@ -1,6 +1,6 @@
 """Dispatch latency: from the researcher's POST to the algorithm's first instruction at the site.
 
-    .venv/bin/python bench/dispatch_latency.py [--tasks 50] [--interval 5]
+    .venv/bin/python -m bench.dispatch_latency [--tasks 50] [--interval 5]
 
 One site, one task at a time: the image writes time.time() as its first instruction (same machine,
 same clock). Measured twice in one run: the runner long-polling (the default), and the runner asking
@@ -14,7 +14,6 @@ scripts/setup.sh to have run.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -23,8 +22,6 @@ from pathlib import Path
 import docker
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from master import lifecycle  # noqa: E402
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 

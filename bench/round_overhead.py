@@ -1,6 +1,6 @@
 """Round overhead: what the PHT adds to one round of an iterative analysis.
 
-    .venv/bin/python bench/round_overhead.py [--rounds 10] [--sites 3]
+    .venv/bin/python -m bench.round_overhead [--rounds 10] [--sites 3]
 
 A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks
 of a trivial algorithm (patient-count) in one session, one after the other, as an iterative
@@ -16,13 +16,9 @@ Target: ratio <= 1.5. Needs scripts/setup.sh to have run.
 import argparse
 import concurrent.futures
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 

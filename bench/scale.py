@@ -1,6 +1,6 @@
 """Scale benchmark: many simulated sites against the registry on this machine, as one process or several.
 
-    .venv/bin/python bench/scale.py [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
+    .venv/bin/python -m bench.scale [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
         [--database-url URL] [--replicas N [--balancer]]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
@@ -39,8 +39,6 @@ import requests  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from master import store  # noqa: E402
 from scripts.balancer import Balancer  # noqa: E402
 from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402

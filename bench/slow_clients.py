@@ -1,6 +1,6 @@
 """Slow clients benchmark: a Slowloris attack on the registry while thousands of sites long-poll.
 
-    .venv/bin/python bench/slow_clients.py [--sites 2000] [--slow 1000] [--attack-addresses 1]
+    .venv/bin/python -m bench.slow_clients [--sites 2000] [--slow 1000] [--attack-addresses 1]
                                            [--open-files 2600] [--probe-seconds 10] [--header-seconds 10]
 
 Every simulated site long-polls (POST /api/site/claim, wait_seconds 60) from its own loopback address
@@ -52,8 +52,6 @@ import gevent.event  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from master import store  # noqa: E402
 from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Soak run: many tasks through a whole local federation, with cancels and a runner killed mid-way.
 
-    .venv/bin/python bench/soak.py [--tasks 200] [--sites 3] [--cancel-share 0.1] [--seed 7]
+    .venv/bin/python -m bench.soak [--tasks 200] [--sites 3] [--cancel-share 0.1] [--seed 7]
         [--replicas 2 --database-url postgresql+psycopg://… --result-store s3://BUCKET --s3-endpoint-url URL]
 
 Posts TASKS tasks for every site (patient-count), cancels a random share of them at random moments,
@@ -18,17 +18,13 @@ is bounded.
 
 import argparse
 import collections
-import json
 import random
 import signal
 import sqlite3
 import sys
 import time
-from pathlib import Path
 
 import sqlalchemy as sa
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from master import lifecycle, store  # noqa: E402
 from researcher import ChecksumMismatch, RegistryError  # noqa: E402
@@ -122,7 +118,7 @@ def main():
                     failures.append(f"{where}: its result does not download whole: {error}")
                     continue
                 expected = len(federation.sites[run["site"]].patients)
-                if json.loads(result.files["result.json"])["patient_count"] != expected:
+                if result.output["patient_count"] != expected:
                     failures.append(f"{where}: its result is not its site's patient count")
 
         if not args.database_url:

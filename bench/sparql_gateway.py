@@ -1,6 +1,6 @@
 """SPARQL gateway overhead: an algorithm's queries through the per-run gateway against straight to the endpoint.
 
-    .venv/bin/python bench/sparql_gateway.py [--queries 300] [--large-mb 10 100] [--repeats 5]
+    .venv/bin/python -m bench.sparql_gateway [--queries 300] [--large-mb 10 100] [--repeats 5]
 
 One Oxigraph store on 127.0.0.1 (a 1,000-patient cohort from data/generate_cohort.py, plus a bulk
 cohort in a named graph, sized for the largest --large-mb answer). This process plays the site
@@ -52,8 +52,6 @@ import docker
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from client import containers  # noqa: E402
 from client.site_config import (CONTAINER_DEFAULTS, SPARQL_GATEWAY_DEFAULTS, ContainerLimits,  # noqa: E402
                                 SparqlGatewaySettings)

@@ -1,6 +1,6 @@
 """Streaming benchmark: a large result uploaded by the site runner's client and downloaded again.
 
-    .venv/bin/python bench/streaming.py [--size-mb 1024] [--database-url URL]
+    .venv/bin/python -m bench.streaming [--size-mb 1024] [--database-url URL]
         [--result-store s3://BUCKET --s3-endpoint-url URL]   (with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set)
 
 Prints throughput of each direction and the growth of peak resident memory (VmHWM) of the
@@ -25,8 +25,6 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from client.output_archive import pack_output  # noqa: E402
 from client.registry_client import RegistryClient, sha256_of  # noqa: E402
 from researcher import Registry  # noqa: E402

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so it runs from a checkout
-
 from researcher import RegistryError, SettingsError, TaskFailed, TaskTimeout, connect  # noqa: E402
 
 COVARIATES = ["age", "sex=female", "stage", "smoker"]  # name=value: 1 for that value, else 0

@@ -17,8 +17,6 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so it runs from a checkout
-
 from researcher import RegistryError, SettingsError, TaskFailed, TaskTimeout, connect  # noqa: E402
 
 VARIABLES = ["age", "sex", "stage", "smoker", "outcome"]

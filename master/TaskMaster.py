@@ -9,14 +9,11 @@
     python master/TaskMaster.py revoke --token-stdin < token.txt
     python master/TaskMaster.py rotate-token NAME [--site | --researcher]
 
-Every command takes --data-dir and --database-url before the command name.
+Every command takes --data-dir and --database-url, before or after the command's name.
 """
 
 import sys
 from pathlib import Path
-
-# Run as a script (as in the original PyTaskManager), so make the repository importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":
     # gevent's server parks each waiting long-poll as a greenlet; blocking I/O must be
@@ -24,6 +21,7 @@ if __name__ == "__main__":
     from gevent import monkey
     monkey.patch_all()
 
+import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
@@ -37,16 +35,39 @@ from master.app import Settings, create_app, expire_leases_periodically, hear_ot
 from master.server import limit_options, tls_options  # noqa: E402
 
 
+DEFAULT_DATA_DIR = Path("registry-data")
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help=f"Folder for the SQLite database and result files. Default: ./{DEFAULT_DATA_DIR}.")
+database_url_option = click.option(
+    "--database-url", default=None, envvar="PHT_DATABASE_URL",
+    help="SQLAlchemy URL, e.g. postgresql+psycopg://user@127.0.0.1/pht. Default: SQLite in --data-dir.")
+
+
 @click.group(invoke_without_command=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("registry-data"),
-              show_default=True, help="Folder for the SQLite database and result files.")
-@click.option("--database-url", default="", envvar="PHT_DATABASE_URL",
-              help="SQLAlchemy URL, e.g. postgresql+psycopg://user@127.0.0.1/pht. Default: SQLite in --data-dir.")
+@data_dir_option
+@database_url_option
 @click.pass_context
 def cli(context, data_dir, database_url):
-    context.obj = Settings(data_dir=data_dir, database_url=database_url)
+    """The Personal Health Train's central registry: `serve` it (the default), and register its sites and
+    researchers."""
     if context.invoked_subcommand is None:
         context.invoke(serve)
+
+
+def with_settings(command):
+    """Give command the registry's Settings, from --data-dir and --database-url given before its name or
+    after it (after wins): operators type them either way, and a forgotten one must not go unnoticed."""
+    @data_dir_option
+    @database_url_option
+    @click.pass_context
+    @functools.wraps(command)
+    def with_location(context, data_dir, database_url, **options):
+        before = context.find_root().params
+        settings = Settings(data_dir=data_dir or before["data_dir"] or DEFAULT_DATA_DIR,
+                            database_url=database_url or before["database_url"] or "")
+        return command(settings, **options)
+    return with_location
 
 
 @cli.command()
@@ -66,7 +87,7 @@ def cli(context, data_dir, database_url):
               help="The object store's URL, for one other than AWS (MinIO, Ceph, SeaweedFS).")
 @limit_options
 @tls_options
-@click.pass_obj
+@with_settings
 def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, result_store, s3_endpoint_url,
           limits, tls):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
@@ -79,6 +100,8 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
                            "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes,
                            "result_store": result_store, "s3_endpoint_url": s3_endpoint_url})
+    if not settings.database_url and not settings.sqlite_path.exists():
+        logging.getLogger("pht.registry").warning("%s", new_registry_note(settings))
     try:
         app = create_app(settings)
     except StoreUnreachable as error:
@@ -97,14 +120,28 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     serve_forever(app, host, port, limits, tls)
 
 
-def _engine(settings):
+def _engine(settings, making=False):
+    """The registry's database. A command that only reads or changes what is there refuses a data folder
+    without one, rather than make an empty registry where the operator forgot --data-dir; one that adds
+    (create-site, create-researcher) makes it, and says where."""
+    if not settings.database_url and not settings.sqlite_path.exists():
+        if not making:
+            raise click.ClickException(
+                f"no registry in {settings.data_dir.resolve()} (it has no {settings.sqlite_path.name}); give the "
+                "registry's --data-dir, or --database-url, before or after the command's name")
+        click.echo(f"warning: {new_registry_note(settings)}", err=True)
     return open_data(settings)
+
+
+def new_registry_note(settings):
+    return (f"making a new, empty registry in {settings.data_dir.resolve()}; if you meant an existing one, "
+            "give its --data-dir")
 
 
 def _create_principal(settings, role, name):
     token = auth.new_token()
     try:
-        store.create_principal(_engine(settings), role, name, auth.hash_token(token))
+        store.create_principal(_engine(settings, making=True), role, name, auth.hash_token(token))
     except store.Invalid as error:
         raise click.ClickException(str(error)) from None
     except store.Conflict as error:
@@ -115,7 +152,7 @@ def _create_principal(settings, role, name):
 
 @cli.command("create-site")
 @click.argument("name")
-@click.pass_obj
+@with_settings
 def create_site(settings, name):
     """Register a site; prints its token (shown only this once)."""
     _create_principal(settings, store.SITE, name)
@@ -123,7 +160,7 @@ def create_site(settings, name):
 
 @cli.command("create-researcher")
 @click.argument("name")
-@click.pass_obj
+@with_settings
 def create_researcher(settings, name):
     """Register a researcher; prints their token (shown only this once)."""
     _create_principal(settings, store.RESEARCHER, name)
@@ -134,7 +171,7 @@ def _when(timestamp):
 
 
 @cli.command("list-sites")
-@click.pass_obj
+@with_settings
 def list_sites(settings):
     """The sites, when each was last seen and whether it is revoked."""
     for site in store.list_sites(_engine(settings))[0]:
@@ -146,7 +183,7 @@ def list_sites(settings):
 
 
 @cli.command("list-researchers")
-@click.pass_obj
+@with_settings
 def list_researchers(settings):
     """The researchers, when each was registered and whether they are revoked."""
     for researcher in store.list_researchers(_engine(settings)):
@@ -187,7 +224,7 @@ def _token_from_stdin():
 @click.option("--token-stdin", is_flag=True,
               help="Revoke whoever holds the token read from standard input (never give a token as an argument: "
                    "it would stay in the shell's history and show in ps).")
-@click.pass_obj
+@with_settings
 def revoke(settings, name, as_site, as_researcher, token_stdin):
     """Revoke a site or researcher, by NAME or by token, and end what it leaves unfinished.
 
@@ -215,7 +252,7 @@ def revoke(settings, name, as_site, as_researcher, token_stdin):
 @click.argument("name")
 @click.option("--site", "as_site", is_flag=True, help="NAME is a site's.")
 @click.option("--researcher", "as_researcher", is_flag=True, help="NAME is a researcher's.")
-@click.pass_obj
+@with_settings
 def rotate_token(settings, name, as_site, as_researcher):
     """Give a site or researcher a new token (printed once); the old one stops working at once.
 

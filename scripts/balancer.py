@@ -1,7 +1,7 @@
 """HAProxy (Debian's haproxy) in front of the registry's replicas, on loopback: for the tests and the
 benchmarks, and the configuration docs/deployment.md gives an operator.
 
-    .venv/bin/python scripts/balancer.py --port 8080 --replica 127.0.0.1:5001 --replica 127.0.0.1:5002
+    .venv/bin/python -m scripts.balancer --port 8080 --replica 127.0.0.1:5001 --replica 127.0.0.1:5002
 
 The timeouts follow the registry's (master/server.py): long-polls wait up to 120 s, so a quiet answer is
 not a dead server until well after that; a request's head must be in within 10 s; idle kept-alive client
@@ -19,10 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scripts.processes import stop_process  # noqa: E402
+from scripts.processes import stop_process
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LONGEST_WAIT_SECONDS = 120  # master/schemas.py: a site's claim wait_seconds (a researcher's is at most 60)

@@ -21,8 +21,6 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from client import disk_limits  # noqa: E402
 from data.generate_cohort import generate_cohort, write_ntriples  # noqa: E402
 from researcher import Registry  # noqa: E402

@@ -83,14 +83,17 @@ prepare_python() {
         python3 -m venv "$VENV"
     fi
     local wanted installed
-    wanted="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+    wanted="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     installed="$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)"
     if [[ "$wanted" == "$installed" ]]; then
-        say "python packages already match requirements.txt"
+        say "python packages already match requirements.txt and pyproject.toml"
         return
     fi
-    say "installing requirements.txt into $VENV"
+    say "installing requirements.txt, and this checkout as a package (pht, pht-registry, pht-site, pht-fileservice)"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt"
+    # Editable: the commands run this checkout's code, as python master/TaskMaster.py and the others do.
+    # The pins above already hold every dependency, so nothing else is resolved here.
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --editable "$ROOT"
     echo "$wanted" >"$VENV/.requirements.sha256"
 }
 

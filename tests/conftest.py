@@ -1,5 +1,4 @@
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -7,12 +6,24 @@ import pytest
 import sqlalchemy as sa
 from werkzeug.serving import make_server
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from client import disk_limits
+from master import auth, store
+from master.app import Settings, create_app
 
-from client import disk_limits  # noqa: E402
-from master import auth, store  # noqa: E402
-from master.app import Settings, create_app  # noqa: E402
+# The checkout, for tests that run its scripts and read its files.
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# Modules whose every test starts several processes or runs a benchmark, beyond those using a federation.
+SLOW_MODULES = {"test_balancer", "test_bench_smoke", "test_replicas", "test_tls"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the slow tier, so that `scripts/test.sh -m "not slow"` is a quick run of everything else."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in SLOW_MODULES or any("federation" in name for name in item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ from tests.test_result_store import bucket, s3, s3_credentials, s3_endpoint  # n
 
 
 def run_bench(script, *arguments):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *arguments],
+    done = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

@@ -54,7 +54,7 @@ def test_encrypted_results_are_ciphertext_at_the_registry_and_open_for_the_resea
     researcher = Registry(federation.registry_url, federation.researcher_token, identity_file=identity)
     task = researcher.submit(PATIENT_COUNT, {"label": "secret"}, encrypt=True)
     [result] = researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
-    assert result.read_json("result.json") == {"patient_count": 23, "label": "secret"}
+    assert result.output == {"patient_count": 23, "label": "secret"}
     assert "23 patients" in result.log
 
     run = researcher.task(task["id"])["runs"][0]
@@ -71,7 +71,7 @@ def test_encrypted_results_are_ciphertext_at_the_registry_and_open_for_the_resea
     opened = subprocess.run(["age", "--decrypt", "-i", str(identity), str(encrypted_output)],
                             capture_output=True, timeout=30, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(opened), mode="r:gz") as archive:
-        assert json.load(archive.extractfile("result.json"))["patient_count"] == 23
+        assert json.load(archive.extractfile("output.txt"))["patient_count"] == 23
 
 
 def test_a_wrong_or_missing_key_fails_clearly(federation, identity, tmp_path):

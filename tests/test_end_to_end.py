@@ -44,7 +44,7 @@ def test_each_site_counts_its_own_patients_over_sparql(engine, federation):
     for name, result in results.items():
         assert result.status == "completed", result.log
         assert result.exit_code == 0
-        assert result.read_json("result.json") == {
+        assert result.output == {
             "patient_count": len(federation.sites[name].patients), "label": "walking skeleton"}
         assert result.image_digest == registry_digest(PATIENT_COUNT)
     engine.images.get(task["image"])  # it was pulled back, by the digest the library pinned

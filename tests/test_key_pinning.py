@@ -76,4 +76,4 @@ def test_a_task_stripped_of_its_keys_is_still_encrypted_to_the_pinned_ones(feder
         assert b"patient_count" not in blobs[sha256] and b"11 patients" not in blobs[sha256]
     result = Registry(federation.registry_url, federation.researcher_token, identity_file=identity_file).result(
         run, encrypted=True)
-    assert result.read_json("result.json") == {"patient_count": 11, "label": "stripped"}
+    assert result.output == {"patient_count": 11, "label": "stripped"}

@@ -124,7 +124,7 @@ def test_a_federated_round_over_https(certificates):
         researcher = federation.researcher()
         task = researcher.submit(PATIENT_COUNT, {"label": "over https"})
         [result] = researcher.wait_for_results(task["id"], timeout_seconds=120)
-        assert result.read_json("result.json") == {"patient_count": 7, "label": "over https"}
+        assert result.output == {"patient_count": 7, "label": "over https"}
         assert "plain HTTP" not in federation.log_of("hospital-a-runner")
 
 

@@ -3,7 +3,8 @@
 Copy this folder to write your own. The site runner gives the container:
   SPARQL_ENDPOINT       environment variable, the URL of the site's SPARQL query endpoint
   /input/input.txt      the task input from the researcher: empty, or a JSON object
-  /output/result.json   where the result goes; it is sent back to the researcher
+  /output/output.txt    the answer, as JSON (the convention: the researcher library parses it into
+                        result.output); everything under /output/ is sent back to the researcher
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 from SPARQLWrapper import JSON, SPARQLWrapper
 
 INPUT_FILE = Path("/input/input.txt")
-OUTPUT_FILE = Path("/output/result.json")
+OUTPUT_FILE = Path("/output/output.txt")
 
 COUNT_PATIENTS = """
 PREFIX pht: <http://example.org/pht/vocab#>
