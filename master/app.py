@@ -59,6 +59,10 @@ class Registry:
     # On PostgreSQL, news also goes to (and comes from) the registry's other replicas.
     relay: PostgresRelay | None = None
 
+    def hears_every_announcement(self):
+        """True when every announcement reaches this process: one registry alone, or replicas whose relay listens."""
+        return self.relay is None or self.relay.listening.is_set()
+
     def expire_lapsed_leases(self):
         """Requeue (or fail) runs whose lease ran out, and wake the sites that got them back."""
         expired = store.expire_overdue_leases(self.engine)
@@ -98,10 +102,10 @@ def create_app(settings):
 
 
 def expire_leases_periodically(app, stop, interval_seconds):
-    """Return runs with a lapsed lease to the queue even when no site polls to notice it.
+    """Return runs with a lapsed lease to the queue, and wake the sites that get them back.
 
-    Claims also expire leases on their way, so this only matters for a site that went quiet;
-    run it in a background thread (a greenlet under gevent) until stop is set.
+    The only place leases expire: claims do not look, so that a claim costs one query when there is nothing for
+    its site. Run it in a background thread (a greenlet under gevent) until stop is set.
     """
     registry = app.extensions["pht"]
     while not stop.wait(interval_seconds):

@@ -79,8 +79,8 @@ def get_task(task_id, query_data):
         remaining = deadline - time.monotonic()
         if task["status"] != lifecycle.TaskStatus.ACTIVE or remaining <= 0:
             return task
-        # News of the task's runs comes from every replica (wakeup.PostgresRelay); should it fail, the task
-        # is looked at again within wakeup.RECHECK_SECONDS.
+        # News of the task's runs comes from every replica (wakeup.PostgresRelay). An operator's revoke, in a
+        # process of its own, announces nothing: the task is looked at again within wakeup.RECHECK_SECONDS.
         if registry.ended_tasks.wait_for_news(task_id, seen, min(remaining, wakeup.RECHECK_SECONDS)):
             return store.get_task(registry.engine, task_id, researcher.id)
 

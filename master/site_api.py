@@ -56,7 +56,6 @@ def claim_run(json_data):
     deadline = time.monotonic() + json_data["wait_seconds"]
     while True:
         seen = registry.work_for_sites.generation(site.id)
-        registry.expire_lapsed_leases()
         run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
         if run is not None:
             log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)
@@ -64,7 +63,13 @@ def claim_run(json_data):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "", 204
-        registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
+        # A parked claim costs nothing until news for its site: every change that gives a site a run is announced
+        # (posting a task, the lease sweeper), here or by another replica through PostgreSQL. Only while that
+        # relay is deaf does the claim look in the database again, as a safety net.
+        if registry.hears_every_announcement():
+            registry.work_for_sites.wait_for_news(site.id, seen, remaining)
+        else:
+            registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
 
 
 @bp.post("/sessions/closed")

@@ -24,8 +24,9 @@ import sqlalchemy as sa
 
 log = logging.getLogger("pht.registry")
 
-# News from another replica comes through PostgreSQL (PostgresRelay); should that fail, a waiting claim or
-# wait for a task looks in the database again this often.
+# A wait for a task looks in the database again this often: a task's runs may also end by an operator's command
+# (revoke), which runs in a process of its own. A waiting claim does so only while news from other replicas
+# (PostgresRelay) does not arrive.
 RECHECK_SECONDS = 5
 # A NOTIFY payload must stay under 8,000 bytes: more keys go in several.
 MAX_PAYLOAD_CHARS = 7000
@@ -95,7 +96,8 @@ class PostgresRelay:
                 for payload in payloads(self.replica, keys):
                     conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
                                  {"channel": channel, "payload": payload})
-        # The waiters here are woken; the other replicas' look in the database again within RECHECK_SECONDS.
+        # The waiters here are woken. The other replicas' sites find the news at their next claim (within a
+        # long-poll's wait), their researchers' waits within RECHECK_SECONDS.
         except sa.exc.SQLAlchemyError as error:
             log.warning("could not tell the other replicas of news on %s: %s", channel, error)
 

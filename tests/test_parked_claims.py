@@ -1,0 +1,77 @@
+"""A site's long-poll costs the registry nothing while it waits: no database query until news for the site."""
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from master import wakeup
+from master.app import hear_other_replicas
+from tests.test_registry_api import alice, claim, hospital, post_task  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def queries(app):
+    """Every statement the registry sends to its database from now on."""
+    sent = []
+    engine = app.extensions["pht"].engine
+    listener = lambda conn, cursor, statement, *rest: sent.append(statement)  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    yield sent
+    sa.event.remove(engine, "before_cursor_execute", listener)
+
+
+@pytest.fixture
+def every_announcement_heard(app):
+    """On PostgreSQL, the registry listens to its replicas' news, as `serve` does."""
+    stop = threading.Event()
+    listener = threading.Thread(target=hear_other_replicas, args=(app, stop), daemon=True)
+    listener.start()
+    relay = app.extensions["pht"].relay
+    assert relay is None or relay.listening.wait(30), "the registry did not start listening"
+    yield
+    stop.set()
+    listener.join(timeout=10)
+
+
+def looks_for_work(statements):
+    return [statement for statement in statements if "FROM runs" in statement]
+
+
+def test_a_parked_claim_looks_for_work_on_arrival_and_at_its_deadline_only(
+        app, client, hospital, queries, every_announcement_heard, monkeypatch):  # noqa: F811
+    # Were the wait a timer looking in the database, it would look about a hundred times here.
+    monkeypatch.setattr(wakeup, "RECHECK_SECONDS", 0.01)
+    assert claim(client, hospital, wait_seconds=1).status_code == 204
+    assert len(looks_for_work(queries)) == 2
+
+
+def test_a_parked_claim_wakes_for_a_task_and_takes_it(app, client, alice, hospital, queries,  # noqa: F811
+                                                       every_announcement_heard):
+    claimed = []
+    waiting = threading.Thread(target=lambda: claimed.append(claim(client, hospital, wait_seconds=30)))
+    waiting.start()
+    # The claim is parked once it has looked once; then the task is posted.
+    while not looks_for_work(queries):
+        waiting.join(timeout=0.01)
+    assert post_task(app.test_client(), alice).status_code == 201
+    waiting.join(timeout=30)
+    assert claimed[0].status_code == 200 and claimed[0].json["task_id"] == 1
+
+
+def test_while_the_replicas_news_is_not_heard_a_parked_claim_looks_again(postgres_url, tmp_path, monkeypatch):
+    """The safety net: on PostgreSQL, a replica that does not listen (its connection lost) looks every
+    RECHECK_SECONDS, so a task posted through another replica still reaches its sites."""
+    from master.app import Settings, create_app
+    from tests.conftest import _bearer_for
+    app = create_app(Settings(data_dir=tmp_path / "deaf", database_url=postgres_url))
+    try:
+        monkeypatch.setattr(wakeup, "RECHECK_SECONDS", 0.05)
+        hospital = _bearer_for(app, "site", "hospital-a")  # noqa: F811
+        statements = []
+        sa.event.listen(app.extensions["pht"].engine, "before_cursor_execute",
+                        lambda conn, cursor, statement, *rest: statements.append(statement))
+        assert claim(app.test_client(), hospital, wait_seconds=1).status_code == 204
+        assert len(looks_for_work(statements)) > 5
+    finally:
+        app.extensions["pht"].engine.dispose()
