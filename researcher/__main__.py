@@ -3,15 +3,18 @@
     python -m researcher sites
     python -m researcher submit IMAGE --input-file config.json --site hospital-a --site hospital-b
     python -m researcher wait TASK
-    python -m researcher results TASK --output-dir results/
+    python -m researcher results TASK --output-dir results/ [--identity ~/.config/pht/identity.txt]
+    python -m researcher task TASK
     python -m researcher cancel TASK
     python -m researcher tasks --session SESSION
     python -m researcher sessions
     python -m researcher close-session SESSION
-    python -m researcher keygen ~/.config/pht/identity.txt --register
+    python -m researcher keygen ~/.config/pht/identity.txt --register [--save-to-config]
 
 Tables for people by default, --json for scripts. The registry URL and token come from
-PHT_REGISTRY_URL and PHT_TOKEN or ~/.config/pht/researcher.toml (see researcher/settings.py).
+PHT_REGISTRY_URL and PHT_TOKEN or ~/.config/pht/researcher.toml (see researcher/settings.py); the identity
+that opens encrypted results from --identity, PHT_IDENTITY or that file's identity_file, in this order.
+Warnings and questions go to standard error, so standard output stays the table or the JSON.
 Exit codes: 0 done; 1 an error, or a site did not complete the task; 2 a usage error; 3 a timeout.
 
 What sites and the registry send is not trusted: every string of theirs reaches the terminal escaped
@@ -34,25 +37,42 @@ from common.printable import escaped
 from master import lifecycle
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
 from researcher.images import ImageNotPinned
-from researcher.keys import DecryptionFailed, generate_identity
+from researcher.keys import DecryptionFailed, IdentityMissing, generate_identity
 from researcher.results import ResultLimits, ResultTooLarge, UnsafeOutput, UnsafeSiteName
-from researcher.settings import SettingsError, connect
+from researcher.settings import (IDENTITY_VARIABLE, SettingsError, config_file_path, connect,
+                                 identity_file_recordable, record_identity_file)
 
 TIMED_OUT = 3
 FILES_SHOWN = 10  # of a result's output files, in the results table
+SITES_SHOWN = 10  # of each kind of site not online, in submit's warning (a registry may have thousands)
 # In a pipe rich would fold tables to 80 columns; a wider page keeps each row on one line.
 PIPE_WIDTH = 200
 
 
 @click.group(epilog="Exit codes: 0 done; 1 an error, or a site did not complete the task; 2 usage; 3 timeout.")
-@click.option("--registry", "registry_url", metavar="URL", help="The registry (default: $PHT_REGISTRY_URL or the config file).")
+@click.option("--registry", "registry_url", metavar="URL",
+              help="The registry (default: $PHT_REGISTRY_URL or the config file).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML file with registry_url and token (default: $PHT_CONFIG or ~/.config/pht/researcher.toml).")
+              help="TOML file with registry_url, token and identity_file (default: $PHT_CONFIG or "
+                   "~/.config/pht/researcher.toml).")
 @click.pass_context
 def cli(context, registry_url, config_file):
     """Post Personal Health Train tasks to a registry, follow them and fetch their results."""
-    # Connect lazily, so `--help` of a command works without a token.
-    context.obj = lambda: connect(registry_url, config_file)
+    context.obj = GroupOptions(registry_url, config_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOptions:
+    """The group's --registry and --config. Subcommands connect lazily, so `--help` of a command works without
+    a token."""
+    registry_url: str | None
+    config_file: Path | None
+
+    def connect(self, identity_file=None):
+        return connect(self.registry_url, self.config_file, identity_file)
+
+    def config_path(self):
+        return config_file_path(self.config_file)
 
 
 def command(function):
@@ -61,9 +81,13 @@ def command(function):
     @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
     @click.pass_obj
     @functools.wraps(function)
-    def run(connect_to_registry, *args, **kwargs):
+    def run(options, *args, **kwargs):
         try:
-            return function(connect_to_registry(), *args, **kwargs)
+            # --identity (with_identity) is taken here: the identity is loaded as the connection is made.
+            return function(options.connect(identity_file=kwargs.pop("identity_file", None)), *args, **kwargs)
+        except IdentityMissing as error:
+            fail(f"{error.what} is encrypted: give your identity file, the one keygen wrote: --identity FILE, "
+                 f"{IDENTITY_VARIABLE}=FILE, or identity_file = \"FILE\" in {options.config_path()}")
         except TaskTimeout as error:
             fail(f"{error}; wait again, or stop it with: python -m researcher cancel {error.task['id']}", TIMED_OUT)
         except ImageNotPinned as error:
@@ -94,9 +118,23 @@ def limit_option(limit):
     return "--" + limit.replace("_", "-")
 
 
+def with_identity(function):
+    """A subcommand that may open encrypted results: --identity FILE, which wins over PHT_IDENTITY and the config
+    file's identity_file (`command` hands it to the connection)."""
+    return click.option("--identity", "identity_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        metavar="FILE", help=f"Your identity file, which opens encrypted results (default: "
+                                             f"${IDENTITY_VARIABLE} or identity_file in the config file).")(function)
+
+
 def fail(message, exit_code=1):
     click.echo("error: " + escaped(" ".join(message.split())), err=True)
     sys.exit(exit_code)
+
+
+def warn(message):
+    """One line on standard error, where --json's reader does not look; what it quotes is escaped (a newline
+    in a site's name included)."""
+    click.echo("warning: " + one_line(message), err=True)
 
 
 def say(line):
@@ -118,7 +156,7 @@ def sites(registry, as_json):
     for site in found:
         sparql = {True: "ok", False: "not answering", None: "unknown"}[site["sparql_ok"]]
         add_row(table, site["name"], "yes" if site["online"] else "no", sparql,
-                (site["last_seen_at"] or "never")[:19], site["runner_version"] or "")
+                short_time(site["last_seen_at"]) or "never", site["runner_version"] or "")
     print_table(table)
 
 
@@ -130,7 +168,8 @@ def sites(registry, as_json):
 @click.option("--site", "site_names", multiple=True, metavar="NAME", help="A site to run it (repeat; default all).")
 @click.option("--session", "session_id", type=int, help="Add the task to this session.")
 @click.option("--name", help="A name for the task.")
-@click.option("--timeout", "timeout_seconds", type=click.IntRange(1), help="Seconds the algorithm may run at each site.")
+@click.option("--timeout", "timeout_seconds", type=click.IntRange(1),
+              help="Seconds the algorithm may run at each site.")
 @click.option("--encrypt", is_flag=True, help="Sites encrypt results to your registered public keys.")
 @click.option("--no-pin", "no_pin", is_flag=True,
               help="Post IMAGE as written, not pinned to the digest its tag names now (for sites that accept tags).")
@@ -143,15 +182,37 @@ def submit_command(registry, as_json, image, input_text, input_file, site_names,
     if input_text is not None and input_file is not None:
         raise click.UsageError("give --input or --input-file, not both")
     task_input = input_file if input_file is not None else (input_text or "")
+    # Asked before posting, so that a registry that cannot list its sites leaves no task behind.
+    every_site = None if site_names else registry.sites()
     task = registry.submit(image, task_input, sites=list(site_names) or None, session_id=session_id, name=name,
                            timeout_seconds=timeout_seconds, encrypt=encrypt, pin_digest=not no_pin)
+    warning = None if site_names else sites_not_online_warning(task, every_site)
+    if warning:
+        warn(warning)
     if as_json:
         return print_json(task)
     sites_named = ", ".join(run["site"] for run in task["runs"])
     say(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
 
 
+def sites_not_online_warning(task, sites):
+    """Pure: for a task posted to every site, a warning naming its sites that are not online (sites: as the
+    registry lists them), which its runs wait for; None when all are online."""
+    listed = {site["name"]: site for site in sites}
+    task_sites = [listed[run["site"]] for run in task["runs"] if run["site"] in listed]
+    never_seen = [site["name"] for site in task_sites if site["last_seen_at"] is None]
+    offline = [f"{site['name']} (last seen {short_time(site['last_seen_at'])} UTC)" for site in task_sites
+               if site["last_seen_at"] is not None and not site["online"]]
+    if not never_seen and not offline:
+        return None
+    groups = [f"{label}: {first_few(names, SITES_SHOWN)}. " for label, names in
+              (("Never polled the registry", never_seen), ("Offline now", offline)) if names]
+    return (f"task {task['id']} went to every site and waits for the ones not online. {''.join(groups)}"
+            "To choose the sites, give --site NAME for each (python -m researcher sites lists them).")
+
+
 @command
+@with_identity
 @with_result_limits
 @click.argument("task_id", type=int)
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0, min_open=True), default=600,
@@ -168,6 +229,7 @@ def wait_command(registry, as_json, task_id, timeout_seconds):
 
 
 @command
+@with_identity
 @with_result_limits
 @click.argument("task_id", type=int)
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -245,11 +307,53 @@ def tasks_command(registry, as_json, session_id, status):
     found = list(registry.tasks(session_id=session_id, status=status))
     if as_json:
         return print_json(found)
-    table = new_table("task", "session", "name", "image", "status", "sites done", "created (UTC)")
+    table = new_table("task", "session", "name", "image", "status", "sites done", "encrypted", "created (UTC)")
     for task in found:
         done = sum(run["status"] == lifecycle.COMPLETED for run in task["runs"])
         add_row(table, task["id"], task["session_id"], task["name"] or "", task["image"], task["status"],
-                f"{done}/{len(task['runs'])}", task["created_at"][:19])
+                f"{done}/{len(task['runs'])}", "yes" if task.get("encrypted_to") else "no",
+                short_time(task["created_at"]))
+    print_table(table)
+
+
+@command
+@click.argument("task_id", type=int)
+def task_command(registry, as_json, task_id):
+    """One task in full: whether it is encrypted, each site's run with every state it went through (with times),
+    and the files each site delivered to a third party (a FileService), as the registry recorded them.
+
+    --json prints the task as the registry answers it, each run with its "history" added."""
+    task = registry.task(task_id)
+    runs = [{**run, "history": registry.run_history(run["id"])} for run in task["runs"]]
+    if as_json:
+        return print_json({**task, "runs": runs})
+    say(f"task {task['id']} (session {task['session_id']}): {task['status']}")
+    keys = len(task.get("encrypted_to") or [])
+    details = {"name": task["name"] or "", "image": task["image"], "created (UTC)": short_time(task["created_at"]),
+               "encrypted": f"yes, to {keys} public key{'s' if keys > 1 else ''}" if keys else "no",
+               "timeout": "the site's default" if task["timeout_seconds"] is None else f"{task['timeout_seconds']} s"}
+    for label, value in details.items():
+        say(f"  {label}: {value}")
+    table = new_table("site", "status", "attempts", "exit code", "queries", "image", "reason")
+    for run in runs:
+        add_row(table, run["site"], run["status"], run["attempts"],
+                "" if run["exit_code"] is None else run["exit_code"], describe_sparql(run.get("sparql")),
+                short_digest(run["image_digest"]), run["reason"] or "")
+    print_table(table)
+    click.echo("\nstate changes")
+    table = new_table("site", "at (UTC)", "state", "reason")
+    for run in runs:
+        for event in run["history"]:
+            add_row(table, run["site"], short_time(event["at"]), event["status"], event["reason"] or "")
+    print_table(table)
+    deliveries = [(run["site"], delivery) for run in runs for delivery in run["deliveries"]]
+    if not deliveries:
+        return click.echo("\nno files delivered to a third party")
+    click.echo("\nfiles delivered to a third party (receipts: the sha256 is of the file as sent, encrypted)")
+    table = new_table("site", "recipient", "file", "size", "sha256", "at (UTC)")
+    for site, delivery in deliveries:
+        add_row(table, site, delivery["recipient"], delivery["name"], human_bytes(delivery["size"]),
+                short_digest(delivery["sha256"]), short_time(delivery["at"]))
     print_table(table)
 
 
@@ -261,8 +365,8 @@ def sessions(registry, as_json):
         return print_json(found)
     table = new_table("session", "tasks", "created (UTC)", "closed (UTC)")
     for session in found:
-        add_row(table, session["id"], session["task_count"], session["created_at"][:19],
-                (session["closed_at"] or "open")[:19])
+        add_row(table, session["id"], session["task_count"], short_time(session["created_at"]),
+                short_time(session["closed_at"]) or "open")
     print_table(table)
 
 
@@ -279,18 +383,52 @@ def close_session_command(registry, as_json, session_id):
 @cli.command()
 @click.argument("identity_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--register", is_flag=True, help="Also register the public key at the registry.")
+@click.option("--save-to-config/--no-save-to-config", default=None,
+              help="Record IDENTITY_FILE as identity_file in the config file, so that results opens encrypted results "
+                   "without --identity (default: ask, when run in a terminal; else do not).")
 @click.pass_obj
-def keygen(connect_to_registry, identity_file, register):
+def keygen(options, identity_file, register, save_to_config):
     """Make an age key pair: the private key goes to IDENTITY_FILE (yours alone), the public key is printed."""
+    identity_file = identity_file.expanduser().absolute()
+    config_file = options.config_path()
+    asking = can_ask()
+    record = asking if save_to_config is None else save_to_config
     try:
+        # Checked before the key is made, so that a config file that cannot take the setting leaves nothing behind.
+        recorded = identity_file_recordable(config_file, identity_file) if record else None
+        another_recorded = recorded is not None and Path(recorded).expanduser().resolve() != identity_file.resolve()
+        if another_recorded and not asking:
+            # Refused, not replaced: a script that goes on would find its results opened with another identity.
+            fail(f"{config_file} names another identity file already (identity_file = {recorded}); nothing was "
+                 f"made. Remove that line to record {identity_file} there, or run keygen with --no-save-to-config "
+                 f"and give {identity_file} to results with --identity or {IDENTITY_VARIABLE}")
         public_key = generate_identity(identity_file)
         if register:
-            connect_to_registry().register_public_key(public_key)
+            options.connect(identity_file=identity_file).register_public_key(public_key)
+        click.echo(public_key)
+        if register:
+            click.echo(f"registered; tasks posted with --encrypt are now readable with {identity_file} only", err=True)
+        if recorded is not None and not another_recorded:
+            return click.echo(f"{config_file} names {identity_file} already", err=True)
+        if record and asking and (save_to_config is None or another_recorded):
+            question = (f"{config_file} names another identity file, {recorded}: replace it with {identity_file}?"
+                        if another_recorded else
+                        f"record it in {config_file}, so that results opens encrypted results without --identity?")
+            record = click.confirm(question, default=not another_recorded, err=True)
+        if not record:
+            return click.echo(f"not recorded in {config_file}: give results --identity {identity_file}, set "
+                              f"{IDENTITY_VARIABLE}={identity_file}, or put identity_file = \"{identity_file}\" "
+                              "in that file", err=True)
+        record_identity_file(config_file, identity_file)
+        click.echo(f"recorded in {config_file}: identity_file = \"{identity_file}\"", err=True)
     except (FileExistsError, RegistryError, SettingsError) as error:
         fail(str(error))
-    click.echo(public_key)
-    if register:
-        click.echo(f"registered; tasks posted with --encrypt are now readable with {identity_file} only", err=True)
+
+
+def can_ask():
+    """Whether a person can see a question and answer it: standard input and standard error are a terminal
+    (standard output may be a pipe taking the public key)."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
 
 
 def print_runs(task):
@@ -331,17 +469,27 @@ def print_json(value):
 def describe_files(files):
     """A result's files in one cell: the first few names, in the archive's order, then how many more (a site may
     send 100,000)."""
-    names, more = [], 0
-    for name in files:
-        if len(names) < FILES_SHOWN:
-            names.append(name)
+    return first_few(files, FILES_SHOWN)
+
+
+def first_few(names, shown):
+    """The first `shown` of names (any iterable, read once), then how many more: "a, b, c and 12 more"."""
+    first, more = [], 0
+    for name in names:
+        if len(first) < shown:
+            first.append(str(name))
         else:
             more += 1
-    return ", ".join(names) + (f" and {more} more" if more else "")
+    return ", ".join(first) + (f" and {more} more" if more else "")
 
 
 def short_digest(digest):
     return digest[:19] + "…" if digest else ""
+
+
+def short_time(timestamp):
+    """A registry's ISO 8601 time to the second, "2026-12-04T10:00:00"; "" for none."""
+    return str(timestamp)[:19] if timestamp else ""
 
 
 def describe_sparql(summary):

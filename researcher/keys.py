@@ -17,6 +17,15 @@ class DecryptionFailed(Exception):
     pass
 
 
+class IdentityMissing(DecryptionFailed):
+    """A result is encrypted and no identity was given to open it; `what` names it ("the output of run 7 from
+    ...") for a message that names the caller's own way of giving one."""
+
+    def __init__(self, what):
+        self.what = what
+        super().__init__(f"{what} is encrypted: give your identity file (identity_file=..., or PHT_IDENTITY)")
+
+
 def generate_identity(path):
     """Write a new private key to path (refusing to overwrite one); returns its public key."""
     path = Path(path).expanduser()
@@ -40,9 +49,9 @@ def load_identity(path):
 
 
 def require_identity(identities, what):
-    """Raises DecryptionFailed when there is no identity to open what ("the output of run 7 from ...") with."""
+    """Raises IdentityMissing when there is no identity to open what ("the output of run 7 from ...") with."""
     if not identities:
-        raise DecryptionFailed(f"{what} is encrypted: give your identity file (identity_file=..., or PHT_IDENTITY)")
+        raise IdentityMissing(what)
 
 
 def decrypt_file(source, target, identities, what):
