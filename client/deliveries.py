@@ -7,6 +7,9 @@ and sends it to the recipient's FileService; the registry only gets a receipt (n
 sha256 of the ciphertext). A file for a recipient the site does not know fails the run before
 anything is sent anywhere.
 
+The FileService files it under the run's task (PUT /files/<task id>/<file>.age), so the same
+file name from another task is another file there, not a conflict after the container ran.
+
     run folder/outbox/<recipient>/<file>.age   encrypted, kept until the run is reported
 """
 
@@ -60,7 +63,8 @@ def delivery_problem(addressed, recipients):
             return f"{where} is not a regular file; only files can be sent; nothing was sent"
         # It reaches the FileService encrypted, as NAME.age, which must follow the FileService's rule.
         if not names.is_file_name(f"{path.name}{ENCRYPTED_SUFFIX}"):
-            return f"{where}: a file name may have {names.FILE_NAME_RULE} (with {ENCRYPTED_SUFFIX} added); nothing was sent"
+            return (f"{where}: a file name may have {names.FILE_NAME_RULE} (with {ENCRYPTED_SUFFIX} added); "
+                    "nothing was sent")
     return None
 
 
@@ -78,10 +82,11 @@ def set_aside(output_dir, outbox, recipients):
     return problem
 
 
-def deliver(outbox, recipients, record_receipt, retry_for_seconds, ca_bundle=None):
-    """Send every file in the outbox to its recipient's FileService, then record a receipt for it.
+def deliver(outbox, recipients, task_id, record_receipt, retry_for_seconds, ca_bundle=None):
+    """Send every file in the outbox to its recipient's FileService, filed under the run's task_id (an int, as
+    the claim gave it), then record a receipt for it.
 
-    Sending again after a crash is harmless: the FileService accepts the same file twice, and
+    Sending again after a crash is harmless: the FileService accepts the same file twice for a task, and
     the registry the same receipt.
     """
     for folder in sorted(Path(outbox).iterdir()) if Path(outbox).is_dir() else []:
@@ -91,8 +96,8 @@ def deliver(outbox, recipients, record_receipt, retry_for_seconds, ca_bundle=Non
 
             def send(path=path, sha256=sha256):
                 with open(path, "rb") as body:
-                    return requests.put(f"{recipient.url.rstrip('/')}/files/{path.name}", data=body, timeout=300,
-                                        verify=str(ca_bundle) if ca_bundle else True,
+                    return requests.put(f"{recipient.url.rstrip('/')}/files/{task_id}/{path.name}", data=body,
+                                        timeout=300, verify=str(ca_bundle) if ca_bundle else True,
                                         headers={"Authorization": f"Bearer {recipient.token}",
                                                  "X-Content-SHA256": sha256})
 

@@ -6,17 +6,16 @@ files that sites send it directly, encrypted to its own key, without passing the
     python fileservice/FileService.py add-sender NAME       print a site's sender token, once
     python fileservice/FileService.py add-operator NAME     print a token for listing and downloading, once
     python fileservice/FileService.py revoke NAME
-    python fileservice/FileService.py list-files
+    python fileservice/FileService.py list-files              every received file: sender, name, size in bytes
     python fileservice/FileService.py export SENDER NAME OUT   decrypt a received file
+    python fileservice/FileService.py delete SENDER NAME       delete a received file
+
+A file's name is TASK/NAME: the registry's task that sent it, and the name its algorithm wrote, with .age
+(sites encrypt before sending). export and delete take SENDER and NAME exactly as list-files shows them.
+A file from a site runner that names no task (as runners did before) is NAME alone.
 
 Every command takes --data-dir before the command name.
 """
-
-import sys
-from pathlib import Path
-
-# Run as a script (as in the original PyTaskManager), so make the repository importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":
     # gevent's server streams many uploads at once in one process; patch before anything imports I/O.
@@ -24,6 +23,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
@@ -111,7 +111,8 @@ def revoke(data_dir, name):
 @cli.command("list-files")
 @click.pass_obj
 def list_files(data_dir):
-    """Every received file: sender, name, size in bytes."""
+    """Every received file: sender, name (TASK/NAME), size in bytes; export and delete take the sender and name
+    as shown."""
     for entry in _inbox(data_dir).listing():
         click.echo(f"{entry['sender']}\t{entry['name']}\t{entry['size']}")
 
@@ -122,12 +123,25 @@ def list_files(data_dir):
 @click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_obj
 def export(data_dir, sender, name, destination):
-    """Decrypt a received file with the service's private key."""
+    """Decrypt a received file with the service's private key (SENDER and NAME as list-files shows them)."""
     try:
         _inbox(data_dir).decrypt_to(sender, name, destination)
     except Refused as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"decrypted {sender}/{name} to {destination}")
+
+
+@cli.command()
+@click.argument("sender")
+@click.argument("name")
+@click.pass_obj
+def delete(data_dir, sender, name):
+    """Delete a received file (SENDER and NAME as list-files shows them); export it first to keep it."""
+    try:
+        size = _inbox(data_dir).delete(sender, name)
+    except Refused as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"deleted {sender}/{name} ({size} bytes)")
 
 
 if __name__ == "__main__":

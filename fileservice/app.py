@@ -1,5 +1,8 @@
 """The FileService's HTTP API: its public key for anyone, an upload for senders, listing and download
-for the TTP's operator. The OpenAPI document is served at /openapi.json."""
+for the TTP's operator. The OpenAPI document is served at /openapi.json.
+
+A site sends a task's file as PUT /files/TASK/NAME; it is listed as TASK/NAME and downloaded from
+/files/SENDER/TASK/NAME (fileservice/inbox.py says why)."""
 
 import logging
 
@@ -24,16 +27,19 @@ class UploadHeaders(Schema):
     sha256 = Sha256(required=True, data_key="X-Content-SHA256")
 
 
+RECEIVED_NAME = "As list-files shows it, and export, delete and the download take it: TASK/NAME, or NAME alone."
+
+
 class StoredOut(Schema):
     sender = String()
-    name = String()
+    name = String(metadata={"description": RECEIVED_NAME})
     size = Integer()
     already_received = Boolean(metadata={"description": "The same file had arrived before."})
 
 
 class FileOut(Schema):
     sender = String()
-    name = String()
+    name = String(metadata={"description": RECEIVED_NAME})
     size = Integer()
 
 
@@ -66,19 +72,38 @@ def create_app(data_dir, max_file_bytes):
         """The service's public key. Senders should pin it in their configuration, not fetch it."""
         return {"public_key": app.extensions["inbox"].public_key}
 
-    @app.put("/files/<name>")
+    def store_upload(task, name, declared_sha256):
+        sender = token_auth.current_user[0]
+        limit = app.extensions["max_file_bytes"]
+        request.max_content_length = limit
+        received, size, already = app.extensions["inbox"].receive(sender, task, name, request.stream,
+                                                                  declared_sha256, limit)
+        log.info("file %s/%s received: %d bytes%s", sender, received, size, " (again)" if already else "")
+        return {"sender": sender, "name": str(received), "size": size, "already_received": already}
+
+    @app.put("/files/<task>/<name>")
     @app.auth_required(token_auth, roles=[SENDER])
     @app.input(UploadHeaders, location="headers")
     @app.output(StoredOut)
     @app.doc(responses=[400, 409, 413])
-    def receive_file(name, headers_data):
-        """Receive a file (its bytes as the body, encrypted to this service's key), checked against its sha256."""
-        sender = token_auth.current_user[0]
-        limit = app.extensions["max_file_bytes"]
-        request.max_content_length = limit
-        size, already = app.extensions["inbox"].receive(sender, name, request.stream, headers_data["sha256"], limit)
-        log.info("file %s/%s received: %d bytes%s", sender, name, size, " (again)" if already else "")
-        return {"sender": sender, "name": name, "size": size, "already_received": already}
+    def receive_file(task, name, headers_data):
+        """Receive a task's file, kept as TASK/NAME.
+
+        The body is the file, encrypted to this service's key, checked against its sha256. TASK is the registry's
+        task id: another task's file of that name is another file, not a conflict."""
+        return store_upload(task, name, headers_data["sha256"])
+
+    @app.put("/files/<name>")
+    @app.auth_required(token_auth, roles=[SENDER])
+    @app.input(UploadHeaders, location="headers")
+    @app.output(StoredOut)
+    @app.doc(responses=[400, 409, 413], deprecated=True)
+    def receive_file_without_task(name, headers_data):
+        """Receive a file from a site runner that names no task.
+
+        Kept as NAME, so another task's file of that name is a conflict (409): newer runners send
+        PUT /files/{task}/{name}."""
+        return store_upload(None, name, headers_data["sha256"])
 
     @app.get("/files")
     @app.auth_required(token_auth, roles=[OPERATOR])
@@ -87,13 +112,16 @@ def create_app(data_dir, max_file_bytes):
         """Every received file, by sender."""
         return app.extensions["inbox"].listing()
 
-    @app.get("/files/<sender>/<name>")
+    @app.get("/files/<sender>/<path:name>")
     @app.auth_required(token_auth, roles=[OPERATOR])
     @app.doc(responses={200: {"description": "The file as received (age-encrypted).",
-                              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                              "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}}},
                         404: "No such file."})
     def download_file(sender, name):
-        """A received file, still encrypted: decrypt it with the service's identity (`export`)."""
+        """A received file, still encrypted.
+
+        NAME as GET /files lists it (TASK/NAME); decrypt the file with the service's identity (`export`)."""
         return send_file(app.extensions["inbox"].path_of(sender, name), mimetype="application/octet-stream")
 
     @app.after_request

@@ -99,12 +99,12 @@ def test_a_file_for_the_ttp_arrives_intact_and_decrypts_only_there(federation, f
     [receipt] = researcher.task(task["id"])["runs"][0]["deliveries"]
     assert (receipt["recipient"], receipt["name"]) == ("ttp", "linkage.csv.age")
 
-    received = fileservice.data_dir / "files" / SITE / "linkage.csv.age"
+    received = fileservice.data_dir / "files" / SITE / str(task["id"]) / "linkage.csv.age"
     assert received.stat().st_size == receipt["size"]
     assert hashlib.sha256(received.read_bytes()).hexdigest() == receipt["sha256"]
     assert received.read_bytes().startswith(AGE_HEADER)
     exported = tmp_path / "linkage.csv"
-    assert fileservice.admin("export", SITE, "linkage.csv.age", str(exported)).returncode == 0
+    assert fileservice.admin("export", SITE, f"{task['id']}/linkage.csv.age", str(exported)).returncode == 0
     assert exported.read_text() == linkage
 
 
