@@ -10,10 +10,18 @@ complete within a deadline for the whole exchange (an answer trickled byte by by
 cannot hold the runner), at most MAX_ANSWER_BYTES once decompressed (a small gzip
 cannot become gigabytes), never through a redirect, and whatever goes wrong on the way
 is a registry problem to log and retry, never a crash.
+
+A problem that lasts is logged as it begins, when it changes and every few minutes (Outage), each time
+in one line that names it (connection_problem): not once per retry, and never as the chain of
+urllib3's exceptions.
 """
 
 import hashlib
+import http.client
 import logging
+import os
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -31,6 +39,7 @@ MAX_MESSAGE_CHARS = 500
 MAX_ANSWER_BYTES = 1024 ** 2  # a claim, an identity, a status or an error message: small JSON
 CONNECT_SECONDS = 10
 STOP_GRACE_SECONDS = 2
+OUTAGE_REMINDER_SECONDS = 600  # how often a problem that goes on is logged again
 
 
 class LeaseLost(Exception):
@@ -211,7 +220,7 @@ class RegistryClient:
             except requests.RequestException as error:
                 outcome["error"] = error
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
-                outcome["error"] = GarbledAnswer(f"the answer could not be read ({type(error).__name__})")
+                outcome["error"] = GarbledAnswer(f"the answer could not be read: {connection_problem(error)}")
         # A thread of its own, so that the deadline holds even against an answer that trickles.
         thread = threading.Thread(target=exchange, name="registry-request", daemon=True)
         thread.start()
@@ -228,28 +237,116 @@ class RegistryClient:
         return outcome["response"]
 
     def _reliably(self, send, what):
-        response = send_reliably(send, what, self.retry_for_seconds)
+        response = send_reliably(send, what, self.retry_for_seconds, url=self.url)
         _raise_for(response)
         return response
 
 
-def send_reliably(send, what, retry_for_seconds, peer="registry"):
-    """send() until the peer answers other than 5xx (that answer is returned), backing off meanwhile."""
+def send_reliably(send, what, retry_for_seconds, peer="registry", url=None):
+    """send() until the peer (at url, if given) answers other than 5xx (that answer is returned), backing off
+    meanwhile. Its problem is logged when it begins or changes (and every few minutes), not at every retry."""
     delay = 1.0
     deadline = time.monotonic() + retry_for_seconds
+    outage = Outage()
+    at = f" at {url}" if url else ""
     while True:
         try:
             response = send()
             if response.status_code < 500:
                 return response
-            problem = f"{peer} answered {response.status_code}"
+            problem = f"{peer}{at} answered {response.status_code}"
         except TRANSIENT_ERRORS as error:
-            problem = f"{peer} unreachable ({type(error).__name__})"
+            problem = request_problem(error, peer, url)
         if time.monotonic() + delay > deadline:
             raise Unreachable(f"{what}: gave up after {retry_for_seconds} s: {problem}")
-        log.warning("%s: %s; retrying in %.0f s", what, problem, delay)
+        said = outage.failed(problem, time.monotonic())
+        if said:
+            log.warning("%s: %s; retrying for up to %d s", what, said, retry_for_seconds)
         time.sleep(delay)
         delay = min(delay * 2, 30)
+
+
+class Outage:
+    """A problem that may last (the registry away, say), to be logged when it begins or changes and every
+    remind_seconds while it goes on, not at every attempt; and its end, once. No clock inside: the caller gives the
+    time, so a test needs no waiting."""
+
+    def __init__(self, remind_seconds=OUTAGE_REMINDER_SECONDS):
+        self.remind_seconds = remind_seconds
+        self.problem = None  # as last said
+        self.began_at = None  # when the outage began, whatever its problem since
+        self.said_at = None
+
+    def failed(self, problem, now):
+        """The words to log for this failure (problem, and how long it has gone on when it is said again), or
+        None when they were said less than remind_seconds ago."""
+        if self.began_at is None:
+            self.began_at = now
+        if problem == self.problem and now - self.said_at < self.remind_seconds:
+            return None
+        again = problem == self.problem
+        self.problem, self.said_at = problem, now
+        return f"{problem} (for {round((now - self.began_at) / 60)} min now)" if again else problem
+
+    def answered(self):
+        """Whether this answer ends an outage (for the caller to say so); the next failure begins a new one."""
+        ended = self.began_at is not None
+        self.problem = self.began_at = self.said_at = None
+        return ended
+
+
+def request_problem(error, peer="registry", url=None):
+    """A request to peer (at url) that raised error (a requests exception), in one line for the log (pure)."""
+    at = f" at {url}" if url else ""
+    if isinstance(error, GarbledAnswer):
+        return f"{peer}{at}: {error}"  # it answered, but not in a way the runner reads
+    return f"{peer} unreachable{at}: {connection_problem(error)}"
+
+
+def connection_problem(error):
+    """What kept a peer from answering a request, in a few words for the log (pure): named from the exceptions
+    chained to error, never by their text (urllib3's "HTTPConnectionPool(host=...): Max retries exceeded with
+    url: ... (Caused by NewConnectionError(...))")."""
+    if isinstance(error, GarbledAnswer):
+        return str(error)  # this module's own words: named from what it was made of
+    causes = _causes(error)
+    for kinds, words in _NAMED_PROBLEMS:
+        if any(isinstance(cause, kinds) for cause in causes):
+            return words
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+    return type(error).__name__
+
+
+# From the most telling: a connection broken by a timeout is a timeout. RemoteDisconnected is a ConnectionResetError
+# too, so it comes before it.
+_NAMED_PROBLEMS = (
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "its host name is not known"),
+    (ssl.SSLCertVerificationError, "its TLS certificate is not verified"),
+    (ssl.SSLError, "the TLS handshake failed"),
+    ((requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError), "no answer in time"),
+    (http.client.RemoteDisconnected, "the connection closed without an answer"),
+    (ConnectionResetError, "connection reset"),
+    (http.client.IncompleteRead, "the answer was cut short"),
+    (http.client.HTTPException, "its answer is not HTTP"),
+    (requests.TooManyRedirects, "it answers with a redirect, which is not followed"),
+    (urllib3.exceptions.ProtocolError, "the connection broke off"),
+)
+
+
+def _causes(error, most=20):
+    """The error and the exceptions chained to it: as causes, contexts, reasons (urllib3) or arguments (requests)."""
+    waiting, seen = [error], []
+    while waiting and len(seen) < most:
+        cause = waiting.pop(0)
+        if any(cause is known for known in seen):
+            continue
+        seen.append(cause)
+        waiting += [link for link in (getattr(cause, "reason", None), cause.__cause__, cause.__context__, *cause.args)
+                    if isinstance(link, BaseException)]
+    return seen
 
 
 def _json_or_none(response):

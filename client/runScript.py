@@ -24,24 +24,19 @@ import logging
 import signal
 import sys
 import tempfile
-from pathlib import Path
 
-# Run as a script (as in the original PyTaskManager), so make the repository importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import docker.errors
 
-import docker.errors  # noqa: E402
-
-from client import containers, disk_limits  # noqa: E402
-from client.audit_log import AuditLogBroken  # noqa: E402
-from client.officer_commands import CommandFailed, Officer  # noqa: E402
-from client.registry_client import RegistryClient  # noqa: E402
-from client.runner import SiteRunner, WrongIdentity, uses_gateway  # noqa: E402
-from client.sparql_gateway import query_log_path, read_query_log  # noqa: E402
-from common.log_lines import log_to_stderr  # noqa: E402
-from common.printable import printable  # noqa: E402
-from common.transport import plain_http_warning  # noqa: E402
-from master import lifecycle  # noqa: E402
-from client.site_config import ConfigError, ConfigSource, load_site_config  # noqa: E402
+from client import containers, disk_limits
+from client.audit_log import AuditLogBroken
+from client.officer_commands import CommandFailed, Officer
+from client.registry_client import RegistryClient
+from client.runner import SiteRunner, WrongIdentity, startup_summary, startup_warnings, uses_gateway
+from client.sparql_gateway import query_log_path, read_query_log
+from common.log_lines import log_to_stderr
+from common.printable import printable
+from master import lifecycle
+from client.site_config import ConfigError, ConfigSource, load_site_config
 
 log = logging.getLogger("pht.runner")
 
@@ -63,6 +58,10 @@ def main(argv=None):
     if args.command in ("approvals", "outputs", "audit"):
         sys.exit(officer_command(args))
     log_to_stderr("%(asctime)s %(levelname)s %(threadName)s: %(message)s")
+    # urllib3 logs some failures itself, at WARNING: as its exceptions' chain ("Retrying (Retry(total=...)) after
+    # connection broken by ...") or with a traceback (a malformed header in an answer). The runner says what went
+    # wrong with the registry itself, in one line (registry_client.connection_problem).
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     config, engine, problems = None, None, []
     try:
         config = load_site_config(args.config)
@@ -95,22 +94,10 @@ def main(argv=None):
     # Only a flag here (logging in a signal handler is unsafe); the main loop reads the file.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: runner.config_changed.set())
     runner.config_source = ConfigSource(args.config)
-    log.info("site %s: runner started (registry %s, up to %d run(s) at once)",
-             config.site_name, config.registry_url, config.max_concurrent_runs)
-    for url in (config.registry_url, *(recipient.url for recipient in config.recipients.values())):
-        warning = plain_http_warning(url)
-        if warning:
-            log.warning("%s", warning)
-    network = config.container.network
-    if uses_gateway(config):
-        log.info("algorithms have no network; they reach %s only through each run's read-only SPARQL gateway",
-                 config.sparql_endpoint)
-    elif network == "host":
-        log.warning("container.network is host (allow_host_network): algorithms can reach everything this machine "
-                    "can, and query %s directly, not through the SPARQL gateway", config.sparql_endpoint)
-    else:
-        log.warning("container.network is the Docker network %s: algorithms reach whatever it reaches, and query "
-                    "%s directly, not through the SPARQL gateway", network, config.sparql_endpoint)
+    for line in startup_summary(config):
+        log.info("%s", line)
+    for warning in startup_warnings(config):
+        log.warning("%s", warning)
     try:
         runner.run_until_stopped(once=args.once)
     except (WrongIdentity, disk_limits.DiskLimitsUnavailable) as error:

@@ -18,6 +18,7 @@ container that ran is never started again, and a result is uploaded until the
 registry confirms it. Nothing in here accepts inbound connections.
 """
 
+import json
 import logging
 import shutil
 import threading
@@ -33,9 +34,10 @@ from client.claim import InvalidClaim
 from client.encryption import encrypt_once, keys_for
 from client.image_source import ImageSource, ImageUnavailable
 from client.log_keeper import LogFollower
-from common.printable import printable
-from client.registry_client import (TRANSIENT_ERRORS, InputTooLarge, LeaseLost, RegistryRefused, TokenRefused,
-                                    Unreachable, sha256_of)
+from common.printable import escaped, printable
+from common.transport import plain_http_warning
+from client.registry_client import (RUNNER_VERSION, TRANSIENT_ERRORS, InputTooLarge, LeaseLost, Outage, RegistryRefused,
+                                    TokenRefused, Unreachable, request_problem, sha256_of)
 from client.run_folder import RunFolder, parked_run, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
@@ -49,6 +51,12 @@ HEARTBEAT_RETRY_SECONDS = 1
 OUTPUT_CHECK_SECONDS = 2
 MAX_REASON_CHARS = 2000  # the registry's limit for a failure reason
 MAX_OWN_LOG_BYTES = 10 * 1024 ** 2  # of a PyTaskManager image's /log.txt, added to the run's log
+MAX_NAMES_SHOWN = 10  # of the researchers whose keys are pinned, in the start-up summary
+APPROVAL_POLICY_MEANINGS = {
+    approvals.WHITELIST: "an image the whitelist allows runs at once",
+    approvals.APPROVE_NEW_DIGESTS: "an image digest runs once the IT officer approved it (runScript.py approvals)",
+    approvals.APPROVE_EVERY_TASK: "every run waits for the IT officer's approval (runScript.py approvals)",
+}
 
 
 class RunTakenBack(Exception):
@@ -84,7 +92,9 @@ class SiteRunner:
         self._workers = {}  # run id -> Worker
         self._workers_changed = threading.Condition()
         self._sparql_problem = "not checked yet"
-        self._registry_problem = None
+        self.registry_outage = Outage()  # the main loop's problems reaching the registry, logged once each
+        self._online = False  # a claim came back since the start, or since the registry's last problem
+        self._said_online = False  # "online at ..., waiting for work" was logged (once per start)
         self.wrong_identity = None  # set when the registry stops accepting the token
         self.upstream = Upstream(config.sparql_endpoint, CONNECTIONS_PER_RUN * config.max_concurrent_runs + 1)
         self._gateways = {}  # run id -> its open RunGateway
@@ -144,7 +154,7 @@ class SiteRunner:
             self.carry_on_unfinished_runs()
             if not self.wait_for_free_slot(timeout=0):
                 continue
-            run = self.claim_next_run()
+            run = self.claim_next_run(once)
             if run is not None:
                 self.take_on(run)
             if once:
@@ -161,10 +171,9 @@ class SiteRunner:
             except requests.exceptions.SSLError:
                 raise WrongIdentity(certificate_refused(self.config)) from None
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
-                self.note_registry_problem(registry_problem(error))
+                self.note_registry_problem(registry_problem(error, self.config.registry_url))
                 self.stopping.wait(self.config.poll_interval_seconds)
                 continue
-            self.note_registry_problem(None)
             if name is None:
                 log.warning("registry %s cannot say which site this token belongs to (no /api/site/me); "
                             "site_name %s is not checked", self.config.registry_url, self.config.site_name)
@@ -202,7 +211,9 @@ class SiteRunner:
         self.config = fresh
         whitelist, airlock = [pattern.pattern for pattern in fresh.whitelist], fresh.airlock
         log.info("config taken up again: approval_policy %s, whitelist %s, require_digest %s, airlock review %s",
-                 fresh.approval_policy, whitelist, fresh.require_digest, airlock.review)
+                 fresh.approval_policy, json.dumps(whitelist), fresh.require_digest, airlock.review)
+        for warning in whitelist_warnings(fresh.whitelist):
+            log.warning("%s", warning)
         self.record("config_changed", approval_policy=fresh.approval_policy, whitelist=whitelist,
                     require_digest=fresh.require_digest, airlock_review=airlock.review,
                     airlock_checks=repr(airlock.checks))
@@ -234,7 +245,7 @@ class SiteRunner:
                 self.record("taken_back", folder.run_id, reason=str(error))
                 self.clean_up(folder)
             except (*TRANSIENT_ERRORS, RegistryRefused, Unreachable) as error:
-                self.note_registry_problem(registry_problem(error))
+                self.note_registry_problem(registry_problem(error, self.config.registry_url))
 
     def decision_on(self, folder, now):
         """What the IT officer decided about a parked run: (what, reason) or None while undecided."""
@@ -298,7 +309,7 @@ class SiteRunner:
                 closed = self.registry.closed_sessions(not_in_use) or set()
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
                 # Not worth a warning of its own: the claim that follows says whether the registry answers.
-                log.debug("which sessions are closed: %s", registry_problem(error))
+                log.debug("which sessions are closed: %s", registry_problem(error, self.config.registry_url))
         removable = sessions_to_remove(held, active, closed, now, self.config.session_idle_seconds,
                                        self.config.max_sessions)
         for session_id, why in removable.items():
@@ -352,21 +363,23 @@ class SiteRunner:
         self._sparql_problem = problem
         return problem is None
 
-    def claim_next_run(self):
+    def claim_next_run(self, once=False):
         """The site's next run; None if none came within the long-poll, or the registry did not answer."""
+        wait_seconds = claim_wait_seconds(self.config.long_poll_seconds, self._online, once)
         try:
-            run = self.registry.claim_run(self.config.long_poll_seconds, self.check_sparql_endpoint(), self.stopping)
+            run = self.registry.claim_run(wait_seconds, self.check_sparql_endpoint(), self.stopping)
         except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
             self.wrong_identity = WrongIdentity(token_refused(self.config, error))
             self.stopping.set()
             return None
         except (*TRANSIENT_ERRORS, RegistryRefused) as error:
-            self.note_registry_problem(registry_problem(error))
+            self._online = False
+            self.note_registry_problem(registry_problem(error, self.config.registry_url))
         except InvalidClaim as error:
             if not self.stopping.is_set():  # a claim given up on because the runner stops is no claim at all
                 self.refuse_invalid_claim(error)
         else:
-            self.note_registry_problem(None)
+            self.note_claim_answered()
             if run is not None or self.config.long_poll_seconds > 0:
                 return run
             # long_poll_seconds 0: ask, and when there is nothing, ask again after the interval
@@ -387,13 +400,25 @@ class SiteRunner:
                 log.warning("run %s: the refusal was not recorded: %s", error.run_id, failure)
 
     def note_registry_problem(self, problem):
-        """Logged when it starts and ends, so an outage does not flood the log."""
-        if problem and problem != self._registry_problem:
-            log.warning("registry %s: %s; asking again every %d s", self.config.registry_url, problem,
-                        self.config.poll_interval_seconds)
-        elif self._registry_problem and not problem:
-            log.info("registry %s answers again", self.config.registry_url)
-        self._registry_problem = problem
+        """Logged when it begins or changes and every few minutes while it lasts (registry_client.Outage), so an
+        outage does not flood the log."""
+        said = self.registry_outage.failed(problem, time.monotonic())
+        if said:
+            log.warning("%s; asking again every %d s", said, self.config.poll_interval_seconds)
+
+    def note_claim_answered(self):
+        """The registry answered a claim: said once after the start, and once after each problem claims had. (A
+        problem of another request, such as a parked run's heartbeat, is not ended by a claim: else it would be said
+        again at every poll.)"""
+        if self._online:
+            return
+        self._online = True
+        self.registry_outage.answered()
+        if self._said_online:
+            log.info("registry %s answers again; waiting for work", escaped(self.config.registry_url))
+        else:
+            log.info("online at %s, waiting for work", escaped(self.config.registry_url))
+            self._said_online = True
 
     def wait_for_free_slot(self, timeout=1):
         with self._workers_changed:
@@ -768,7 +793,8 @@ class SiteRunner:
         failure_reason = outcome["failure_reason"]
         if failure_reason is None:
             try:
-                deliveries.deliver(folder.outbox, self.config.recipients, retry_for_seconds=self.registry.retry_for_seconds,
+                deliveries.deliver(folder.outbox, self.config.recipients, task_id=run.task_id,
+                                   retry_for_seconds=self.registry.retry_for_seconds,
                                    record_receipt=lambda *receipt: self.delivered(run, *receipt),
                                    ca_bundle=self.config.ca_bundle)
             except deliveries.DeliveryRefused as error:
@@ -855,7 +881,7 @@ class Heartbeat:
         self.stop_reason = reason
 
     def _beat(self):
-        wait, failing = self.interval, False
+        wait, outage = self.interval, Outage()
         while not self._done.wait(wait):
             try:
                 status = self.registry.heartbeat(self.run_id, self.lease_id)
@@ -863,27 +889,42 @@ class Heartbeat:
                 self.stop_reason = f"the registry took the run back ({error})"
                 return
             except (*TRANSIENT_ERRORS, RegistryRefused) as error:
-                if not failing:
-                    log.warning("heartbeat for run %s failed: %s; trying every %d s", self.run_id, error,
+                said = outage.failed(registry_problem(error, self.registry.url), time.monotonic())
+                if said:
+                    log.warning("heartbeat for run %s failed: %s; trying every %d s", self.run_id, said,
                                 HEARTBEAT_RETRY_SECONDS)
                 # Soon: once the registry is back, the lease must be renewed before it runs out.
-                wait, failing = HEARTBEAT_RETRY_SECONDS, True
+                wait = HEARTBEAT_RETRY_SECONDS
                 continue
-            if failing:
+            if outage.answered():
                 log.info("heartbeat for run %s: the registry answers again", self.run_id)
             if status == lifecycle.CANCELLED:
                 self.stop_reason = "cancelled by the researcher"
                 return
-            wait, failing = self.interval, False
+            wait = self.interval
 
 
 # --- pure decisions -------------------------------------------------------------
 
-def registry_problem(error):
-    """A request to the registry that failed, in words for the log: its refusal, or what kept it from answering."""
+def registry_problem(error, url):
+    """A request to the registry at url that failed, in one line for the log: its refusal, or what kept it from
+    answering."""
+    url = escaped(url)
     if isinstance(error, requests.exceptions.SSLError):
-        return "its TLS certificate is not verified (replaced, expired, or signed by a CA not in ca_bundle)"
-    return str(error) if isinstance(error, RegistryRefused) else f"unreachable ({type(error).__name__})"
+        return (f"registry at {url}: its TLS certificate is not verified (replaced, expired, or signed by a CA not "
+                "in ca_bundle)")
+    if isinstance(error, Unreachable):
+        return str(error)  # what was tried, for how long, and why it failed
+    if isinstance(error, RegistryRefused):
+        return f"registry at {url}: {error}"
+    return request_problem(error, "registry", url)
+
+
+def claim_wait_seconds(long_poll_seconds, online, once):
+    """How long a claim may wait for work at the registry: not at all until a claim came back since the start or
+    the registry's last problem, so that the log says at once that the runner is online (an idle long-poll would
+    keep it quiet for long_poll_seconds); but --once polls once, as long as it may."""
+    return long_poll_seconds if online or once else 0
 
 
 def certificate_refused(config):
@@ -896,6 +937,103 @@ def certificate_refused(config):
 def token_refused(config, error):
     return (f"the registry {config.registry_url} refused this site's token ({error}): it is wrong or was revoked; "
             f"ask the registry's operator for site {config.site_name}'s token and set site_token (or site_token_env)")
+
+
+def startup_summary(config):
+    """What this site allows, in a few lines for the runner's start-up log (pure). Strings from the config are
+    escaped, and lists shown as JSON as config.json writes them, so that no value can forge a line of the log."""
+    limits, airlock = config.container, config.airlock
+    digest = ("true: only images pinned by digest (@sha256:...) run" if config.require_digest
+              else "false: tags run too, pulled and then run by the digest pulled")
+    return [
+        f"site {escaped(config.site_name)}: runner started ({RUNNER_VERSION}), registry "
+        f"{escaped(config.registry_url)}, long-poll {config.long_poll_seconds} s",
+        f"whitelist {json.dumps([pattern.pattern for pattern in config.whitelist])}: an image runs only if a pattern "
+        f"matches its whole reference; require_digest {digest}",
+        network_summary(config),
+        f"approval_policy {escaped(config.approval_policy)}: {APPROVAL_POLICY_MEANINGS[config.approval_policy]}; "
+        "airlock: " + ("results wait at the site until the IT officer releases them (runScript.py outputs)"
+                       if airlock.review else "results leave when the run ends") + f", {airlock_summary(airlock)}",
+        recipients_summary(config.recipients),
+        researcher_keys_summary(config.researcher_keys),
+        f"up to {config.max_concurrent_runs} run(s) at once; each algorithm gets {escaped(limits.memory)} of memory, "
+        f"{limits.cpus:g} CPU(s), {limits.pids} processes and {limits.timeout_seconds} s, /output "
+        f"{size_in_words(limits.max_output_bytes)} in {limits.max_output_files} files, /temp "
+        f"{size_in_words(limits.max_temp_bytes)} in {limits.max_temp_files} files per session (disk_limits "
+        f"{escaped(limits.disk_limits)}); task inputs up to {size_in_words(config.max_input_bytes)}",
+    ]
+
+
+def network_summary(config):
+    endpoint = escaped(config.sparql_endpoint)
+    network = config.container.network
+    if uses_gateway(config):
+        return (f"container.network none: algorithms have no network; they reach {endpoint} only through each "
+                "run's read-only SPARQL gateway")
+    if network == "host":
+        return f"container.network host: algorithms reach whatever this machine reaches, and query {endpoint} directly"
+    return (f"container.network {escaped(network)}, a Docker network: algorithms reach whatever it reaches, and query "
+            f"{endpoint} directly")
+
+
+def airlock_summary(airlock):
+    checks = airlock.checks
+    parts = []
+    if checks.max_file_bytes is not None:
+        parts.append(f"each file at most {size_in_words(checks.max_file_bytes)}")
+    if checks.allowed_suffixes is not None:
+        parts.append(f"file names ending in {json.dumps(list(checks.allowed_suffixes))}")
+    if checks.check_command is not None:
+        parts.append(f"check command {json.dumps(list(checks.check_command))} (at most "
+                     f"{checks.check_timeout_seconds} s)")
+    return "checked: " + ", ".join(parts) if parts else "no automatic checks"
+
+
+def recipients_summary(recipients):
+    if not recipients:
+        return "recipients: none (a run whose algorithm addresses files to a third party fails)"
+    named = ", ".join(f"{escaped(name)} at {escaped(recipient.url)}" for name, recipient in recipients.items())
+    return f"recipients (files sent straight there, encrypted to the key pinned for each): {named}"
+
+
+def researcher_keys_summary(researcher_keys):
+    if researcher_keys is None:
+        return "researcher_keys not pinned: encrypted results are encrypted to the keys the registry sends"
+    named = ", ".join(f"{escaped(name)} ({len(keys)} key{'s' if len(keys) > 1 else ''})"
+                      for name, keys in list(researcher_keys.items())[:MAX_NAMES_SHOWN])
+    more = f" and {len(researcher_keys) - MAX_NAMES_SHOWN} more" if len(researcher_keys) > MAX_NAMES_SHOWN else ""
+    return (f"researcher_keys pinned for {len(researcher_keys)} researcher(s){': ' if named else ''}{named}{more}; a "
+            "task asking for any other key is refused")
+
+
+def startup_warnings(config):
+    """What the site risks by its config, for the runner's start-up log (pure): plain HTTP beyond this machine,
+    algorithms on a network, whitelist patterns that admit more than they seem to."""
+    endpoint = escaped(config.sparql_endpoint)
+    urls = (config.registry_url, *(recipient.url for recipient in config.recipients.values()))
+    warnings = [escaped(warning) for warning in map(plain_http_warning, urls) if warning]
+    network = config.container.network
+    if network == "host":
+        warnings.append("container.network is host (allow_host_network): algorithms can reach everything this "
+                        f"machine can, and query {endpoint} directly, not through the SPARQL gateway")
+    elif not uses_gateway(config):
+        warnings.append(f"container.network is the Docker network {escaped(network)}: algorithms reach whatever it "
+                        f"reaches, and query {endpoint} directly, not through the SPARQL gateway")
+    return warnings + whitelist_warnings(config.whitelist)
+
+
+def whitelist_warnings(whitelist):
+    """One line per whitelist pattern that admits more than it seems to (image_policy.overbroad_patterns)."""
+    return [f"whitelist[{index}] {json.dumps(pattern.pattern)} {why}"
+            for index, pattern in enumerate(whitelist) for _, why in image_policy.overbroad_patterns([pattern])]
+
+
+def size_in_words(size):
+    """1073741824 -> '1 GiB'; a size that is no whole number of KiB stays in bytes."""
+    for unit, name in ((1024 ** 3, "GiB"), (1024 ** 2, "MiB"), (1024, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
 
 
 def uses_gateway(config):

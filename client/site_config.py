@@ -15,6 +15,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from client import approvals, deliveries, encryption
 from client.airlock_checks import AirlockChecks
@@ -68,6 +69,7 @@ SPARQL_GATEWAY_DEFAULTS = {
 }
 
 MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+URL_HOST_RULE = ", then a host name or address (and a port number, if any)"  # what a URL in the config needs
 DOCKER_MINIMUM_MEMORY = 6 * 1024 ** 2
 
 
@@ -230,8 +232,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         return value
 
     registry_url = take("registry_url", str, required=True)
-    if registry_url and not re.match(r"^https?://[^/\s]+", registry_url):
-        problems.append(f"registry_url {registry_url!r} must start with http:// or https://")
+    if registry_url and not _is_http_url(registry_url):
+        problems.append(f"registry_url {registry_url!r} must start with http:// or https://{URL_HOST_RULE}")
     ca_bundle = take("ca_bundle", str)
     if ca_bundle and not _folder(ca_bundle, base_dir).is_file():
         problems.append(f"ca_bundle {ca_bundle!r} is not a file; give the PEM file of the CA that signs the "
@@ -241,8 +243,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
         problems.append("site_name is empty; give the name the registry's operator registered this site under")
     token = _site_token(take("site_token", str), take("site_token_env", str), problems)
     sparql_endpoint = take("sparql_endpoint", str, required=True)
-    if sparql_endpoint and not re.match(r"^https?://[^/\s]+", sparql_endpoint):
-        problems.append(f"sparql_endpoint {sparql_endpoint!r} must start with http:// or https://")
+    if sparql_endpoint and not _is_http_url(sparql_endpoint):
+        problems.append(f"sparql_endpoint {sparql_endpoint!r} must start with http:// or https://{URL_HOST_RULE}")
     endpoint_type = take("endpoint_type", str, "sparql")
     endpoint_token = take("endpoint_token", str, "")
     whitelist = []
@@ -298,6 +300,18 @@ def memory_bytes(memory):
     return int(match[1]) * MEMORY_UNITS[match[2]] if match else None
 
 
+def _is_http_url(url):
+    """http(s)://host..., in a form urllib takes apart: a lone [ in the host, or a port that is not a number, would
+    otherwise stop the runner with a traceback the first time the URL is read."""
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        return False
+    try:
+        parts = urlsplit(url)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
+
+
 def _folder(value, base_dir):
     folder = Path(value)
     return folder if folder.is_absolute() else (Path(base_dir) / folder).resolve()
@@ -334,8 +348,9 @@ def _recipients(given, problems):
             problems.append(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
                             "a recipient has url, public_key and token (or token_env)")
         url, public_key = fields.get("url"), fields.get("public_key")
-        if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
-            problems.append(f"{where}.url must be the recipient's FileService, starting with http:// or https://")
+        if not _is_http_url(url):
+            problems.append(f"{where}.url must be the recipient's FileService, starting with http:// or https://"
+                            f"{URL_HOST_RULE}")
         try:
             encryption.parse_public_key(public_key if isinstance(public_key, str) else "")
         except ValueError as error:

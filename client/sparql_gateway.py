@@ -33,6 +33,7 @@ import requests
 import urllib3
 
 from common.printable import shown
+from client.registry_client import connection_problem
 from client.sparql_queries import QueryRequest, query_sha256, read_request, refused, unpack_request
 from client.sparql_results import row_counter
 
@@ -82,7 +83,7 @@ def endpoint_problem(upstream, timeout_seconds=5):
                 return f"it answered {response.status_code} {response.reason}"
             answer = json.loads(response.raw.read(CHUNK_BYTES, decode_content=True))
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-        return f"{type(error).__name__}: {error}"
+        return connection_problem(error)  # a few words, not urllib3's chain of reprs
     except ValueError:
         return "the answer to an ASK query was not a SPARQL JSON result"
     if not isinstance(answer, dict) or "boolean" not in answer:

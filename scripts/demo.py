@@ -102,7 +102,8 @@ def main():
         steps = [
             ["pht", "sites"],
             ["python", "examples/federated_summary.py", "--image", SUMMARY_IMAGE, "--pooled-data", str(pooled)],
-            ["python", "examples/federated_logistic_regression.py", "--image", LOGREG_IMAGE, "--pooled-data", str(pooled)],
+            ["python", "examples/federated_logistic_regression.py", "--image", LOGREG_IMAGE,
+             "--pooled-data", str(pooled)],
         ]
         for step in steps:
             exit_code = run_as_researcher(environment, *step)

@@ -29,7 +29,8 @@ from scripts.balancer import Balancer  # noqa: E402
 PYTHON = sys.executable
 OXIGRAPH = str(Path(sys.executable).parent / "oxigraph")
 IMAGE_REGISTRY = os.environ.get("PHT_IMAGE_REGISTRY", "127.0.0.1:5050")
-DEFAULT_WHITELIST = [IMAGE_REGISTRY.replace(".", r"\.") + r"/pht/.*"]
+# One path segment under pht/, with a tag or a digest: the over-broad warning's own advice (client/image_policy.py).
+DEFAULT_WHITELIST = [IMAGE_REGISTRY.replace(".", r"\.") + r"/pht/[a-z0-9-]+(:[A-Za-z0-9_.-]+)?(@sha256:[0-9a-f]{64})?"]
 
 
 def free_port():

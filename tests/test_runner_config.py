@@ -37,6 +37,9 @@ def problems_with(**changes):
     ({"site_name": " "}, "site_name is empty"),
     ({"sparql_endpoint": "localhost:7878"}, "sparql_endpoint 'localhost:7878' must start with http://"),
     ({"sparql_endpoint": None}, "sparql_endpoint is missing"),
+    ({"sparql_endpoint": "http://[::1/query"}, "sparql_endpoint 'http://[::1/query' must start with http:// or "
+     "https://, then a host name or address (and a port number, if any)"),
+    ({"registry_url": "http://127.0.0.1:port"}, "registry_url 'http://127.0.0.1:port' must start with http://"),
     ({"endpoint_type": 1}, "endpoint_type must be a str, not 1"),
     ({"whitelist": "one pattern"}, 'whitelist must be a list, not "one pattern"'),
     ({"container": "small"}, 'container must be a dict, not "small"'),
