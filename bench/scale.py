@@ -1,7 +1,7 @@
 """Scale benchmark: many simulated sites against the registry on this machine, as one process or several.
 
     .venv/bin/python -m bench.scale [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
-        [--database-url URL] [--replicas N [--balancer]]
+        [--database-url URL] [--replicas N [--balancer]] [--idle-seconds 30]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
 long-poll for a run, report it started, heartbeat once, upload a small output and log, report it finished. A poster
@@ -114,7 +114,7 @@ def start_registries(count, database_url, folder):
     return started
 
 
-def measure(site_count, seconds, rate, database_url, folder, replica_count=1, balanced=False):
+def measure(site_count, seconds, rate, database_url, folder, replica_count=1, balanced=False, idle_seconds=0):
     data_dir = folder / f"registry-{site_count}"
     data_dir.mkdir()
     database_url = database_url or f"sqlite:///{data_dir / 'registry.sqlite'}"
@@ -145,6 +145,11 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         poster.headers["Authorization"] = f"Bearer {researcher}"
         names = list(site_tokens)
         pids = [process.pid for process, _ in registries]
+        # Parked sites only, renewing their long-polls: what an idle consortium costs the registry.
+        idle_cpu_before = sum(map(cpu_seconds, pids))
+        gevent.sleep(idle_seconds)
+        idle_cpu = sum(map(cpu_seconds, pids)) - idle_cpu_before
+        idle_cpu_share = idle_cpu / idle_seconds if idle_seconds else float("nan")
         cpu_before, started = sum(map(cpu_seconds, pids)), time.monotonic()
         peak_rss = sum(map(rss_mb, pids))
         posted, remote_tasks = 0, set()
@@ -180,7 +185,7 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         "per_second": len(latencies) / elapsed,
         "median_ms": statistics.median(latencies.values()) * 1000 if latencies else float("nan"),
         "p95_ms": p95(latencies.values()) * 1000, "remote_p95_ms": p95(remote) * 1000,
-        "rss_mb": peak_rss, "cpu_percent": cpu_share * 100,
+        "rss_mb": peak_rss, "cpu_percent": cpu_share * 100, "idle_cpu_percent": idle_cpu_share * 100,
         "errors": dict(sum((site.errors for site in sites), collections.Counter())),
     }
 
@@ -198,19 +203,22 @@ def main():
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file per site count")
     parser.add_argument("--replicas", type=int, default=1, help="registry processes (PostgreSQL only)")
     parser.add_argument("--balancer", action="store_true", help="sites and poster go through HAProxy")
+    parser.add_argument("--idle-seconds", type=float, default=0,
+                        help="first measure the registry's CPU this long with every site parked and no task")
     args = parser.parse_args()
     if args.replicas > 1 and not args.database_url.startswith("postgresql"):
         parser.error("--replicas needs --database-url postgresql+psycopg://...: replicas share one database")
     print(f"{args.replicas} replica(s){', through HAProxy' if args.balancer else ''}")
     print(f"{'sites':>6} {'posted':>7} {'dispatched':>10} {'per s':>7} {'median ms':>10} {'p95 ms':>8} "
-          f"{'remote p95':>10} {'RSS MB':>7} {'CPU %':>6} {'errors':>6}")
+          f"{'remote p95':>10} {'RSS MB':>7} {'CPU %':>6} {'idle CPU %':>10} {'errors':>6}")
     with tempfile.TemporaryDirectory(prefix="pht-scale-") as folder:
         for site_count in args.sites:
             r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder), args.replicas,
-                        args.balancer)
+                        args.balancer, args.idle_seconds)
             print(f"{r['sites']:>6} {r['posted']:>7} {r['dispatched']:>10} {r['per_second']:>7.1f} "
                   f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['remote_p95_ms']:>10.1f} {r['rss_mb']:>7.1f} "
-                  f"{r['cpu_percent']:>6.0f} {sum(r['errors'].values()):>6} {r['errors'] or ''}", flush=True)
+                  f"{r['cpu_percent']:>6.0f} {r['idle_cpu_percent']:>10.1f} {sum(r['errors'].values()):>6} "
+                  f"{r['errors'] or ''}", flush=True)
 
 
 if __name__ == "__main__":
