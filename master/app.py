@@ -12,6 +12,7 @@ from flask import g, request
 from common.private_files import private_file, private_folder
 from master import api_docs, blobs, json_bodies, lifecycle, researcher_api, site_api, store
 from master.schemas import INT_MAX
+from master.sightings import Sightings
 from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
@@ -56,8 +57,17 @@ class Registry:
     blobs: blobs.FolderStore | blobs.S3Store
     work_for_sites: Announcements  # by site id: a run became pending for it
     ended_tasks: Announcements  # by task id: one of its runs ended, or waits for its site
+    sightings: Sightings  # when each site was last written down as seen
     # On PostgreSQL, news also goes to (and comes from) the registry's other replicas.
     relay: PostgresRelay | None = None
+
+    def saw_site(self, site_id, runner_version, sparql_ok):
+        """Write down that the site is alive, and what it reports, when that is news (master/sightings.py)."""
+        report = (runner_version, sparql_ok)
+        if self.sightings.due(site_id, report):
+            now = time.time()
+            store.record_site_seen(self.engine, site_id, runner_version, sparql_ok, now)
+            self.sightings.written(site_id, report, now)
 
     def hears_every_announcement(self):
         """True when every announcement reaches this process: one registry alone, or replicas whose relay listens."""
@@ -87,6 +97,7 @@ def create_app(settings):
         blobs=blobs.open_store(settings.result_store, settings.data_dir, settings.s3_endpoint_url),
         work_for_sites=Announcements("pht_work_for_sites"),
         ended_tasks=Announcements("pht_ended_tasks"),
+        sightings=Sightings(refresh_seconds=settings.online_window_seconds / 2),
     )
     if engine.dialect.name == "postgresql":
         registry.relay = PostgresRelay(engine, [registry.work_for_sites, registry.ended_tasks])

@@ -52,7 +52,7 @@ def claim_run(json_data):
     """Claim the site's next pending run, waiting up to wait_seconds for one (long-poll)."""
     registry = _registry()
     site = auth.caller()
-    store.record_site_seen(registry.engine, site.id, json_data.get("runner_version"), json_data.get("sparql_ok"))
+    registry.saw_site(site.id, json_data.get("runner_version"), json_data.get("sparql_ok"))
     deadline = time.monotonic() + json_data["wait_seconds"]
     while True:
         seen = registry.work_for_sites.generation(site.id)

@@ -353,10 +353,10 @@ def site_ids_by_name(conn, names):
     return [found[n] for n in names]
 
 
-def record_site_seen(engine, site_id, runner_version, sparql_ok):
+def record_site_seen(engine, site_id, runner_version, sparql_ok, now=None):
     with engine.begin() as conn:
         conn.execute(sites.update().where(sites.c.id == site_id).values(
-            last_seen_at=time.time(), runner_version=runner_version, sparql_ok=sparql_ok))
+            last_seen_at=now if now is not None else time.time(), runner_version=runner_version, sparql_ok=sparql_ok))
 
 
 # --- tasks ------------------------------------------------------------------

@@ -75,3 +75,35 @@ def test_while_the_replicas_news_is_not_heard_a_parked_claim_looks_again(postgre
         assert len(looks_for_work(statements)) > 5
     finally:
         app.extensions["pht"].engine.dispose()
+
+
+def test_an_idle_sites_renewed_claims_write_its_sighting_only_when_it_is_news(app, client, hospital, queries):  # noqa: F811
+    writes = lambda: [s for s in queries if s.lstrip().upper().startswith("UPDATE SITES")]  # noqa: E731
+    report = {"runner_version": "pht-runner/0.3", "sparql_ok": True}
+    for _ in range(3):
+        assert client.post("/api/site/claim", json=report, headers=hospital).status_code == 204
+    assert len(writes()) == 1
+    # What the site reports changed: written at once.
+    assert client.post("/api/site/claim", json={**report, "sparql_ok": False}, headers=hospital).status_code == 204
+    assert len(writes()) == 2
+    sites = client.get("/api/sites", headers=_researcher(app)).json["items"]
+    assert [(site["name"], site["online"], site["sparql_ok"]) for site in sites] == [("hospital-a", True, False)]
+
+
+def test_a_sighting_is_written_again_once_the_last_is_half_an_online_window_old():
+    from master.sightings import Sightings
+    now = [1000.0]
+    sightings = Sightings(refresh_seconds=60, clock=lambda: now[0])
+    report = ("pht-runner/0.3", True)
+    assert sightings.due(7, report)
+    sightings.written(7, report, now[0])
+    now[0] += 59.9
+    assert not sightings.due(7, report)
+    assert sightings.due(7, ("pht-runner/0.4", True)) and sightings.due(8, report)
+    now[0] += 0.1
+    assert sightings.due(7, report)
+
+
+def _researcher(app):
+    from tests.conftest import _bearer_for
+    return _bearer_for(app, "researcher", "alice")
