@@ -144,14 +144,29 @@ def test_identity_file_is_private(fileservice):
 
 # --- what an attacker sends ------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """One FileService for the attacks below, each of which must leave it as it found it (compared whole): one
+    process for them all, rather than one each. It holds a file, which the attacks try to reach."""
+    folder = tmp_path_factory.mktemp("attacked")
+    service = FileServiceProcess(folder / "ttp", folder / "fileservice.log", max_file_bytes=100_000)
+    service.root = folder
+    service.sender = {"Authorization": f"Bearer {service.admin('add-sender', 'hospital-a').stdout.strip()}"}
+    service.operator = {"Authorization": f"Bearer {service.admin('add-operator', 'ttp-desk').stdout.strip()}"}
+    assert send(service, service.sender, 1, "result.csv.age", sealed(service, b"kept")).status_code == 200
+    yield service
+    service.stop()
+
+
 HOSTILE_TASK_IDS = ["-1", "0", "07", "+1", "1.0", "1e3", "1_000", "\u0663", "1\u0663", " 1", "1 ", "x", "9" * 19]
 
 
 @pytest.mark.parametrize("task", HOSTILE_TASK_IDS)
-def test_a_task_id_that_is_not_a_positive_number_is_refused_and_leaves_nothing(fileservice, sender, task):
-    response = send(fileservice, sender, task, "result.csv.age", b"data")
+def test_a_task_id_that_is_not_a_positive_number_is_refused_and_leaves_nothing(target, task):
+    before = snapshot(target.root)
+    response = send(target, target.sender, task, "result.csv.age", b"data")
     assert response.status_code == 400 and "is not a task id" in response.json()["message"]
-    assert stored_files(fileservice) == [] and leftovers(fileservice) == []
+    assert snapshot(target.root) == before and leftovers(target) == []
 
 
 @pytest.mark.parametrize("path", [
@@ -160,11 +175,11 @@ def test_a_task_id_that_is_not_a_positive_number_is_refused_and_leaves_nothing(f
     "/files/1/%2e%2e", "/files/1/..%2F..%2Fidentity.txt", "/files/1/../../identity.txt", "/files/..",
     "/files/1/..%2Fescape", "/files/1/sub/dir",
 ])
-def test_a_task_id_or_name_that_leads_elsewhere_reaches_no_other_file(fileservice, sender, tmp_path, path):
-    before = snapshot(tmp_path)
-    status, _ = raw_request(fileservice, "PUT", path, sender, b"data")
+def test_a_task_id_or_name_that_leads_elsewhere_reaches_no_other_file(target, path):
+    before = snapshot(target.root)
+    status, _ = raw_request(target, "PUT", path, target.sender, b"data")
     assert status in (400, 404, 405)
-    assert snapshot(tmp_path) == before
+    assert snapshot(target.root) == before
 
 
 @pytest.mark.parametrize("path", [
@@ -172,9 +187,8 @@ def test_a_task_id_or_name_that_leads_elsewhere_reaches_no_other_file(fileservic
     "/files/hospital-a/1/..%2F..%2F..%2Ftokens.json", "/files/hospital-a/1/../../../identity.txt",
     "/files/hospital-a/1/%2e%2e%2f%2e%2e%2f%2e%2e%2fidentity.txt",
 ])
-def test_a_download_path_that_leads_elsewhere_gives_nothing(fileservice, sender, operator, path):
-    assert send(fileservice, sender, 1, "result.csv.age", b"data").status_code == 200
-    status, body = raw_request(fileservice, "GET", path, operator)
+def test_a_download_path_that_leads_elsewhere_gives_nothing(target, path):
+    status, body = raw_request(target, "GET", path, target.operator)
     assert status in (404, 405) and b"AGE-SECRET-KEY" not in body and b"operator" not in body
 
 
@@ -183,21 +197,21 @@ def test_a_download_path_that_leads_elsewhere_gives_nothing(fileservice, sender,
     ("hospital-a", "/etc/passwd"), ("hospital-a/1", "result.csv.age"), ("hospital-a", "1//result.csv.age"),
     ("hospital-a", "01/result.csv.age"), ("hospital-a", "1"),
 ])
-def test_export_and_delete_take_no_path_out_of_the_inbox(fileservice, sender, tmp_path, sender_name, name):
-    assert send(fileservice, sender, 1, "result.csv.age", sealed(fileservice, b"kept")).status_code == 200
-    before = snapshot(tmp_path)
+def test_export_and_delete_take_no_path_out_of_the_inbox(target, tmp_path, sender_name, name):
+    before = snapshot(target.root)
     for command in (["delete", sender_name, name], ["export", sender_name, name, str(tmp_path / "out")]):
-        done = fileservice.admin(*command)
+        done = target.admin(*command)
         assert done.returncode == 1 and "list-files" in done.stderr, done
-    assert snapshot(tmp_path) == before
+    assert snapshot(target.root) == before and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "..secret", "a..b", "with space", "x" * 201, "semi;colon",
                                   "%2e%2e"])
-def test_path_tricks_in_names_are_refused_and_leave_nothing(fileservice, sender, name):
-    response = send(fileservice, sender, 1, name, b"data")
+def test_path_tricks_in_names_are_refused_and_leave_nothing(target, name):
+    before = snapshot(target.root)
+    response = send(target, target.sender, 1, name, b"data")
     assert response.status_code in (400, 404)
-    assert stored_files(fileservice) == [] and leftovers(fileservice) == []
+    assert snapshot(target.root) == before and leftovers(target) == []
 
 
 # --- names kept apart per task ---------------------------------------------------------------------------
