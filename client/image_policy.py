@@ -96,6 +96,9 @@ FOREIGN_HOST = "attacker.invalid"  # a registry no site trusts (.invalid never r
 NESTED_SEGMENT = "someone-else"  # a path segment no site names in its whitelist
 MAX_EXAMPLES = 64  # references made up per pattern, to probe around
 MAX_EXAMPLE_REPEATS = 200  # a pattern asking for more of something (x{1000}) gets no examples from that part
+# No made-up reference is longer than a claim's image may be (client/claim.py): nested repeats, ((x{200}){200}){200},
+# would otherwise make one of gigabytes.
+MAX_EXAMPLE_CHARS = 512
 # The characters a made-up reference takes where a pattern allows several, most name-like first.
 _PREFERRED_CHARACTERS = "xa0-._:/@"
 _CATEGORIES = {regex_constants.CATEGORY_DIGIT: re.compile(r"\d"), regex_constants.CATEGORY_NOT_DIGIT: re.compile(r"\D"),
@@ -194,7 +197,8 @@ def _examples(pattern):
 def _examples_of(items):
     made = [""]
     for operation, argument in items:
-        made = [head + tail for head in made for tail in _choices(operation, argument)][:MAX_EXAMPLES]
+        made = [head + tail for head in made for tail in _choices(operation, argument)
+                if len(head) + len(tail) <= MAX_EXAMPLE_CHARS][:MAX_EXAMPLES]
     return made
 
 
@@ -220,7 +224,8 @@ def _choices(operation, argument):
             return []
         once = _examples_of(repeated)
         counts = sorted({least, min(max(least, 1), most)})
-        return [example * count for count in counts for example in once][:MAX_EXAMPLES]
+        return [example * count for count in counts for example in once
+                if len(example) * count <= MAX_EXAMPLE_CHARS][:MAX_EXAMPLES]
     return [""]  # anchors, look-arounds, back-references: the probe's fullmatch decides
 
 

@@ -40,6 +40,9 @@ MAX_ANSWER_BYTES = 1024 ** 2  # a claim, an identity, a status or an error messa
 CONNECT_SECONDS = 10
 STOP_GRACE_SECONDS = 2
 OUTAGE_REMINDER_SECONDS = 600  # how often a problem that goes on is logged again
+# How soon a changed problem may be logged after the last line: a registry whose error text changes at every
+# answer, or a link that alternates between two failures, must not write a line per attempt.
+OUTAGE_CHANGE_SECONDS = 60
 
 
 class LeaseLost(Exception):
@@ -267,12 +270,13 @@ def send_reliably(send, what, retry_for_seconds, peer="registry", url=None):
 
 
 class Outage:
-    """A problem that may last (the registry away, say), to be logged when it begins or changes and every
-    remind_seconds while it goes on, not at every attempt; and its end, once. No clock inside: the caller gives the
-    time, so a test needs no waiting."""
+    """A problem that may last (the registry away, say), to be logged when it begins, when it changes (at most once
+    every change_seconds) and every remind_seconds while it goes on, not at every attempt; and its end, once. No
+    clock inside: the caller gives the time, so a test needs no waiting."""
 
-    def __init__(self, remind_seconds=OUTAGE_REMINDER_SECONDS):
+    def __init__(self, remind_seconds=OUTAGE_REMINDER_SECONDS, change_seconds=OUTAGE_CHANGE_SECONDS):
         self.remind_seconds = remind_seconds
+        self.change_seconds = change_seconds
         self.problem = None  # as last said
         self.began_at = None  # when the outage began, whatever its problem since
         self.said_at = None
@@ -282,9 +286,9 @@ class Outage:
         None when they were said less than remind_seconds ago."""
         if self.began_at is None:
             self.began_at = now
-        if problem == self.problem and now - self.said_at < self.remind_seconds:
-            return None
         again = problem == self.problem
+        if self.said_at is not None and now - self.said_at < (self.remind_seconds if again else self.change_seconds):
+            return None
         self.problem, self.said_at = problem, now
         return f"{problem} (for {round((now - self.began_at) / 60)} min now)" if again else problem
 

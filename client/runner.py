@@ -93,6 +93,9 @@ class SiteRunner:
         self._workers_changed = threading.Condition()
         self._sparql_problem = "not checked yet"
         self.registry_outage = Outage()  # the main loop's problems reaching the registry, logged once each
+        # Parked runs' heartbeats fail with words of their own (their URL): kept apart, they do not take turns
+        # with the claims' problem at being new.
+        self.parked_outage = Outage()
         self._online = False  # a claim came back since the start, or since the registry's last problem
         self._said_online = False  # "online at ..., waiting for work" was logged (once per start)
         self.wrong_identity = None  # set when the registry stops accepting the token
@@ -245,7 +248,7 @@ class SiteRunner:
                 self.record("taken_back", folder.run_id, reason=str(error))
                 self.clean_up(folder)
             except (*TRANSIENT_ERRORS, RegistryRefused, Unreachable) as error:
-                self.note_registry_problem(registry_problem(error, self.config.registry_url))
+                self.note_registry_problem(registry_problem(error, self.config.registry_url), self.parked_outage)
 
     def decision_on(self, folder, now):
         """What the IT officer decided about a parked run: (what, reason) or None while undecided."""
@@ -399,10 +402,10 @@ class SiteRunner:
             except (LeaseLost, Unreachable, RegistryRefused) as failure:
                 log.warning("run %s: the refusal was not recorded: %s", error.run_id, failure)
 
-    def note_registry_problem(self, problem):
+    def note_registry_problem(self, problem, outage=None):
         """Logged when it begins or changes and every few minutes while it lasts (registry_client.Outage), so an
         outage does not flood the log."""
-        said = self.registry_outage.failed(problem, time.monotonic())
+        said = (outage or self.registry_outage).failed(problem, time.monotonic())
         if said:
             log.warning("%s; asking again every %d s", said, self.config.poll_interval_seconds)
 
@@ -1024,8 +1027,15 @@ def startup_warnings(config):
 
 def whitelist_warnings(whitelist):
     """One line per whitelist pattern that admits more than it seems to (image_policy.overbroad_patterns)."""
-    return [f"whitelist[{index}] {json.dumps(pattern.pattern)} {why}"
-            for index, pattern in enumerate(whitelist) for _, why in image_policy.overbroad_patterns([pattern])]
+    warnings = []
+    for index, pattern in enumerate(whitelist):
+        try:
+            warnings += [f"whitelist[{index}] {json.dumps(pattern.pattern)} {why}"
+                         for _, why in image_policy.overbroad_patterns([pattern])]
+        except Exception as error:  # a check that only warns must never stop the runner
+            warnings.append(f"whitelist[{index}] {json.dumps(pattern.pattern)} could not be checked for being too "
+                            f"broad ({type(error).__name__}); read docs/site-config.md on tight patterns")
+    return warnings
 
 
 def size_in_words(size):

@@ -33,7 +33,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from common.printable import escaped
+from common.printable import escaped, shown
 from master import lifecycle
 from researcher.client import RegistryError, TaskFailed, TaskTimeout
 from researcher.images import ImageNotPinned
@@ -186,23 +186,51 @@ def submit_command(registry, as_json, image, input_text, input_file, site_names,
     every_site = None if site_names else registry.sites()
     task = registry.submit(image, task_input, sites=list(site_names) or None, session_id=session_id, name=name,
                            timeout_seconds=timeout_seconds, encrypt=encrypt, pin_digest=not no_pin)
+    if as_json:
+        print_json(task)
+    else:
+        sites_named = ", ".join(run["site"] for run in task["runs"])
+        say(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
+    # After the task is shown: whatever the site list holds, the user has the task's id.
     warning = None if site_names else sites_not_online_warning(task, every_site)
     if warning:
         warn(warning)
-    if as_json:
-        return print_json(task)
-    sites_named = ", ".join(run["site"] for run in task["runs"])
-    say(f"task {task['id']} (session {task['session_id']}) posted for {sites_named}: {task['image']}")
+
+
+def runs_shape_problem(task):
+    """Pure: what in a task's answer keeps its runs from being asked for (each needs a whole-number id and a site
+    name), or None. A registry may send anything."""
+    runs = task.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        return f"its runs are not a list of records: {shown(runs)}"
+    for run in runs:
+        if type(run.get("id")) is not int or not isinstance(run.get("site"), str):
+            return f"a run has no whole-number id and site name: {shown(run)}"
+    return None
+
+
+def task_shape_problem(task, runs):
+    """Pure: what else in a task's answer (runs: with their history added) the task command cannot show, or None."""
+    if not isinstance(task.get("encrypted_to") or [], list):
+        return f"encrypted_to is not a list: {shown(task.get('encrypted_to'))}"
+    for run in runs:
+        for key in ("history", "deliveries"):
+            entries = run.get(key, [])
+            if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+                return f"run {run['id']}'s {key} is not a list of records: {shown(entries)}"
+    return None
 
 
 def sites_not_online_warning(task, sites):
     """Pure: for a task posted to every site, a warning naming its sites that are not online (sites: as the
     registry lists them), which its runs wait for; None when all are online."""
-    listed = {site["name"]: site for site in sites}
-    task_sites = [listed[run["site"]] for run in task["runs"] if run["site"] in listed]
-    never_seen = [site["name"] for site in task_sites if site["last_seen_at"] is None]
+    # Only well-formed entries count: the task is posted already, and a registry may send anything.
+    listed = {site["name"]: site for site in sites if isinstance(site, dict) and isinstance(site.get("name"), str)}
+    task_sites = [listed[run["site"]] for run in task.get("runs") or []
+                  if isinstance(run, dict) and isinstance(run.get("site"), str) and run["site"] in listed]
+    never_seen = [site["name"] for site in task_sites if site.get("last_seen_at") is None]
     offline = [f"{site['name']} (last seen {short_time(site['last_seen_at'])} UTC)" for site in task_sites
-               if site["last_seen_at"] is not None and not site["online"]]
+               if site.get("last_seen_at") is not None and not site.get("online")]
     if not never_seen and not offline:
         return None
     groups = [f"{label}: {first_few(names, SITES_SHOWN)}. " for label, names in
@@ -324,7 +352,11 @@ def task_command(registry, as_json, task_id):
 
     --json prints the task as the registry answers it, each run with its "history" added."""
     task = registry.task(task_id)
-    runs = [{**run, "history": registry.run_history(run["id"])} for run in task["runs"]]
+    problem = runs_shape_problem(task)
+    runs = [] if problem else [{**run, "history": registry.run_history(run["id"])} for run in task["runs"]]
+    problem = problem or task_shape_problem(task, runs)
+    if problem:
+        raise RegistryError(f"the registry's answer for task {task_id} cannot be shown: {problem}")
     if as_json:
         return print_json({**task, "runs": runs})
     say(f"task {task['id']} (session {task['session_id']}): {task['status']}")
@@ -344,16 +376,18 @@ def task_command(registry, as_json, task_id):
     table = new_table("site", "at (UTC)", "state", "reason")
     for run in runs:
         for event in run["history"]:
-            add_row(table, run["site"], short_time(event["at"]), event["status"], event["reason"] or "")
+            add_row(table, run["site"], short_time(event.get("at")), event.get("status"), event.get("reason") or "")
     print_table(table)
-    deliveries = [(run["site"], delivery) for run in runs for delivery in run["deliveries"]]
+    deliveries = [(run["site"], delivery) for run in runs for delivery in run.get("deliveries", [])]
     if not deliveries:
         return click.echo("\nno files delivered to a third party")
     click.echo("\nfiles delivered to a third party (receipts: the sha256 is of the file as sent, encrypted)")
     table = new_table("site", "recipient", "file", "size", "sha256", "at (UTC)")
     for site, delivery in deliveries:
-        add_row(table, site, delivery["recipient"], delivery["name"], human_bytes(delivery["size"]),
-                short_digest(delivery["sha256"]), short_time(delivery["at"]))
+        size = delivery.get("size")
+        add_row(table, site, delivery.get("recipient"), delivery.get("name"),
+                human_bytes(size) if type(size) is int else size, short_digest(delivery.get("sha256")),
+                short_time(delivery.get("at")))
     print_table(table)
 
 

@@ -104,17 +104,22 @@ def record_identity_file(config_file, identity_file):
     config_file = Path(config_file).resolve()
     exists = config_file.exists()
     updated = with_identity_file(_config_text(config_file), identity_file, config_file)
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    # It holds the token: a new file is the researcher's alone, an existing one keeps the mode they gave it.
-    mode = stat.S_IMODE(config_file.stat().st_mode) if exists else 0o600
-    descriptor, temporary = tempfile.mkstemp(dir=config_file.parent, prefix=f".{config_file.name}.")
+    temporary = None
     try:
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        # It holds the token: a new file is the researcher's alone, an existing one keeps the mode they gave it.
+        mode = stat.S_IMODE(config_file.stat().st_mode) if exists else 0o600
+        descriptor, temporary = tempfile.mkstemp(dir=config_file.parent, prefix=f".{config_file.name}.")
         with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as file:
             file.write(updated)
         os.chmod(temporary, mode)
         os.replace(temporary, config_file)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a folder the researcher may not write (a config an administrator keeps)
+            raise SettingsError(f"{config_file}: cannot write it ({error.strerror or error}); put identity_file = "
+                                f"\"{identity_file}\" there yourself, or set {IDENTITY_VARIABLE}") from None
         raise
 
 

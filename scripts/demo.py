@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,12 @@ def keep_running(federation):
     print(f"\nThe federation keeps running until Ctrl-C. In another terminal, as its researcher:\n"
           f"  .venv/bin/pht --config {config.relative_to(ROOT)} sites\n"
           f"  .venv/bin/pht --config {config.relative_to(ROOT)} tasks", flush=True)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    # Ctrl-C, or a SIGTERM, stops the federation cleanly; a shell that started the demo in the background
+    # would have it ignore SIGINT otherwise.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         while True:
             time.sleep(3600)

@@ -164,3 +164,27 @@ def test_the_documented_examples_are_what_the_check_finds():
             assert any(refusal_reason(example, whitelist(pattern)) is None for pattern in patterns), example
     tight = json.loads("{" + section.partition("```json\n")[2].partition("\n```")[0] + "}")["whitelist"]
     assert len(tight) == 2 and overbroad_patterns(tight) == []
+
+
+def test_nested_repeats_make_no_example_longer_than_a_claims_image():
+    """(((x{200}){200}){200}){200} would be 1.6e9 characters: made up whole, it stopped the runner at start-up with
+    a MemoryError. Three levels (8e6 characters) show the cap without the memory."""
+    import re
+    from client import image_policy
+    for pattern in (r"((x{200}){200}){200}", r"127\.0\.0\.1:5050/pht/(?:(?:[a-z]{200}){200}){200}"):
+        examples = image_policy._examples(re.compile(pattern))
+        assert all(len(example) <= image_policy.MAX_EXAMPLE_CHARS for example in examples)
+    assert image_policy.overbroad_patterns([r"(((x{200}){200}){200}){200}"]) == []
+
+
+def test_a_whitelist_pattern_that_cannot_be_checked_is_a_warning_not_a_stop(monkeypatch):
+    import re
+    from client import image_policy
+    from client.runner import whitelist_warnings
+
+    def broken(patterns):
+        raise RecursionError("the parser gave up")
+    monkeypatch.setattr(image_policy, "overbroad_patterns", broken)
+    assert whitelist_warnings([re.compile("x")]) == [
+        'whitelist[0] "x" could not be checked for being too broad (RecursionError); read docs/site-config.md on '
+        "tight patterns"]

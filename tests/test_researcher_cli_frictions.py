@@ -462,3 +462,44 @@ def test_task_shows_what_a_hostile_registry_sends_escaped(sites):
     assert f"name: {HOSTILE_SHOWN}" in shown.stdout
     as_json = sites.cli("task", task_id, "--json")
     assert "\x1b" not in as_json.stdout and json.loads(as_json.stdout)["runs"][0]["deliveries"][0]["name"] == HOSTILE
+
+
+# --- what a hostile registry's odd shapes do to the new commands -----------------------------------------
+
+@pytest.mark.parametrize("sites", [
+    [{"name": "hospital-a", "last_seen_at": None}],  # no "online"
+    [{"name": ["hospital-a"], "online": False, "last_seen_at": None}],
+    ["hospital-a", None, 7],
+    [{"name": "hospital-a", "online": False, "last_seen_at": [1, 2]}],
+])
+def test_an_odd_site_list_never_stops_the_warning(sites):
+    task = {"id": 3, "runs": [{"site": "hospital-a"}, {"site": ["x"]}, "not a run"]}
+    warning = sites_not_online_warning(task, sites)
+    assert warning is None or warning.startswith("task 3 went to every site")
+
+
+@pytest.mark.parametrize("task, problem", [
+    ({"runs": "abc"}, "its runs are not a list of records"),
+    ({"runs": [{"id": "1", "site": "a"}]}, "a run has no whole-number id and site name"),
+    ({"runs": [{"id": 1, "site": ["a"]}]}, "a run has no whole-number id and site name"),
+])
+def test_runs_the_task_command_cannot_ask_about_are_named(task, problem):
+    from researcher.__main__ import runs_shape_problem
+    assert runs_shape_problem(task).startswith(problem)
+
+
+@pytest.mark.parametrize("task, runs, problem", [
+    ({"encrypted_to": 5}, [], "encrypted_to is not a list"),
+    ({}, [{"id": 1, "history": {"a": 1}}], "run 1's history is not a list of records"),
+    ({}, [{"id": 1, "history": ["x"]}], "run 1's history is not a list of records"),
+    ({}, [{"id": 1, "history": [], "deliveries": "abc"}], "run 1's deliveries is not a list of records"),
+])
+def test_a_task_the_task_command_cannot_show_is_named(task, runs, problem):
+    from researcher.__main__ import task_shape_problem
+    assert task_shape_problem(task, runs).startswith(problem)
+
+
+def test_a_config_that_cannot_be_written_is_one_error_naming_the_fix(tmp_path):
+    with pytest.raises(SettingsError, match=r"cannot write it .*put identity_file = .* there yourself, or set "
+                                            r"PHT_IDENTITY"):
+        record_identity_file("/proc/self/pht.toml", tmp_path / "identity.txt")
