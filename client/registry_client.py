@@ -40,8 +40,8 @@ MAX_ANSWER_BYTES = 1024 ** 2  # a claim, an identity, a status or an error messa
 CONNECT_SECONDS = 10
 STOP_GRACE_SECONDS = 2
 OUTAGE_REMINDER_SECONDS = 600  # how often a problem that goes on is logged again
-# How soon a changed problem may be logged after the last line: a registry whose error text changes at every
-# answer, or a link that alternates between two failures, must not write a line per attempt.
+# How soon another change of problem may be logged after the last one was: a registry whose error text changes at
+# every answer, or a link that alternates between two failures, must not write a line per attempt.
 OUTAGE_CHANGE_SECONDS = 60
 
 
@@ -270,9 +270,9 @@ def send_reliably(send, what, retry_for_seconds, peer="registry", url=None):
 
 
 class Outage:
-    """A problem that may last (the registry away, say), to be logged when it begins, when it changes (at most once
-    every change_seconds) and every remind_seconds while it goes on, not at every attempt; and its end, once. No
-    clock inside: the caller gives the time, so a test needs no waiting."""
+    """A problem that may last (the registry away, say), to be logged when it begins, when it changes (a change at
+    most every change_seconds) and every remind_seconds while it goes on, not at every attempt; and its end, once.
+    No clock inside: the caller gives the time, so a test needs no waiting."""
 
     def __init__(self, remind_seconds=OUTAGE_REMINDER_SECONDS, change_seconds=OUTAGE_CHANGE_SECONDS):
         self.remind_seconds = remind_seconds
@@ -280,6 +280,7 @@ class Outage:
         self.problem = None  # as last said
         self.began_at = None  # when the outage began, whatever its problem since
         self.said_at = None
+        self.changed_at = None  # when a change of problem was last said
 
     def failed(self, problem, now):
         """The words to log for this failure (problem, and how long it has gone on when it is said again), or
@@ -287,15 +288,19 @@ class Outage:
         if self.began_at is None:
             self.began_at = now
         again = problem == self.problem
-        if self.said_at is not None and now - self.said_at < (self.remind_seconds if again else self.change_seconds):
+        if again and now - self.said_at < self.remind_seconds:
             return None
+        if not again and self.problem is not None:
+            if self.changed_at is not None and now - self.changed_at < self.change_seconds:
+                return None
+            self.changed_at = now
         self.problem, self.said_at = problem, now
         return f"{problem} (for {round((now - self.began_at) / 60)} min now)" if again else problem
 
     def answered(self):
         """Whether this answer ends an outage (for the caller to say so); the next failure begins a new one."""
         ended = self.began_at is not None
-        self.problem = self.began_at = self.said_at = None
+        self.problem = self.began_at = self.said_at = self.changed_at = None
         return ended
 
 
