@@ -259,13 +259,18 @@ def create_principal(engine, role, name, token_hash):
         conn.execute(table.insert().values(name=name, token_hash=token_hash, created_at=time.time()))
 
 
+# Built once: every request looks its token up (sites first: they make nearly all requests).
+_HOLDERS_OF_TOKEN = [
+    (role, sa.select(table.c.id, table.c.name).where(
+        table.c.token_hash == sa.bindparam("token_hash"), table.c.revoked_at.is_(None)))
+    for role, table in PRINCIPALS.items()]
+
+
 def find_principal(engine, token_hash):
     """(role, id, name) of the holder of a token that is not revoked, else None."""
     with engine.connect() as conn:
-        for role, table in PRINCIPALS.items():
-            row = conn.execute(
-                sa.select(table.c.id, table.c.name).where(
-                    table.c.token_hash == token_hash, table.c.revoked_at.is_(None))).first()
+        for role, holders in _HOLDERS_OF_TOKEN:
+            row = conn.execute(holders, {"token_hash": token_hash}).first()
             if row:
                 return role, row.id, row.name
     return None
@@ -589,6 +594,10 @@ def closed_sessions(engine, session_ids):
 
 # --- runs, as seen by sites -------------------------------------------------
 
+_A_PENDING_RUN = sa.select(runs.c.id).where(
+    runs.c.site_id == sa.bindparam("site_id"), runs.c.status == lifecycle.PENDING).limit(1)
+
+
 def claim_next_run(engine, site_id, lease_seconds):
     """Lease the site's oldest pending run to the caller, in one atomic statement; None if none."""
     now = time.time()
@@ -603,8 +612,7 @@ def claim_next_run(engine, site_id, lease_seconds):
         .scalar_subquery())
     # Most claims find nothing; a read says so without taking the database's write lock.
     with engine.connect() as conn:
-        if conn.execute(sa.select(runs.c.id).where(
-                runs.c.site_id == site_id, runs.c.status == lifecycle.PENDING).limit(1)).first() is None:
+        if conn.execute(_A_PENDING_RUN, {"site_id": site_id}).first() is None:
             return None
     with engine.begin() as conn:
         run_id = conn.execute(
