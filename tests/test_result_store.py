@@ -8,10 +8,8 @@ directly only to damage it, as a failing disk or an operator's mistake would.
 import hashlib
 import logging
 import os
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 
 import boto3
@@ -22,6 +20,7 @@ from master import app as app_module
 from master import blobs
 from master.app import Settings, create_app
 from tests.conftest import ROOT, _bearer_for
+from tests.tcp_switch import Switch
 from tests.test_registry_api import claim, finish, post_task, upload
 
 S3_CREDENTIALS = ROOT / ".local" / "seaweedfs" / "credentials"
@@ -172,60 +171,17 @@ def test_a_missing_or_damaged_blob_answers_json_and_is_logged_once(registry, res
     assert f"the output of run {run['id']} cannot be sent" in errors[0].getMessage()
 
 
-class Relay:
-    """A TCP relay on a loopback port to the S3 store, which can be cut: the store as seen by a registry whose
-    network to it fails."""
-
-    def __init__(self, target_url):
-        host, port = target_url.removeprefix("http://").split(":")
-        self._target = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._connections = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # cut
-                return
-            server = socket.create_connection(self._target)
-            self._connections += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            sink.close()
-
-    def cut(self):
-        # shutdown, not close alone: it wakes the threads blocked in accept() and recv() on these sockets.
-        for connection in [self._listener, *self._connections]:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already closed by its peer
-                pass
-            connection.close()
-
-
 def test_a_store_that_stops_answering_degrades_the_registry_and_its_results_answer_503(
         tmp_path, s3_endpoint, bucket, caplog, monkeypatch):
     monkeypatch.setattr(app_module, "STORE_CHECK_SECONDS", 0)  # each probe asks the store
-    relay = Relay(s3_endpoint)
+    relay = Switch(int(s3_endpoint.rsplit(":", 1)[1]))
     app = create_app(Settings(data_dir=tmp_path / "registry", result_store=f"s3://{bucket}",
                               s3_endpoint_url=relay.url))
     client, alice, hospital, run = a_run_of(app)
     upload(client, hospital, run, "output", b"stored before")
     assert client.get("/health").json == {"status": "ok"}
 
-    relay.cut()
+    relay.turn_off()
 
     with caplog.at_level(logging.INFO, logger="pht.registry"):
         health = [client.get("/health") for _ in range(3)]

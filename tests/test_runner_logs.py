@@ -12,7 +12,6 @@ import json
 import re
 import signal
 import socket
-import threading
 
 import docker
 import pytest
@@ -27,6 +26,7 @@ from common.printable import escaped
 from scripts.federation import DEFAULT_WHITELIST, free_port
 from tests.conftest import ROOT
 from tests.fake_registry import Answer, FakeRegistry
+from tests.tcp_switch import Switch
 from tests.test_hostile_registry import LOG_RECORD, Runner, claim, probe, sparql_endpoint  # noqa: F401 (fixtures)
 from tests.test_site_config import TTP_KEY, VALID
 
@@ -212,61 +212,6 @@ def test_a_claim_waits_once_the_runner_is_online(long_poll, online, once, wait):
 
 
 # --- the runner's own log ----------------------------------------------------------------------------------------
-
-class Switch:
-    """A port on loopback that forwards to another (the fake registry's), and that a test turns off (connections
-    refused, those open cut) and on again, on the same port: a registry that goes away and comes back."""
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._sockets = []  # both ends of every forwarded connection, cut when the switch is turned off
-        self._lock = threading.Lock()
-        self._off = threading.Event()
-        self.turn_on()
-
-    def turn_on(self):
-        self._off.clear()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener.settimeout(0.1)
-        self._accepting = threading.Thread(target=self._accept, args=(self._listener,), daemon=True)
-        self._accepting.start()
-
-    def turn_off(self):
-        self._off.set()
-        self._accepting.join()
-        self._listener.close()
-        with self._lock:
-            for connection in self._sockets:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                connection.close()
-            self._sockets.clear()
-
-    def _accept(self, listener):
-        while not self._off.is_set():
-            try:
-                client = listener.accept()[0]
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # cut by turn_off, or by either end
-
 
 def start_runner(tmp_path, registry_url, fake, sparql_endpoint, **settings):
     config = {"registry_url": registry_url, "site_name": SITE, "site_token": "the-site-token",
