@@ -100,7 +100,7 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
                            "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes,
                            "result_store": result_store, "s3_endpoint_url": s3_endpoint_url})
-    if not settings.database_url and not settings.sqlite_path.exists():
+    if _no_registry_yet(settings):
         logging.getLogger("pht.registry").warning("%s", new_registry_note(settings))
     try:
         app = create_app(settings)
@@ -124,13 +124,18 @@ def _engine(settings, making=False):
     """The registry's database. A command that only reads or changes what is there refuses a data folder
     without one, rather than make an empty registry where the operator forgot --data-dir; one that adds
     (create-site, create-researcher) makes it, and says where."""
-    if not settings.database_url and not settings.sqlite_path.exists():
+    if _no_registry_yet(settings):
         if not making:
             raise click.ClickException(
                 f"no registry in {settings.data_dir.resolve()} (it has no {settings.sqlite_path.name}); give the "
                 "registry's --data-dir, or --database-url, before or after the command's name")
         click.echo(f"warning: {new_registry_note(settings)}", err=True)
     return open_data(settings)
+
+
+def _no_registry_yet(settings):
+    """An embedded registry whose database is not there yet (on PostgreSQL, the tables are made as needed)."""
+    return not settings.database_url and not settings.sqlite_path.exists()
 
 
 def new_registry_note(settings):

@@ -35,7 +35,7 @@ from rich.table import Table
 
 from common.printable import escaped, shown
 from master import lifecycle
-from researcher.client import RegistryError, TaskFailed, TaskTimeout
+from researcher.client import RegistryError, TaskFailed, TaskTimeout, run_problem
 from researcher.images import ImageNotPinned
 from researcher.keys import DecryptionFailed, IdentityMissing, generate_identity
 from researcher.results import ResultLimits, ResultTooLarge, UnsafeOutput, UnsafeSiteName
@@ -198,15 +198,13 @@ def submit_command(registry, as_json, image, input_text, input_file, site_names,
 
 
 def runs_shape_problem(task):
-    """Pure: what in a task's answer keeps its runs from being asked for (each needs a whole-number id and a site
-    name), or None. A registry may send anything."""
+    """Pure: what in a task's answer keeps its runs from being asked for and shown (the library's own check of a run,
+    run_problem), or None. A registry may send anything."""
     runs = task.get("runs")
     if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
         return f"its runs are not a list of records: {shown(runs)}"
-    for run in runs:
-        if type(run.get("id")) is not int or not isinstance(run.get("site"), str):
-            return f"a run has no whole-number id and site name: {shown(run)}"
-    return None
+    problems = (run_problem(run) for run in runs)
+    return next((f"a run has {problem}" for problem in problems if problem), None)
 
 
 def task_shape_problem(task, runs):

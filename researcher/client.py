@@ -219,7 +219,7 @@ class Registry:
 
         Raises ChecksumMismatch, ResultTooLarge (before writing past a cap of self.limits) or DecryptionFailed.
         """
-        problem = _run_problem(run)
+        problem = run_problem(run)
         if problem:
             raise RegistryError(f"the registry listed a run the library cannot use: {problem}")
         downloads = DownloadFolder(self.download_dir, run["id"])
@@ -312,7 +312,7 @@ def _encode_input(task_input):
     raise TypeError(f"task input must be a dict, list, str, bytes or pathlib.Path, not {type(task_input).__name__}")
 
 
-def _run_problem(run):
+def run_problem(run):
     """Pure: what in a run, as the registry listed it, the library cannot use safely (its id names a folder, its
     sizes are compared, its checksums checked), or None."""
     if type(run.get("id")) is not int or not isinstance(run.get("site"), str):

@@ -77,7 +77,8 @@ def test_while_the_replicas_news_is_not_heard_a_parked_claim_looks_again(postgre
         app.extensions["pht"].engine.dispose()
 
 
-def test_an_idle_sites_renewed_claims_write_its_sighting_only_when_it_is_news(app, client, hospital, queries):  # noqa: F811
+def test_an_idle_sites_renewed_claims_write_its_sighting_only_when_it_is_news(
+        client, alice, hospital, queries):  # noqa: F811
     writes = lambda: [s for s in queries if s.lstrip().upper().startswith("UPDATE SITES")]  # noqa: E731
     report = {"runner_version": "pht-runner/0.3", "sparql_ok": True}
     for _ in range(3):
@@ -86,7 +87,7 @@ def test_an_idle_sites_renewed_claims_write_its_sighting_only_when_it_is_news(ap
     # What the site reports changed: written at once.
     assert client.post("/api/site/claim", json={**report, "sparql_ok": False}, headers=hospital).status_code == 204
     assert len(writes()) == 2
-    sites = client.get("/api/sites", headers=_researcher(app)).json["items"]
+    sites = client.get("/api/sites", headers=alice).json["items"]
     assert [(site["name"], site["online"], site["sparql_ok"]) for site in sites] == [("hospital-a", True, False)]
 
 
@@ -102,8 +103,3 @@ def test_a_sighting_is_written_again_once_the_last_is_half_an_online_window_old(
     assert sightings.due(7, ("pht-runner/0.4", True)) and sightings.due(8, report)
     now[0] += 0.1
     assert sightings.due(7, report)
-
-
-def _researcher(app):
-    from tests.conftest import _bearer_for
-    return _bearer_for(app, "researcher", "alice")
