@@ -85,11 +85,15 @@ def with_settings(command):
                    "AWS_SECRET_ACCESS_KEY (or boto3's other usual places).")
 @click.option("--s3-endpoint-url", default="", envvar="PHT_S3_ENDPOINT_URL",
               help="The object store's URL, for one other than AWS (MinIO, Ceph, SeaweedFS).")
+@click.option("--database-pool-size", default=20, show_default=True, type=click.IntRange(1),
+              help="Database connections this process keeps; requests share them for the moment of their queries. "
+                   "A request that finds none free for 10 s gets 503 with Retry-After. On PostgreSQL, keep "
+                   "replicas x this under the server's max_connections.")
 @limit_options
 @tls_options
 @with_settings
 def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes, result_store, s3_endpoint_url,
-          limits, tls):
+          database_pool_size, limits, tls):
     """Serve the registry with gevent's WSGI server (many waiting long-polls, one process)."""
     import threading
 
@@ -99,7 +103,8 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
     log_to_stderr("%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(**{**settings.__dict__, "lease_seconds": lease_seconds,
                            "max_input_bytes": max_input_bytes, "max_result_bytes": max_result_bytes,
-                           "result_store": result_store, "s3_endpoint_url": s3_endpoint_url})
+                           "result_store": result_store, "s3_endpoint_url": s3_endpoint_url,
+                           "database_pool_size": database_pool_size})
     if _no_registry_yet(settings):
         logging.getLogger("pht.registry").warning("%s", new_registry_note(settings))
     try:

@@ -10,7 +10,8 @@ from apiflask import APIFlask, abort
 from flask import g, request
 
 from common.private_files import private_file, private_folder
-from master import api_docs, blobs, json_bodies, lifecycle, researcher_api, site_api, store
+from master import api_docs, blobs, json_bodies, lifecycle, operator_api, researcher_api, site_api, store
+from master.dashboard import register_dashboard
 from master.schemas import INT_MAX
 from master.sightings import Sightings
 from master.wakeup import Announcements, PostgresRelay
@@ -31,6 +32,9 @@ class Settings:
     s3_endpoint_url: str = ""
     # A site counts as online while its last poll is this recent.
     online_window_seconds: int = 120
+    # Database connections this process keeps, and how long a request waits for a free one before its 503.
+    database_pool_size: int = 20
+    database_pool_wait_seconds: float = 10
 
     def resolved_database_url(self):
         return self.database_url or f"sqlite:///{self.sqlite_path}"
@@ -46,7 +50,8 @@ def open_data(settings):
     private_folder(settings.data_dir)
     if not settings.database_url:
         private_file(settings.sqlite_path)
-    return store.open_database(settings.resolved_database_url())
+    return store.open_database(settings.resolved_database_url(), settings.database_pool_size,
+                               settings.database_pool_wait_seconds)
 
 
 @dataclass
@@ -104,7 +109,9 @@ def create_app(settings):
     json_bodies.read_checked()
     app.register_blueprint(researcher_api.bp)
     app.register_blueprint(site_api.bp)
+    app.register_blueprint(operator_api.bp)
     api_docs.register_api_docs(app)  # /docs, from local files
+    register_dashboard(app)  # /ui/, for people
     _register_health(app)
     _register_error_mapping(app)
     _register_request_log(app)
@@ -173,10 +180,26 @@ def _register_health(app):
         return {"status": "degraded", "problems": list(problems)} if problems else {"status": "ok"}
 
 
+# What a request that found every database connection in use is told: soon, not at once, so that a crowd of
+# runners does not come back together.
+BUSY_RETRY_AFTER_SECONDS = 2
+
+
 def _register_error_mapping(app):
     for exception, status in ((store.NotFound, 404), (store.Conflict, 409), (store.LeaseLost, 409)):
         app.register_error_handler(
             exception, lambda error, status=status: ({"message": str(error), "detail": {}}, status))
+
+    @app.errorhandler(sa.exc.TimeoutError)
+    def _database_busy(_error):
+        # The pool raises it before the transaction that wanted the connection began. Every request may be sent
+        # again: one that had committed an earlier transaction finds it done (a claim's lease, if one was given,
+        # lapses and the run is handed out again).
+        settings = app.extensions["pht"].settings
+        log.warning("%s %s: all %d database connections were in use for %s s; answered 503", request.method,
+                    request.path, settings.database_pool_size, settings.database_pool_wait_seconds)
+        return ({"message": f"the registry's database is busy; try again in {BUSY_RETRY_AFTER_SECONDS} s",
+                 "detail": {}}, 503, {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
 
 
 def _register_request_log(app):

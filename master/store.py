@@ -189,9 +189,14 @@ UPGRADES = {
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
 
-def open_database(url):
-    """An engine on the registry's database: created when empty, upgraded in place when older."""
-    engine = sa.create_engine(url)
+def open_database(url, pool_size=20, pool_wait_seconds=10):
+    """An engine on the registry's database: created when empty, upgraded in place when older.
+
+    Its pool holds pool_size connections, opened as needed and kept: under gevent, thousands of requests share
+    them, each for the moment of its queries (a parked long-poll holds none). A request that finds none free
+    waits up to pool_wait_seconds, then raises sqlalchemy.exc.TimeoutError, which the app answers with 503.
+    """
+    engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_wait_seconds)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _tune_sqlite)
     metadata.create_all(engine)
