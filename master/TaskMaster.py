@@ -3,11 +3,13 @@
     python master/TaskMaster.py                      serve on 0.0.0.0:5000 (SQLite in ./registry-data)
     python master/TaskMaster.py create-site NAME     register a site and print its token once
     python master/TaskMaster.py create-researcher NAME
+    python master/TaskMaster.py create-operator NAME   a token for the dashboard's operator pages and /api/operator
     python master/TaskMaster.py list-sites
     python master/TaskMaster.py list-researchers
-    python master/TaskMaster.py revoke NAME [--site | --researcher]
+    python master/TaskMaster.py list-operators
+    python master/TaskMaster.py revoke NAME [--site | --researcher | --operator]
     python master/TaskMaster.py revoke --token-stdin < token.txt
-    python master/TaskMaster.py rotate-token NAME [--site | --researcher]
+    python master/TaskMaster.py rotate-token NAME [--site | --researcher | --operator]
 
 Every command takes --data-dir and --database-url, before or after the command's name.
 """
@@ -180,6 +182,15 @@ def _when(timestamp):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))
 
 
+@cli.command("create-operator")
+@click.argument("name")
+@with_settings
+def create_operator(settings, name):
+    """Register an operator, who reads every site and task on the dashboard (/ui/) and at /api/operator;
+    prints their token (shown only this once)."""
+    _create_principal(settings, store.OPERATOR, name)
+
+
 @cli.command("list-sites")
 @with_settings
 def list_sites(settings):
@@ -196,28 +207,42 @@ def list_sites(settings):
 @with_settings
 def list_researchers(settings):
     """The researchers, when each was registered and whether they are revoked."""
-    for researcher in store.list_researchers(_engine(settings)):
-        state = f"revoked {_when(researcher['revoked_at'])}" if researcher["revoked_at"] else "active"
-        click.echo(escaped(f"{researcher['name']}\t{state}\tsince {_when(researcher['created_at'])}", keep="\t"))
+    _list_people(store.list_researchers(_engine(settings)))
 
 
-def _role_of(settings, name, as_site, as_researcher):
+@cli.command("list-operators")
+@with_settings
+def list_operators(settings):
+    """The operators, when each was registered and whether they are revoked."""
+    _list_people(store.list_operators(_engine(settings)))
+
+
+def _list_people(people):
+    for person in people:
+        state = f"revoked {_when(person['revoked_at'])}" if person["revoked_at"] else "active"
+        click.echo(escaped(f"{person['name']}\t{state}\tsince {_when(person['created_at'])}", keep="\t"))
+
+
+def _role_of(settings, name, as_site, as_researcher, as_operator=False):
     """The role a command on name means: the one asked for, or the only one that has the name."""
-    if as_site and as_researcher:
-        raise click.UsageError("give --site or --researcher, not both")
+    if as_site + as_researcher + as_operator > 1:
+        raise click.UsageError("give one of --site, --researcher and --operator")
     roles = store.roles_named(_engine(settings), name)
     if not roles and not names.PRINCIPAL_NAME.fullmatch(name):
         # Not echoed: it may be a token given by mistake, which must not reach a terminal's scrollback too.
         raise click.UsageError(f"NAME must be a site's or researcher's name ({names.PRINCIPAL_NAME_RULE}); "
                                "to revoke by token, give it on standard input to revoke --token-stdin")
-    asked = store.SITE if as_site else store.RESEARCHER if as_researcher else None
+    asked = store.SITE if as_site else store.RESEARCHER if as_researcher else store.OPERATOR if as_operator else None
     if asked in roles or (asked is None and len(roles) == 1):
         return asked or roles[0]
     if len(roles) > 1:
-        raise click.UsageError(f"both a site and a researcher are called {name!r}: "
-                               "say which with --site or --researcher")
-    raise click.ClickException(f"no {asked or 'site or researcher'} is called {name!r}; "
-                               "see list-sites and list-researchers")
+        raise click.UsageError(f"both a {' and a '.join(roles)} are called {name!r}: "
+                               f"say which with {' or '.join('--' + role for role in roles)}")
+    if asked == store.OPERATOR:
+        raise click.ClickException(f"no operator is called {name!r}; see list-operators")
+    raise click.ClickException(f"no {asked or 'site or researcher'} is called {name!r}"
+                               f"{'' if asked else ' (nor an operator)'}; see list-sites, list-researchers "
+                               "and list-operators")
 
 
 def _token_from_stdin():
@@ -231,29 +256,34 @@ def _token_from_stdin():
 @click.argument("name", required=False)
 @click.option("--site", "as_site", is_flag=True, help="NAME is a site's.")
 @click.option("--researcher", "as_researcher", is_flag=True, help="NAME is a researcher's.")
+@click.option("--operator", "as_operator", is_flag=True, help="NAME is an operator's.")
 @click.option("--token-stdin", is_flag=True,
               help="Revoke whoever holds the token read from standard input (never give a token as an argument: "
                    "it would stay in the shell's history and show in ps).")
 @with_settings
-def revoke(settings, name, as_site, as_researcher, token_stdin):
-    """Revoke a site or researcher, by NAME or by token, and end what it leaves unfinished.
+def revoke(settings, name, as_site, as_researcher, as_operator, token_stdin):
+    """Revoke a site, researcher or operator, by NAME or by token, and end what it leaves unfinished.
 
     A revoked site's unfinished runs fail; a revoked researcher's unfinished tasks are cancelled, so no
-    site runs them. rotate-token gives either a new token later."""
+    site runs them; a revoked operator's dashboard session ends at once. rotate-token gives any of them a new
+    token later."""
     if token_stdin == (name is not None):
         raise click.UsageError("give a NAME, or --token-stdin and the token on standard input")
     engine = _engine(settings)
     if token_stdin:
         holder = store.find_principal(engine, auth.hash_token(_token_from_stdin()))
         if holder is None:
-            raise click.ClickException("no active site or researcher holds that token")
+            raise click.ClickException("no active site, researcher or operator holds that token")
         role, _, name = holder
     else:
-        role = _role_of(settings, name, as_site, as_researcher)
+        role = _role_of(settings, name, as_site, as_researcher, as_operator)
     try:
         ended = store.revoke_principal(engine, role, name)
     except store.NotFound as error:
         raise click.ClickException(f"{error} (already revoked?)") from None
+    if role == store.OPERATOR:
+        click.echo(f"revoked operator {name}")
+        return
     what = "failed" if role == store.SITE else "cancelled"
     click.echo(f"revoked {role} {name}; {len(ended)} unfinished run(s) {what}")
 
@@ -262,12 +292,13 @@ def revoke(settings, name, as_site, as_researcher, token_stdin):
 @click.argument("name")
 @click.option("--site", "as_site", is_flag=True, help="NAME is a site's.")
 @click.option("--researcher", "as_researcher", is_flag=True, help="NAME is a researcher's.")
+@click.option("--operator", "as_operator", is_flag=True, help="NAME is an operator's.")
 @with_settings
-def rotate_token(settings, name, as_site, as_researcher):
-    """Give a site or researcher a new token (printed once); the old one stops working at once.
+def rotate_token(settings, name, as_site, as_researcher, as_operator):
+    """Give a site, researcher or operator a new token (printed once); the old one stops working at once.
 
-    Also gives a revoked site or researcher a token again."""
-    role = _role_of(settings, name, as_site, as_researcher)
+    Also gives a revoked one a token again."""
+    role = _role_of(settings, name, as_site, as_researcher, as_operator)
     token = auth.new_token()
     try:
         store.replace_token(_engine(settings), role, name, auth.hash_token(token))

@@ -1,4 +1,4 @@
-"""Bearer tokens: who is calling, and in which role (site or researcher).
+"""Bearer tokens: who is calling, and in which role (site, researcher or operator).
 
 Tokens are random and shown once when created; the registry keeps only their
 sha256, so a copy of the database does not let anyone act as a site or researcher.
@@ -15,8 +15,10 @@ from master import store
 
 SITE = "site"
 RESEARCHER = "researcher"
+OPERATOR = "operator"  # reads what every site and researcher does (/api/operator, the dashboard); changes nothing
 
-token_auth = HTTPTokenAuth(scheme="Bearer", description="A site's or researcher's token, from the operator.")
+token_auth = HTTPTokenAuth(scheme="Bearer",
+                           description="A site's, researcher's or operator's token, from the operator.")
 
 
 @dataclass(frozen=True)

@@ -132,9 +132,10 @@ def get_run_history(run_id):
     return store.run_history(engine, run_id)
 
 
-def _send_blob(run_id, kind, mimetype, filename):
+def send_blob(researcher_id, run_id, kind, mimetype, filename):
+    """The run's output or log (kind), streamed, if the run is the researcher's; also the dashboard's download."""
     registry = _registry()
-    run = store.get_researcher_run(registry.engine, run_id, auth.caller().id)
+    run = store.get_researcher_run(registry.engine, run_id, researcher_id)
     sha256, size = run[f"{kind}_sha256"], run[f"{kind}_size"]
     if sha256 is None:
         abort(404, f"run {run_id} has no {kind} yet (it is {run['status']})")
@@ -173,7 +174,7 @@ def _sent(blob, what):
                    404: "No such run, or no output yet."})
 def get_run_output(run_id):
     """Download a run's output archive (streamed)."""
-    return _send_blob(run_id, "output", "application/gzip", f"run-{run_id}-output.tar.gz")
+    return send_blob(auth.caller().id, run_id, "output", "application/gzip", f"run-{run_id}-output.tar.gz")
 
 
 @bp.get("/runs/<int:run_id>/log")
@@ -183,7 +184,7 @@ def get_run_output(run_id):
                    404: "No such run, or no log yet."})
 def get_run_log(run_id):
     """Download a run's container log."""
-    return _send_blob(run_id, "log", "text/plain", f"run-{run_id}.log")
+    return send_blob(auth.caller().id, run_id, "log", "text/plain", f"run-{run_id}.log")
 
 
 @bp.get("/sites")

@@ -248,6 +248,32 @@ class SitePageOut(PageOut):
     items = List(Nested(SiteOut))
 
 
+class OperatorSiteOut(SiteOut):
+    revoked_at = Timestamp(allow_none=True, metadata={"description": "When the operator revoked it; null if active."})
+    active_runs = Integer(metadata={"description": "Its runs that have not ended (pending, claimed, running or "
+                                                   "waiting at the site)."})
+
+
+class OperatorSitePageOut(PageOut):
+    items = List(Nested(OperatorSiteOut))
+
+
+class OperatorTaskOut(TaskOut):
+    researcher = String(metadata={"description": "Who posted it."})
+
+
+class OperatorTaskPageOut(PageOut):
+    items = List(Nested(OperatorTaskOut))
+
+
+class OperatorTaskQueryIn(PageIn):
+    researcher = Text(validate=Matches(names.PRINCIPAL_NAME, f"must be a name: {names.PRINCIPAL_NAME_RULE}"),
+                      metadata={"description": "Only this researcher's tasks."})
+    site = Text(validate=Matches(names.PRINCIPAL_NAME, f"must be a name: {names.PRINCIPAL_NAME_RULE}"),
+                metadata={"description": "Only tasks with a run at this site."})
+    status = Text(validate=OneOf(TASK_STATES))
+
+
 class ClaimIn(Schema):
     wait_seconds = Integer(load_default=0, validate=Range(min=0, max=120),
                            metadata={"description": "How long to wait for a run before answering 204."})

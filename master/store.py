@@ -47,6 +47,17 @@ researchers = sa.Table(
     sa.Column("revoked_at", sa.Float),
 )
 
+# The registry's operators, for the dashboard and the read-only /api/operator endpoints; the CLI on the
+# registry's machine needs no token.
+operators = sa.Table(
+    "operators", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
 sessions = sa.Table(
     "sessions", metadata,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -246,8 +257,8 @@ def _tune_sqlite(dbapi_connection, _record):
 
 # --- principals -------------------------------------------------------------
 
-SITE, RESEARCHER = "site", "researcher"
-PRINCIPALS = {SITE: sites, RESEARCHER: researchers}
+SITE, RESEARCHER, OPERATOR = "site", "researcher", "operator"
+PRINCIPALS = {SITE: sites, RESEARCHER: researchers, OPERATOR: operators}
 SITE_REVOKED = "revoked: the registry's operator revoked this site"
 RESEARCHER_REVOKED = "revoked: the registry's operator revoked the researcher who posted it"
 
@@ -289,9 +300,10 @@ def roles_named(engine, name):
 
 
 def revoke_principal(engine, role, name, now=None):
-    """Revoke the site or researcher called name, and end what it leaves unfinished, in one transaction:
-    a site's runs that have not ended fail, a researcher's are cancelled (no site can claim them after).
-    Returns the ids of the runs ended; NotFound if there is no such active site or researcher."""
+    """Revoke the site, researcher or operator called name, and end what it leaves unfinished, in one transaction:
+    a site's runs that have not ended fail, a researcher's are cancelled (no site can claim them after); an
+    operator only reads, and leaves nothing. Returns the ids of the runs ended; NotFound if there is no such
+    active one."""
     now = now if now is not None else time.time()
     table = PRINCIPALS[role]
     with engine.begin() as conn:
@@ -303,6 +315,8 @@ def revoke_principal(engine, role, name, now=None):
         if role == SITE:
             ended = _end_runs(conn, runs.c.site_id == principal_id, lifecycle.FAILABLE_STATES,
                               lifecycle.FAILED, SITE_REVOKED, now)
+        elif role == OPERATOR:
+            ended = []
         else:
             ended = _end_runs(conn, runs.c.task_id.in_(sa.select(tasks.c.id).where(tasks.c.researcher_id == principal_id)),
                               lifecycle.CANCELLABLE_STATES, lifecycle.CANCELLED, RESEARCHER_REVOKED, now)
@@ -338,6 +352,21 @@ def list_researchers(engine):
         rows = conn.execute(sa.select(researchers.c.name, researchers.c.created_at, researchers.c.revoked_at)
                             .order_by(researchers.c.name)).mappings().all()
     return [dict(r) for r in rows]
+
+
+def list_operators(engine):
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(operators.c.name, operators.c.created_at, operators.c.revoked_at)
+                            .order_by(operators.c.name)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def active_runs_by_site(engine):
+    """For the operator: how many runs each site has that have not ended (site id -> count; none: absent)."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(runs.c.site_id, sa.func.count()).where(
+            runs.c.status.notin_(lifecycle.TERMINAL_STATES)).group_by(runs.c.site_id)).all()
+    return dict(rows)
 
 
 def list_sites(engine, include_revoked=True, page=1, per_page=None):
@@ -453,6 +482,26 @@ def list_tasks(engine, researcher_id, session_id=None, status=None, page=1, per_
         total = conn.execute(sa.select(sa.func.count()).select_from(tasks).where(*where)).scalar_one()
         page_rows = conn.execute(
             sa.select(*_TASK_COLUMNS).where(*where).order_by(tasks.c.id)
+            .limit(per_page).offset((page - 1) * per_page)).mappings().all()
+        return _with_runs(conn, page_rows), total
+
+
+def list_all_tasks(engine, researcher=None, site=None, status=None, page=1, per_page=50):
+    """For the operator: one page of every researcher's tasks, oldest first, each with its researcher's name, and
+    how many match in all. researcher and site are names; site keeps the tasks that have a run at that site."""
+    where = []
+    if researcher is not None:
+        where.append(tasks.c.researcher_id.in_(sa.select(researchers.c.id).where(researchers.c.name == researcher)))
+    if site is not None:
+        where.append(sa.exists().where(runs.c.task_id == tasks.c.id, runs.c.site_id.in_(
+            sa.select(sites.c.id).where(sites.c.name == site))))
+    if status is not None:
+        where.append(_task_status_condition(status))
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(tasks).where(*where)).scalar_one()
+        page_rows = conn.execute(
+            sa.select(*_TASK_COLUMNS, researchers.c.name.label("researcher"))
+            .join(researchers, researchers.c.id == tasks.c.researcher_id).where(*where).order_by(tasks.c.id)
             .limit(per_page).offset((page - 1) * per_page)).mappings().all()
         return _with_runs(conn, page_rows), total
 
