@@ -23,8 +23,10 @@ export PHT_IMAGE_REGISTRY="$REGISTRY_ADDR"
 # e2fsprogs: the site runner holds algorithms to their disk limits with small ext4 filesystems.
 # haproxy: the balancer in front of the registry's replicas in tests and benchmarks (scripts/balancer.py).
 # openssl: the tests make a consortium's private CA and the registry's certificate with it (tests/test_tls.py).
+# chromium: the dashboard's browser tests drive it with Playwright (tests/browser.py); Playwright never
+# downloads a browser of its own.
 SYSTEM_PACKAGES=(docker.io docker-registry apache2-utils debootstrap postgresql age python3-venv
-    debian-archive-keyring e2fsprogs haproxy openssl)
+    debian-archive-keyring e2fsprogs haproxy openssl chromium)
 # Daemons and debootstrap live in sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
@@ -34,7 +36,7 @@ fail() { echo "setup: $*" >&2; exit 1; }
 missing_system_tools() {
     local tool
     for tool in dockerd docker docker-registry htpasswd debootstrap pg_ctlcluster age python3 mkfs.ext4 \
-        haproxy openssl; do
+        haproxy openssl chromium; do
         command -v "$tool" >/dev/null || echo "$tool"
     done
     # Debian splits venv support out of python3; without it `python3 -m venv` fails.
