@@ -7,15 +7,16 @@ Prints throughput of each direction and the growth of peak resident memory (VmHW
 registry process and of this process (which uploads with client/registry_client.py, exactly as
 a runner does, and downloads in chunks, as a researcher does). Then the researcher library's
 part: an output folder of FILES incompressible files, SIZE in all, packed and uploaded as a site
-runner does, then downloaded by Registry.result() (streamed to a file, its sha256 checked) and
-unpacked by extract_to(), with the growth of this process's peak RSS in each (VmHWM, reset
-before each). Target: growth < 50 MB each. Linux only (reads /proc).
+runner does (half CSV-like text, half incompressible), then downloaded by Registry.result()
+(streamed to a file, its sha256 checked) and unpacked by extract_to(), with the growth of this
+process's peak RSS in each (VmHWM, reset before each) and the registry's. The registry's
+--max-result-bytes and the library's ResultLimits are raised to SIZE, as a consortium that allows
+such results configures them (a site raises max_output_bytes in its config). Target: growth < 50 MB
+each. Linux only (reads /proc).
 """
 
 import argparse
 import hashlib
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,45 +26,17 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+from bench.measures import MB, own_peak_rss_growth_mb, own_peak_rss_mb, peak_rss_mb  # noqa: E402
+from bench.sample_outputs import write_csv_file, write_random_file  # noqa: E402
 from client.output_archive import pack_output  # noqa: E402
 from client.registry_client import RegistryClient, sha256_of  # noqa: E402
-from researcher import Registry  # noqa: E402
+from researcher import Registry, ResultLimits  # noqa: E402
 from scripts.federation import free_port, wait_until_answers  # noqa: E402
 
-MB = 1024 * 1024
 FILES = 16  # in the researcher's result
 # What the registry takes beyond the result itself: an archive's headers, and gzip's few bytes per block.
 ARCHIVE_ROOM_MB = 16
 TARGET_GROWTH_MB = 50  # of any process's peak RSS, in any phase
-
-
-def peak_rss_mb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
-
-
-def own_peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def own_peak_rss_growth_mb(work):
-    """(what work() returns, seconds it took, growth of this process's peak RSS meanwhile in MB): VmHWM is reset
-    to the current RSS first, so what came before does not hide it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    before = peak_rss_mb(os.getpid())
-    started = time.perf_counter()
-    value = work()
-    return value, time.perf_counter() - started, peak_rss_mb(os.getpid()) - before
-
-
-def write_random_file(path, size_bytes):
-    """size_bytes of one random MB block over and over: gzip finds no repeat within its 32 kB window."""
-    block = os.urandom(min(MB, size_bytes))
-    with open(path, "wb") as file:
-        for offset in range(0, size_bytes, len(block)):
-            file.write(block[:size_bytes - offset])
 
 
 def researcher_result(url, researcher, researcher_token, runner, folder, size_mb, registry_pid):
@@ -73,26 +46,36 @@ def researcher_result(url, researcher, researcher_token, runner, folder, size_mb
     output = folder / "output"
     output.mkdir()
     for number in range(FILES):
-        write_random_file(output / f"part-{number:02}.bin", size_mb * MB // FILES)
-    pack_output(output, folder / "output.tar.gz", max_bytes=size_mb * MB)
+        write = write_csv_file if number % 2 else write_random_file
+        write(output / f"part-{number:02}", size_mb * MB // FILES)
+    archive = folder / "output.tar.gz"
     task = requests.post(url + "/api/tasks", json={"image": "bench/stream:1", "input": "{}"},
                          headers=researcher, timeout=10)
     task.raise_for_status()
     run = runner.claim_run(0, sparql_ok=None)
     runner.report_started(run.id, run.lease_id, "sha256:" + "0" * 64)
-    runner.upload(run.id, run.lease_id, "output", folder / "output.tar.gz")
+    phases = {"pack_output()": own_peak_rss_growth_mb(lambda: pack_output(output, archive, size_mb * MB))}
+    registry_before = peak_rss_mb(registry_pid)
+    phases["upload"] = own_peak_rss_growth_mb(lambda: runner.upload(run.id, run.lease_id, "output", archive))
+    registry_growths = [peak_rss_mb(registry_pid) - registry_before]
     runner.finish(run.id, run.lease_id, 0)
+    archive_mb = archive.stat().st_size / MB
+    archive.unlink()
 
-    library = Registry(url, researcher_token, download_dir=folder / "downloads")
+    room = (size_mb + ARCHIVE_ROOM_MB) * MB
+    library = Registry(url, researcher_token, download_dir=folder / "downloads",
+                       limits=ResultLimits(max_archive_bytes=room, max_unpacked_bytes=room))
     [listed] = library.task(task.json()["id"])["runs"]
     registry_before = peak_rss_mb(registry_pid)
-    result, download_seconds, download_growth = own_peak_rss_growth_mb(lambda: library.result(listed))
-    registry_growth = peak_rss_mb(registry_pid) - registry_before
-    extracted, extract_seconds, extract_growth = own_peak_rss_growth_mb(lambda: result.extract_to(folder / "extracted"))
+    phases["Registry.result()"] = own_peak_rss_growth_mb(lambda: library.result(listed))
+    registry_growths.append(peak_rss_mb(registry_pid) - registry_before)
+    result = phases["Registry.result()"][0]
+    phases["extract_to()"] = own_peak_rss_growth_mb(lambda: result.extract_to(folder / "extracted"))
+    extracted = phases["extract_to()"][0]
     intact = all(sha256_of(extracted / path.name) == sha256_of(path) for path in output.iterdir())
     result.close()
-    return {"Registry.result()": (download_seconds, download_growth),
-            "extract_to()": (extract_seconds, extract_growth)}, registry_growth, intact
+    return ({phase: (seconds, growth) for phase, (_value, seconds, growth) in phases.items()}, archive_mb,
+            registry_growths, intact)
 
 
 def main():
@@ -149,8 +132,8 @@ def main():
             result.unlink()
             (folder / "downloaded.bin").unlink()
 
-            library_phases, registry_growth, intact = researcher_result(url, researcher, researcher_token, runner,
-                                                                        folder, args.size_mb, registry.pid)
+            library_phases, archive_mb, registry_growths, intact = researcher_result(
+                url, researcher, researcher_token, runner, folder, args.size_mb, registry.pid)
         finally:
             registry.terminate()
             registry.wait(timeout=10)
@@ -163,13 +146,16 @@ def main():
           f"   downloader peak RSS +{own_after - own_after_upload:6.1f} MB")
     print(f"  checksum {'intact' if digest.hexdigest() == expected else 'MISMATCH'}")
     print(f"  registry peak RSS {registry_after:.1f} MB in all (target: growth < 50 MB)")
-    print(f"researcher library, a result of {FILES} files, {args.size_mb} MB in all")
+    print(f"a site's result of {FILES} files, {args.size_mb} MB in all (half CSV-like, half incompressible), "
+          f"packed to {archive_mb:.0f} MB, through the researcher library")
     for phase, (seconds, growth) in library_phases.items():
-        print(f"  {phase:<18} {args.size_mb / seconds:8.1f} MB/s   researcher peak RSS +{growth:6.1f} MB")
-    print(f"  registry peak RSS +{registry_growth:6.1f} MB while it sent the result")
+        party = "site" if phase in ("pack_output()", "upload") else "researcher"
+        print(f"  {phase:<18} {seconds:7.1f} s {args.size_mb / seconds:8.1f} MB/s   {party} peak RSS {growth:+6.1f} MB")
+    print(f"  registry peak RSS +{registry_growths[0]:6.1f} MB while it took the result, "
+          f"+{registry_growths[1]:6.1f} MB while it sent it")
     print(f"  extracted files {'intact' if intact else 'NOT AS SENT'} (target: growth < 50 MB)")
     growths = [registry_after_upload - registry_before, own_after_upload - own_before,
-               registry_after - registry_after_upload, own_after - own_after_upload, registry_growth,
+               registry_after - registry_after_upload, own_after - own_after_upload, *registry_growths,
                *(growth for _seconds, growth in library_phases.values())]
     over = [growth for growth in growths if growth >= TARGET_GROWTH_MB]
     if over:

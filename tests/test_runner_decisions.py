@@ -1,6 +1,7 @@
 """The site runner's pure decisions, without servers: time limits, output limits, what a
 container is told, and the whitelist against the lookalike names the issue lists."""
 
+import gzip
 import os
 import re
 import subprocess
@@ -112,6 +113,23 @@ def test_a_tree_deeper_than_pythons_recursion_limit_is_packed(tmp_path, output):
     assert output_archive.pack_output(output, tmp_path / "out.tar.gz", max_bytes=1000) == []
     with tarfile.open(tmp_path / "out.tar.gz") as archive:
         assert "d/" * 1500 + "deep.txt" in archive.getnames()
+
+
+def test_the_output_is_plain_gzip_shrunk_where_it_shrinks_and_stored_where_it_does_not(tmp_path, output):
+    text = "".join(f"{number},{number % 90},M,{number * 7 % 1000 / 10}\n" for number in range(40000)).encode()
+    noise = os.urandom(1024 * 1024)
+    (output / "table.csv").write_bytes(text)
+    (output / "model.bin").write_bytes(noise)
+    archive_path = tmp_path / "out.tar.gz"
+    assert output_archive.pack_output(output, archive_path, max_bytes=10 * 1024 * 1024) == []
+
+    packed = archive_path.stat().st_size
+    assert packed < len(noise) + len(text) / 2  # the text shrank
+    assert packed < (len(noise) + len(text)) * 1.01  # the noise did not grow: stored, not inflated
+    assert archive_path.read_bytes()[:2] == b"\x1f\x8b"  # gzip, as every researcher's tools read it
+    with gzip.open(archive_path) as unzipped, tarfile.open(fileobj=unzipped, mode="r|") as archive:
+        contents = {member.name: archive.extractfile(member).read() for member in archive}
+    assert contents == {"model.bin": noise, "table.csv": text}
 
 
 def test_a_tree_deeper_than_the_system_can_name_fails_with_a_reason(tmp_path, output):
