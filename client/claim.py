@@ -5,15 +5,19 @@ checked here, once, into a typed Claim, and nothing behind this edge looks at th
 answer again. Ids must be positive integers in the registry's range (paths and
 container labels are made from them), the lease id plain characters (it travels in
 an HTTP header), times within bounds, encryption keys real age public keys, and the
-image a reference that parses. Fields this runner does not know are ignored, so a
-newer registry may add some; a missing or malformed field makes the claim invalid.
+image a reference that parses, and a task's input sent with the claim base64 of at most
+MAX_INLINE_INPUT_BYTES. Fields this runner does not know are ignored, so a newer registry
+may add some; a missing or malformed field makes the claim invalid.
 """
 
+import base64
+import binascii
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from client.encryption import parse_public_key
 from client.image_policy import InvalidReference, parse_image_reference
+from common.names import MAX_INLINE_INPUT_BYTES
 from common.printable import shown
 
 INT_MAX = 2 ** 31 - 1  # the registry's ids are 32-bit
@@ -51,11 +55,15 @@ class Claim:
     recipients: tuple  # age public keys to encrypt output and log to; empty: not encrypted
     name: str | None
     researcher: str | None  # who posted the task (None from a registry too old to say)
+    # The task's input when the claim carried it; None: download it. Kept in the run's folder as its input file,
+    # not with the claim.
+    input: bytes | None = field(default=None, repr=False)
 
     def as_dict(self):
-        """As the registry sent it (and as it is kept in the run's folder)."""
+        """As the registry sent it, without the input (as it is kept in the run's folder)."""
         fields = asdict(self)
         fields["recipients"] = list(self.recipients)
+        del fields["input"]
         return fields
 
 
@@ -91,10 +99,13 @@ def parse_claim(raw):
         recipients=take("recipients", _recipients, optional=True),
         name=take("name", _name, optional=True),
         researcher=take("researcher", _researcher, optional=True),
+        input=take("input_base64", _inline_input, optional=True),
     )
     if problems:
         raise InvalidClaim(problems, run_id, lease_id)
     claim["recipients"] = tuple(claim["recipients"] or ())
+    if claim["input"] is not None:
+        claim["input"] = base64.b64decode(claim["input"], validate=True)
     return Claim(**claim)
 
 
@@ -136,6 +147,18 @@ def _recipients(value):
         except ValueError:
             return "must hold age public keys (age1...) only"
     return None
+
+
+def _inline_input(value):
+    problem = f"must be base64 of at most {MAX_INLINE_INPUT_BYTES} bytes"
+    # Its length is checked before it is decoded: a registry's megabytes are refused without a copy.
+    if not isinstance(value, str) or len(value) > 4 * -(-MAX_INLINE_INPUT_BYTES // 3):
+        return problem
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return problem
+    return problem if len(decoded) > MAX_INLINE_INPUT_BYTES else None
 
 
 def _researcher(value):

@@ -60,6 +60,10 @@ class TokenRefused(RegistryRefused):
 class InputTooLarge(Exception):
     """The task's input is over this site's limit."""
 
+    def __init__(self, max_bytes):
+        super().__init__(f"the task's input is over this site's limit of {max_bytes} bytes "
+                         "(max_input_bytes in its config)")
+
 
 class Unreachable(Exception):
     """The registry, or a recipient's FileService, did not answer for as long as the runner would retry."""
@@ -145,8 +149,7 @@ class RegistryClient:
                 for chunk in response.iter_content(1024 * 1024):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise InputTooLarge(f"the task's input is over this site's limit of {max_bytes} bytes "
-                                            "(max_input_bytes in its config)")
+                        raise InputTooLarge(max_bytes)
                     file.write(chunk)
         except requests.RequestException as error:
             raise Unreachable(f"{what}: interrupted ({type(error).__name__})") from None

@@ -80,6 +80,7 @@ class RunFolder:
         path.mkdir(parents=True)
         folder = cls(path, {"run": claim.as_dict(), "claim_key": secrets.token_hex(16)})
         folder.save()
+        folder.claim = claim  # with the input it may carry, which state.json does not keep
         return folder
 
     @classmethod

@@ -527,7 +527,7 @@ class SiteRunner:
             self.record("image_pulled", run.id, reference=run.image, digest=pinned.digest)
         if "container_id" not in folder.state and "input_sha256" not in folder.state:
             try:
-                self.registry.download_input(run.id, folder.input_file, self.config.max_input_bytes)
+                self.take_input(folder)
             except InputTooLarge as error:
                 folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return
@@ -553,6 +553,18 @@ class SiteRunner:
             folder.record(container_id=container.id)
             log.info("run %s: container %s of %s", run.id, container.short_id, folder.state["image"])
         self.run_container(folder, heartbeat)
+
+    def take_input(self, folder):
+        """Write the task's input to the run's input file: the claim's, or (when the claim did not carry it, or
+        the runner restarted since) downloaded. Raises InputTooLarge past the site's max_input_bytes."""
+        run, limit = folder.claim, self.config.max_input_bytes
+        if run.input is None:
+            self.registry.download_input(run.id, folder.input_file, limit)
+            return
+        if len(run.input) > limit:
+            raise InputTooLarge(limit)
+        folder.input_file.parent.mkdir(parents=True, exist_ok=True)
+        folder.input_file.write_bytes(run.input)
 
     def mount_disks(self, folder):
         """Mount the run's and its session's filesystems (again, after a reboot), or make their folders when the

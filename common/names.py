@@ -31,3 +31,7 @@ def principal_name_problem(name, role):
 
 def is_file_name(name):
     return isinstance(name, str) and FILE_NAME.fullmatch(name) is not None
+
+# A claim carries its task's input (base64) when the input is at most this long, sparing the site a request;
+# a longer one the site downloads. The registry sends no more, and a site takes no more.
+MAX_INLINE_INPUT_BYTES = 64 * 1024

@@ -18,7 +18,7 @@ from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,9 @@ class ClaimedRunOut(Schema):
                                                 "encrypts only to the keys it pinned for this name."})
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
+    input_base64 = String(metadata={
+        "description": "The task's configuration file, base64, when it is at most 65,536 bytes; otherwise absent: "
+                       "GET /api/site/runs/{run_id}/input."})
 
 
 # How many sessions a site may ask about in one request; it asks about the others in the next.

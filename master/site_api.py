@@ -4,6 +4,7 @@ A site sees only runs assigned to it and may report only on runs it holds the
 lease for; every request below /api/site/ needs a site token.
 """
 
+import base64
 import logging
 import time
 
@@ -59,6 +60,9 @@ def claim_run(json_data):
         run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
         if run is not None:
             log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)
+            inline = run.pop("input")
+            if inline is not None:
+                run["input_base64"] = base64.b64encode(inline).decode()
             return {**run, "lease_seconds": registry.settings.lease_seconds}
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -651,6 +651,16 @@ def closed_sessions(engine, session_ids):
 _A_PENDING_RUN = sa.select(runs.c.id).where(
     runs.c.site_id == sa.bindparam("site_id"), runs.c.status == lifecycle.PENDING).limit(1)
 
+# What the site is told of the run it claimed; the task's input with it when it is small (None otherwise).
+_A_CLAIMED_RUN = (
+    sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
+              tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name,
+              tasks.c.recipients, researchers.c.name.label("researcher"),
+              sa.case((sa.func.length(tasks.c.input) <= names.MAX_INLINE_INPUT_BYTES, tasks.c.input)).label("input"))
+    .join(tasks, tasks.c.id == runs.c.task_id)
+    .join(researchers, researchers.c.id == tasks.c.researcher_id)
+    .where(runs.c.id == sa.bindparam("run_id")))
+
 
 def claim_next_run(engine, site_id, lease_seconds):
     """Lease the site's oldest pending run to the caller, in one atomic statement; None if none."""
@@ -678,13 +688,7 @@ def claim_next_run(engine, site_id, lease_seconds):
         if run_id is None:
             return None
         _record_event(conn, run_id, lifecycle.CLAIMED, now)
-        row = conn.execute(
-            sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
-                      tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name,
-                      tasks.c.recipients, researchers.c.name.label("researcher"))
-            .join(tasks, tasks.c.id == runs.c.task_id)
-            .join(researchers, researchers.c.id == tasks.c.researcher_id)
-            .where(runs.c.id == run_id)).mappings().one()
+        row = conn.execute(_A_CLAIMED_RUN, {"run_id": run_id}).mappings().one()
     claimed = dict(row)
     claimed["recipients"] = claimed["recipients"].split()
     return claimed

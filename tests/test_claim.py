@@ -1,6 +1,8 @@
 """A claim from a possibly compromised registry, checked before the runner acts on it (client/claim.py),
 and the keys the site encrypts to (client/encryption.keys_for): pure decisions, no servers."""
 
+import base64
+
 import pytest
 
 from client.claim import Claim, InvalidClaim, parse_claim
@@ -33,6 +35,8 @@ def test_a_good_claim_becomes_a_typed_claim_and_unknown_fields_are_ignored():
     ("image", 123), ("image", "x" * 10_000), ("image", "Not An Image!"), ("image", "pht/x:1\n"),
     ("recipients", "age1x"), ("recipients", ["not-a-key"]), ("recipients", [None]), ("name", 5),
     ("name", "n" * 1000), ("researcher", ""), ("researcher", 12),
+    ("input_base64", 12), ("input_base64", "not base64!"), ("input_base64", "QUJD\n"), ("input_base64", "QUJ"),
+    ("input_base64", base64.b64encode(bytes(65537)).decode()),
 ])
 def test_a_malformed_field_makes_the_claim_invalid_and_says_which(field, value):
     with pytest.raises(InvalidClaim) as caught:
@@ -40,6 +44,17 @@ def test_a_malformed_field_makes_the_claim_invalid_and_says_which(field, value):
     assert caught.value.problems[0].startswith(f"{field} ")
     # Refusable at the registry exactly when the run's id and lease are themselves valid.
     assert caught.value.refusable == (field not in ("id", "lease_id"))
+
+
+def test_an_input_in_the_claim_is_its_bytes_and_is_not_kept_with_the_claim():
+    claim = parse_claim({**GOOD, "input_base64": "AP8NCnsieCI6IDF9"})
+    assert claim.input == b"\x00\xff\r\n{\"x\": 1}"
+    assert "input" not in claim.as_dict() and "input_base64" not in claim.as_dict()  # the run folder has input.txt
+    assert parse_claim(claim.as_dict()).input is None
+    assert parse_claim({**GOOD, "input_base64": ""}).input == b""
+    assert parse_claim({**GOOD, "input_base64": None}).input is None  # not sent: the runner downloads it
+    biggest = base64.b64encode(bytes(65536)).decode()
+    assert len(parse_claim({**GOOD, "input_base64": biggest}).input) == 65536
 
 
 @pytest.mark.parametrize("field", ["id", "task_id", "session_id", "image", "lease_id", "lease_seconds"])

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from common.names import MAX_INLINE_INPUT_BYTES
 from master import store
 
 IMAGE = "127.0.0.1:5050/pht/patient-count:latest"
@@ -70,6 +71,16 @@ def test_input_is_stored_byte_exact(client, alice, hospital):
     post_task(client, alice, input=None, input_base64=base64.b64encode(odd_bytes).decode())
     run = claim(client, hospital).json
     assert client.get(f"/api/site/runs/{run['id']}/input", headers=hospital).data == odd_bytes
+
+
+def test_a_claim_carries_a_small_input_and_leaves_a_larger_one_to_download(client, alice, hospital):
+    largest = b"\xfe" * MAX_INLINE_INPUT_BYTES
+    for given in (b"\x00\xff weird \r\n bytes", largest, largest + b"!"):
+        post_task(client, alice, input=None, input_base64=base64.b64encode(given).decode())
+        run = claim(client, hospital).json
+        carried = base64.b64decode(run["input_base64"]) if "input_base64" in run else None
+        assert carried == (given if len(given) <= MAX_INLINE_INPUT_BYTES else None)
+        assert client.get(f"/api/site/runs/{run['id']}/input", headers=hospital).data == given
 
 
 def test_a_claim_names_the_researcher_so_a_site_can_check_their_keys(client, alice, hospital):
