@@ -7,8 +7,6 @@ anything not on loopback fails at once, on this machine. Playwright never downlo
 
 from pathlib import Path
 
-import pytest
-
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-pings",
@@ -19,10 +17,13 @@ NOWHERE_PROXY = {"server": "http://127.0.0.1:9", "bypass": "127.0.0.1"}
 VIEWPORT = {"width": 1280, "height": 800}  # a laptop's screen, and small screenshots
 
 
+def chromium_missing():
+    """Why the browser cannot start here, or None."""
+    return None if CHROMIUM.exists() else f"{CHROMIUM} is missing: bash scripts/setup.sh installs Debian's chromium"
+
+
 def launch_chromium(playwright):
-    """Headless Chromium that can reach loopback only; skips the test when Chromium or Playwright is missing."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: bash scripts/setup.sh installs Debian's chromium")
+    """Headless Chromium that can reach loopback only."""
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS,
                                       proxy=NOWHERE_PROXY)
 

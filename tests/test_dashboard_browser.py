@@ -12,7 +12,7 @@ import time
 import pytest
 
 from master import auth, store
-from tests.browser import VIEWPORT, launch_chromium, log_in
+from tests.browser import VIEWPORT, chromium_missing, launch_chromium, log_in
 from tests.browser_sites import SimulatedSite, post_task
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing: bash scripts/setup.sh")
@@ -25,6 +25,8 @@ HOSTILE_LOG = (b"starting\n<script>window.pwned = 1</script>\n<img src=x onerror
 
 @pytest.fixture(scope="module")
 def browser():
+    if chromium_missing():
+        pytest.skip(chromium_missing())
     with playwright_api.sync_playwright() as playwright:
         chromium = launch_chromium(playwright)
         yield chromium
