@@ -193,13 +193,18 @@ def get_run_log(run_id):
 @bp.output(SitePageOut)
 def list_sites(query_data):
     """The sites, whether they are online, and whether their SPARQL endpoint answers."""
-    registry = _registry()
-    now = time.time()
-    sites, total = store.list_sites(registry.engine, include_revoked=False, **query_data)
+    return sites_page(_registry(), **query_data)
+
+
+def sites_page(registry, page=1, per_page=50, now=None):
+    """One page of the sites that are not revoked, each with online: polled within the online window. Also the
+    dashboard's list of sites for researchers."""
+    now = time.time() if now is None else now
+    sites, total = store.list_sites(registry.engine, include_revoked=False, page=page, per_page=per_page)
     for site in sites:
         last_seen = site["last_seen_at"]
         site["online"] = last_seen is not None and now - last_seen < registry.settings.online_window_seconds
-    return {"items": sites, "total": total, **query_data}
+    return {"items": sites, "total": total, "page": page, "per_page": per_page}
 
 
 @bp.post("/keys")

@@ -264,12 +264,12 @@ def test_a_sites_token_cannot_log_in(client, make_site):
 def test_each_role_sees_only_its_own_pages(client, alice, operator):
     log_in(client, alice)
     assert client.get("/ui/").headers["Location"] == "/ui/sessions"
-    for path in ("/ui/operator/sites", "/ui/operator/tasks", "/ui/live/operator/sites"):
+    for path in ("/ui/operator/sites", "/ui/operator/tasks", "/ui/live/operator/sites", "/ui/live/operator/tasks"):
         assert client.get(path).status_code == 403, path
     client.post("/ui/logout", data={"csrf": _csrf(client)})
     log_in(client, operator)
     assert client.get("/ui/").headers["Location"] == "/ui/operator/sites"
-    for path in ("/ui/sessions", "/ui/tasks/1", "/ui/runs/1/log"):
+    for path in ("/ui/sessions", "/ui/sites", "/ui/tasks/1", "/ui/runs/1/log", "/ui/live/sites"):
         assert client.get(path).status_code == 403, path
 
 
@@ -309,6 +309,19 @@ def test_a_researcher_sees_sessions_tasks_in_rounds_and_each_sites_run(client, s
     downloaded = client.get(f"/ui/runs/{finished_task['runs'][0]['id']}/output")
     assert downloaded.status_code == 200 and downloaded.data[:2] == b"\x1f\x8b"
     assert downloaded.headers["Content-Disposition"].startswith("attachment")
+
+
+def test_a_researcher_sees_the_sites_as_the_api_lists_them(app, client, alice, sites):
+    sites["hospital-a"].claim(sparql_ok=False)
+    store.revoke_principal(app.extensions["pht"].engine, store.SITE, "hospital-b")
+    listed = client.get("/api/sites", headers=alice).json["items"]
+    log_in(client, alice)
+    page = text(client.get("/ui/sites"))
+    assert [site["name"] for site in listed] == ["hospital-a"] and "hospital-b" not in page
+    row = re.search(r'<tr id="site-\d+" data-site="hospital-a">(.*?)</tr>', page, re.S).group(1)
+    assert "online" in row and "failing" in row and "sim-1.0" in row and "just now" in row
+    assert "Active runs" not in page  # the operator's column: not in what a researcher's token sees
+    assert "less than\n2 min old" in page
 
 
 def test_an_encrypted_tasks_page_says_to_open_it_with_the_key(client, served_app, alice, sites):
@@ -412,7 +425,7 @@ def test_a_live_wait_answers_when_a_run_ends(app, client, served_app, alice, sit
 
 @pytest.mark.parametrize("seconds_ago, words", [
     (None, "never"), (0, "just now"), (9, "just now"), (45, "45 s ago"), (60, "1 min ago"), (3599, "59 min ago"),
-    (7200, "2 h ago"), (86400, "1 day ago"), (3 * 86400, "3 days ago"), (-300, "in 5 min")])
+    (7200, "2 h ago"), (86400, "1 day ago"), (3 * 86400, "3 days ago"), (-300, "in 5 min"), (-5, "just now")])
 def test_times_are_said_relative_to_now(seconds_ago, words):
     now = 1_000_000.0
     assert looks.relative_time(None if seconds_ago is None else now - seconds_ago, now) == words

@@ -41,16 +41,18 @@ def relative_time(at, now):
     """When at was, said from now: "just now", "4 min ago", "in 2 h"; "never" for None."""
     if at is None:
         return "never"
-    seconds = now - at
-    ahead, seconds = seconds < 0, abs(seconds)
-    if seconds < 10:
+    if abs(now - at) < 10:
         return "just now"
-    for size, unit in ((86400, "days"), (3600, "h"), (60, "min"), (1, "s")):
+    return f"in {duration(at - now)}" if at > now else f"{duration(now - at)} ago"
+
+
+def duration(seconds):
+    """A length of time in its largest whole unit: "45 s", "2 min", "3 h", "1 day"."""
+    for size, unit in ((86400, "days"), (3600, "h"), (60, "min")):
         if seconds >= size:
             amount = int(seconds // size)
-            words = f"{amount} {'day' if unit == 'days' and amount == 1 else unit}"
-            return f"in {words}" if ahead else f"{words} ago"
-    return "just now"  # not reached: seconds >= 10 here
+            return f"{amount} {'day' if unit == 'days' and amount == 1 else unit}"
+    return f"{int(seconds)} s"
 
 
 def utc_time(at):

@@ -123,6 +123,7 @@ def _page_helpers():
         "ago": lambda at: looks.relative_time(at, g.now), "utc": looks.utc_time, "iso": looks.iso_time,
         "state_class": looks.state_class, "state_words": looks.state_words, "shown": looks.shown,
         "progress": looks.progress,
+        "online_window": looks.duration(_registry().settings.online_window_seconds),
     }
 
 
@@ -311,13 +312,22 @@ def run_log(run_id):
     return researcher_api.send_blob(g.principal.id, run_id, "log", "text/plain", f"run-{run_id}.log")
 
 
+@bp.get("/sites")
+@for_role(auth.RESEARCHER)
+def researcher_sites():
+    sites = researcher_api.sites_page(_registry(), page=1, per_page=200, now=g.now)
+    return render_template("dashboard/sites.html", sites=sites["items"], total=sites["total"], for_operator=False,
+                           live_url=url_for(".live_researcher_sites"),
+                           fingerprint=live.sites_fingerprint(sites["items"]))
+
+
 # --- the operator's pages ----------------------------------------------------------------------------------
 
 @bp.get("/operator/sites")
 @for_role(auth.OPERATOR)
 def operator_sites():
     sites = operator_api.sites_page(_registry(), page=1, per_page=200, now=g.now)
-    return render_template("dashboard/operator_sites.html", sites=sites["items"], total=sites["total"],
+    return render_template("dashboard/sites.html", sites=sites["items"], total=sites["total"], for_operator=True,
                            live_url=url_for(".live_operator_sites"),
                            fingerprint=live.sites_fingerprint(sites["items"]))
 
@@ -377,6 +387,14 @@ def live_task(task_id):
     def look():
         return live.tasks_fingerprint([store.get_task(_engine(), task_id, g.principal.id)]), task_id
     look()
+    return _live_answer(look)
+
+
+@bp.get("/live/sites")
+@for_role(auth.RESEARCHER)
+def live_researcher_sites():
+    def look():
+        return live.sites_fingerprint(researcher_api.sites_page(_registry(), page=1, per_page=200)["items"]), None
     return _live_answer(look)
 
 
