@@ -20,7 +20,7 @@ def registry_app(tmp_path_factory):
     app = create_app(Settings(data_dir=tmp_path_factory.mktemp("fuzzed-registry"), max_input_bytes=64 * 1024))
     engine = app.extensions["pht"].engine
     tokens = {}
-    for role in (store.RESEARCHER, store.SITE):
+    for role in (store.RESEARCHER, store.SITE, store.OPERATOR):
         tokens[role] = auth.new_token()
         store.create_principal(engine, role, f"fuzz-{role}", auth.hash_token(tokens[role]))
     # Some stored state, so that reads and reports also reach code past "not found".
@@ -36,7 +36,8 @@ def test_no_request_breaks_the_registry_or_its_document(registry_app):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 16
     for operation in operations:
-        role = "site" if operation.path.startswith("/api/site/") else "researcher"
+        role = ("site" if operation.path.startswith("/api/site/") else
+                "operator" if operation.path.startswith("/api/operator/") else "researcher")
         # A task needs exactly one of input and input_base64 (valid base64): a rule across fields
         # that the document states only in words, so a generated task may be refused with 422.
         rules_the_document_cannot_state = (
