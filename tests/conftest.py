@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SLOW_MODULES = {"test_balancer", "test_bench_smoke", "test_replicas", "test_tls"}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_runner: the test drives a runner of tests/test_hostile_registry.py's "
+                                       "pool, kept from test to test, instead of starting its own")
+
+
 def pytest_collection_modifyitems(items):
     """Mark the slow tier, so that `scripts/test.sh -m "not slow"` is a quick run of everything else."""
     for item in items:

@@ -14,6 +14,8 @@ of sleeping.
 
 Each endpoint has a default answer (the well-behaved registry's), which registry.defaults changes for
 good, and a queue of scripted answers that are used first, once each: per run, then for the endpoint.
+registry.reset() forgets all of that and what was recorded, for a registry (and its runner) kept from
+test to test.
 An Answer is a status with a body, a body sent piece by piece (without end, if the test says so), or raw
 bytes written to the socket in place of a whole HTTP response.
 """
@@ -93,6 +95,7 @@ class Request:
     body: bytes
     at: float = field(default_factory=time.monotonic)
     served: str | None = None  # for claims: the label of the claim answer it got (None: 204 or a default)
+    answered: bool = False  # its answer is chosen (a long-poll waiting for a claim is not yet)
 
     @property
     def json(self):
@@ -105,14 +108,7 @@ class Request:
 class FakeRegistry:
     def __init__(self, site_name):
         self.site_name = site_name
-        self.defaults = {
-            "me": Answer.json({"id": 1, "name": site_name}),
-            "input": Answer.text(b"{}", content_type="application/octet-stream"),
-            "heartbeat": Answer.json({"status": "running"}),
-            "park": Answer.no_content(),
-            "resume": Answer.json({"status": "claimed", "lease_seconds": 30}),
-            "unknown": Answer.json({"message": "no such endpoint in the fake registry"}, status=404),
-        }
+        self.defaults = self._well_behaved()
         self._scripted = {}  # (kind, run id or None) -> deque of Answers
         self._claims = deque()  # (label, Answer)
         self._requests = []
@@ -122,8 +118,29 @@ class FakeRegistry:
         self._server.daemon_threads = True
         self._server.registry = self
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-registry", daemon=True)
+        # Polled for shutdown every 50 ms, not 0.5 s: every test that stops a registry waits for it.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-registry", daemon=True)
         self._thread.start()
+
+    def _well_behaved(self):
+        return {
+            "me": Answer.json({"id": 1, "name": self.site_name}),
+            "input": Answer.text(b"{}", content_type="application/octet-stream"),
+            "heartbeat": Answer.json({"status": "running"}),
+            "park": Answer.no_content(),
+            "resume": Answer.json({"status": "claimed", "lease_seconds": 30}),
+            "unknown": Answer.json({"message": "no such endpoint in the fake registry"}, status=404),
+        }
+
+    def reset(self):
+        """For a registry kept from test to test (with its runner): the defaults as at start, nothing scripted or
+        offered, and only the requests still waiting for their answer (the runner's long-poll) kept on record."""
+        with self._changed:
+            self.defaults = self._well_behaved()
+            self._scripted.clear()
+            self._claims.clear()
+            self._requests = [request for request in self._requests if not request.answered]
 
     def stop(self):
         self._stopping.set()
@@ -185,7 +202,9 @@ class FakeRegistry:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"not within {timeout} s: {what}")
-                self._changed.wait(min(left, 0.5))
+                # Woken by every request; conditions on anything else (the runner's output, containers, its exit)
+                # are checked again every 0.1 s.
+                self._changed.wait(min(left, 0.1))
 
     # --- serving ----------------------------------------------------------------------
 
@@ -198,11 +217,12 @@ class FakeRegistry:
         if request.kind == "claim":
             return self._next_claim(request)
         with self._changed:
+            request.answered = True
             for key in ((request.kind, request.run_id), (request.kind, None)):
                 queue = self._scripted.get(key)
                 if queue:
                     return queue.popleft()
-        return self.defaults.get(request.kind, Answer.json({}))
+            return self.defaults.get(request.kind, Answer.json({}))
 
     def _next_claim(self, request):
         try:
@@ -216,6 +236,7 @@ class FakeRegistry:
                 if left <= 0:
                     break
                 self._changed.wait(left)
+            request.answered = True
             if not self._claims or self._stopping.is_set():
                 return self.defaults.get("claim", Answer.no_content())
             label, answer = self._claims.popleft()
