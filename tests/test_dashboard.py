@@ -410,13 +410,15 @@ def test_a_live_wait_answers_when_a_run_ends(app, client, served_app, alice, sit
     log_in(client, alice)
     before = page_fingerprint(text(client.get(f"/ui/tasks/{task['id']}")))
     assert client.get(f"/ui/live/tasks/{task['id']}?since=").json["fingerprint"] == before  # no since: at once
-    app.config["DASHBOARD_RECHECK_SECONDS"] = 60  # only the run's end, announced, can end this wait in time
+    # Neither looking again nor giving up ends this wait within the test: only the run's end, announced, can.
+    app.config.update(DASHBOARD_RECHECK_SECONDS=600, DASHBOARD_WAIT_SECONDS=600)
     answered = {}
     waiting = threading.Thread(target=lambda: answered.update(
-        client.get(f"/ui/live/tasks/{task['id']}?since={before}").json))
+        client.get(f"/ui/live/tasks/{task['id']}?since={before}").json), daemon=True)
     waiting.start()
     sites["hospital-a"].finish(run)
-    waiting.join(timeout=live.WAIT_SECONDS + 10)
+    waiting.join(timeout=60)
+    assert not waiting.is_alive(), "the live wait went on after the run ended"
     after = page_fingerprint(text(client.get(f"/ui/tasks/{task['id']}")))
     assert answered == {"fingerprint": after} and after != before
 

@@ -7,7 +7,8 @@ puts its new <main> in place, so every state is rendered, and escaped, by the sa
 What wakes a waiting answer: the registry's own wake-ups for tasks (registry.ended_tasks: a run ended, or
 waits for a person at its site), so an ended run shows at once. Other changes (a claim, a start, a site's
 sighting, a site going offline, which is no event at all) are found by looking again every
-recheck_seconds (wakeup.RECHECK_SECONDS unless the app's DASHBOARD_RECHECK_SECONDS says otherwise).
+recheck_seconds (wakeup.RECHECK_SECONDS unless the app's DASHBOARD_RECHECK_SECONDS says otherwise; the app's
+DASHBOARD_WAIT_SECONDS likewise replaces WAIT_SECONDS).
 """
 
 import hashlib

@@ -105,7 +105,7 @@ def for_role(role):
         @functools.wraps(view)
         def gated(**kwargs):
             if g.principal is None:
-                if request.blueprint == bp.name and request.path.startswith("/ui/live/"):
+                if request.path.startswith("/ui/live/"):
                     return jsonify(message="log in first"), 401
                 return redirect(url_for(".login_page", expired=1 if g.session_expired else None))
             if g.principal.role != role:
@@ -366,8 +366,10 @@ def _live_answer(look):
     since = request.args.get("since", "")
     if not live.FINGERPRINT.fullmatch(since):
         return jsonify(message="since must be a page's fingerprint (hex)"), 400
-    recheck = current_app.config.get("DASHBOARD_RECHECK_SECONDS", wakeup.RECHECK_SECONDS)
-    fingerprint = live.answer_when_changed(look, since, _registry().ended_tasks, recheck)
+    config = current_app.config
+    fingerprint = live.answer_when_changed(look, since, _registry().ended_tasks,
+                                           config.get("DASHBOARD_RECHECK_SECONDS", wakeup.RECHECK_SECONDS),
+                                           config.get("DASHBOARD_WAIT_SECONDS", live.WAIT_SECONDS))
     return jsonify(fingerprint=fingerprint)
 
 
