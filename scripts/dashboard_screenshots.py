@@ -48,12 +48,13 @@ def example_data(url, engine, settings):
     third = post_task(url, as_alice, three, session_id=first["session_id"], name="logistic regression, round 2")
     sites["hospital-a"].run_to_the_end({"output.txt": b'{"beta": [0.12, 0.41]}'}, b"newton step 2 done\n")
     sites["hospital-b"].start(sites["hospital-b"].claim())
-    post_task(url, {"Authorization": f"Bearer {bob}"}, ["hospital-b", "hospital-d"], name="patient count")
+    colleagues = post_task(url, {"Authorization": f"Bearer {bob}"}, ["hospital-b", "hospital-d"], name="patient count")
     sites["hospital-d"].claim(sparql_ok=False)
     [offline] = [site["id"] for site in store.list_sites(engine)[0] if site["name"] == "hospital-d"]
     store.record_site_seen(engine, offline, "sim-1.0", False, now=time.time() - 3 * settings.online_window_seconds)
     return {"alice": alice, "operator": registered(engine, store.OPERATOR, "olivia"),
-            "session": first["session_id"], "failed_task": second["id"], "running_task": third["id"]}
+            "session": first["session_id"], "failed_task": second["id"], "running_task": third["id"],
+            "colleagues_task": colleagues["id"]}
 
 
 def screenshots(url, shown, out):
@@ -74,6 +75,10 @@ def screenshots(url, shown, out):
         page.screenshot(path=out / "task.png")
         page.goto(f"{url}/ui/tasks/{shown['running_task']}")
         page.screenshot(path=out / "task-running.png")
+        page.goto(f"{url}/ui/sites")
+        page.screenshot(path=out / "sites.png")
+        page.goto(f"{url}/ui/tasks/{shown['colleagues_task']}")  # bob's: the same page as a task that does not exist
+        page.screenshot(path=out / "not-found.png")
         page.click("form.who button")
         log_in(page, url, shown["operator"])
         page.screenshot(path=out / "operator-sites.png")
