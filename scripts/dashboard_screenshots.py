@@ -41,8 +41,9 @@ def example_data(url, engine, settings):
     for name, patients in zip(three, (120, 95, 143)):
         sites[name].run_to_the_end({"output.txt": b'{"n": %d}' % patients}, b"counted %d patients\n" % patients)
     second = post_task(url, as_alice, three, session_id=first["session_id"], name="logistic regression, round 1")
-    sites["hospital-a"].run_to_the_end({"output.txt": b'{"beta": [0.1, 0.4]}'}, b"newton step 1 done\n")
-    sites["hospital-b"].run_to_the_end({"output.txt": b'{"beta": [0.2, 0.3]}'}, b"newton step 1 done\n")
+    read = {"queries": 4, "bytes": 1_840_000, "refused": 0}
+    sites["hospital-a"].run_to_the_end({"output.txt": b'{"beta": [0.1, 0.4]}'}, b"newton step 1 done\n", sparql=read)
+    sites["hospital-b"].run_to_the_end({"output.txt": b'{"beta": [0.2, 0.3]}'}, b"newton step 1 done\n", sparql=read)
     sites["hospital-c"].run_to_the_end({}, b"reading cohort\nquerying stage, age\nonly 3 patients in stage IV: "
                                            b"below min_count 5; lower min_count or merge stages\n", exit_code=3)
     third = post_task(url, as_alice, three, session_id=first["session_id"], name="logistic regression, round 2")

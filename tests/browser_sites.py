@@ -33,21 +33,27 @@ class SimulatedSite:
             "Content-Type": "application/octet-stream"})
         assert answer.status_code == 200, f"{self.name}: upload of the {kind} answered {answer.status_code}"
 
-    def finish(self, run, exit_code=0, failure_reason=None):
+    def finish(self, run, exit_code=0, failure_reason=None, sparql=None):
         self._post(f"/runs/{run['id']}/finish", {"lease_id": run["lease_id"], "exit_code": exit_code,
-                                                 "failure_reason": failure_reason})
+                                                 "failure_reason": failure_reason, "sparql": sparql})
+
+    def deliver(self, run, recipient, name, body):
+        """The receipt for a file the site sent straight to a third party's FileService."""
+        self._post(f"/runs/{run['id']}/deliveries", {"lease_id": run["lease_id"], "recipient": recipient,
+                                                     "name": name, "size": len(body),
+                                                     "sha256": hashlib.sha256(body).hexdigest()})
 
     def refuse(self, run, reason):
         self._post(f"/runs/{run['id']}/refuse", {"lease_id": run["lease_id"], "reason": reason})
 
-    def run_to_the_end(self, output_files, log, exit_code=0, failure_reason=None):
+    def run_to_the_end(self, output_files, log, exit_code=0, failure_reason=None, sparql=None):
         """Claim the site's next run, run it and report: the output folder (name -> bytes) and log uploaded."""
         run = self.claim()
         assert run is not None, f"{self.name} has no run to claim"
         self.start(run)
         self.upload(run, "output", output_archive(output_files))
         self.upload(run, "log", log)
-        self.finish(run, exit_code, failure_reason)
+        self.finish(run, exit_code, failure_reason, sparql)
         return run
 
 

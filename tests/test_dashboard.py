@@ -324,6 +324,19 @@ def test_a_researcher_sees_the_sites_as_the_api_lists_them(app, client, alice, s
     assert "less than\n2 min old" in page
 
 
+def test_a_run_shows_what_it_read_through_sparql_and_what_it_sent_to_a_third_party(client, served_app, alice, sites):
+    task = post_task(served_app, alice, ["hospital-a"])
+    site = sites["hospital-a"]
+    run = site.claim()
+    site.start(run)
+    site.deliver(run, "ttp", "counts.csv", b"x" * 3400)
+    site.finish(run, sparql={"queries": 12, "bytes": 3_400_000, "refused": 1})
+    log_in(client, alice)
+    page = text(client.get(f"/ui/tasks/{task['id']}"))
+    assert "SPARQL: 12 queries, 3.4 MB read, 1 refused" in page
+    assert "sent <code>counts.csv</code> (3.4 kB) to ttp" in page
+
+
 def test_an_encrypted_tasks_page_says_to_open_it_with_the_key(client, served_app, alice, sites):
     key = "age1" + "q" * 58
     assert client.post("/api/keys", json={"public_key": key}, headers=alice).status_code == 201
@@ -445,6 +458,12 @@ def test_progress_counts_ended_runs_and_colours_a_segment_per_site():
     shown = looks.progress(runs)
     assert (shown["done"], shown["total"]) == (2, 3)
     assert [segment["class"] for segment in shown["segments"]] == ["state-ok", "state-busy", "state-bad"]
+
+
+@pytest.mark.parametrize("count, words", [(0, "0 B"), (999, "999 B"), (3400, "3.4 kB"), (12_000_000, "12 MB"),
+                                          (2_100_000_000, "2.1 GB")])
+def test_sizes_are_said_in_round_units(count, words):
+    assert looks.size(count) == words
 
 
 def test_a_log_tail_keeps_the_last_lines_and_spells_out_control_characters():

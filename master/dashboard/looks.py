@@ -55,6 +55,15 @@ def duration(seconds):
     return f"{int(seconds)} s"
 
 
+def size(count):
+    """A number of bytes for people: 999 B, 3.4 kB, 12 MB, 2.1 GB (powers of 1000, as disks are sold)."""
+    for limit, unit in ((10 ** 9, "GB"), (10 ** 6, "MB"), (10 ** 3, "kB")):
+        if count >= limit:
+            amount = count / limit
+            return f"{amount:.1f} {unit}" if amount < 10 else f"{amount:.0f} {unit}"
+    return f"{count} B"
+
+
 def utc_time(at):
     """An absolute time for a tooltip or a <time datetime>: 2026-12-04 18:30:05 UTC."""
     return "" if at is None else datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

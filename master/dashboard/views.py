@@ -122,7 +122,7 @@ def _page_helpers():
         "principal": g.get("principal"), "csrf": g.visit.csrf if "visit" in g else "",
         "ago": lambda at: looks.relative_time(at, g.now), "utc": looks.utc_time, "iso": looks.iso_time,
         "state_class": looks.state_class, "state_words": looks.state_words, "shown": looks.shown,
-        "progress": looks.progress,
+        "progress": looks.progress, "size": looks.size,
         "online_window": looks.duration(_registry().settings.online_window_seconds),
     }
 
