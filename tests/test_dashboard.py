@@ -254,6 +254,14 @@ def test_a_bad_token_gets_a_clear_message(client, token, status, words):
     assert answer.status_code == status and words in text(answer)
 
 
+def test_who_may_log_in_is_decided_without_a_server():
+    assert login.refusal(False, None)[1] == 400
+    assert login.refusal(True, None)[1] == 401
+    assert login.refusal(True, (store.SITE, 1, "hospital-a"))[1] == 403
+    assert login.refusal(True, (store.RESEARCHER, 1, "alice")) is None
+    assert login.refusal(True, (store.OPERATOR, 1, "olivia")) is None
+
+
 def test_a_sites_token_cannot_log_in(client, make_site):
     answer = client.post("/ui/login", data={"csrf": csrf_of(client.get("/ui/login")),
                                             "token": token_of(make_site("hospital-a"))})
@@ -351,7 +359,8 @@ def test_an_encrypted_tasks_page_says_to_open_it_with_the_key(client, served_app
 
 def test_bad_input_gets_a_clear_message_and_never_a_500(client, alice, operator):
     log_in(client, alice)
-    for path, status in (("/ui/sessions?page=0", 400), ("/ui/sessions?page=x", 400), ("/ui/tasks/abc", 404),
+    for path, status in (("/ui/sessions?page=0", 400), ("/ui/sessions?page=x", 400), ("/ui/sessions?page=²", 400),
+                         ("/ui/tasks/abc", 404),
                          ("/ui/tasks/99999999999999999999", 404), ("/ui/live/tasks/1?since=zz", 404),
                          ("/ui/static/../../app.py", 404)):
         assert client.get(path).status_code == status, path

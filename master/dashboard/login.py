@@ -44,6 +44,19 @@ def logged_in(token_hash, now):
     return Visit(csrf=secrets.token_urlsafe(32), token_hash=token_hash, logged_in_at=now)
 
 
+def refusal(looks_like_a_token, holder):
+    """Pure: (message, HTTP status) saying why a log-in is refused, or None. holder is store.find_principal's
+    answer for the token: (role, id, name), or None when no one holds it."""
+    if not looks_like_a_token:
+        return "Paste the token the registry's operator gave you.", 400
+    if holder is None:
+        return "That token is unknown, or it was revoked: ask the registry's operator for one.", 401
+    if holder[0] == store.SITE:
+        return ("A site's token cannot log in here: the dashboard is for researchers and the registry's operator. "
+                "A site's IT officer uses runScript.py at the site."), 403
+    return None
+
+
 def is_expired(visit, now, lifetime=SESSION_SECONDS):
     """Pure: whether a logged-in visit is past its lifetime (a visit from the future counts as expired too)."""
     return visit.logged_in_at is not None and not 0 <= now - visit.logged_in_at < lifetime

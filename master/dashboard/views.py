@@ -180,18 +180,11 @@ def login_page():
 @bp.post("/login")
 def log_in():
     token = request.form.get("token", "").strip()
-    problem, status = None, 200
-    if not token or len(token) > MAX_TOKEN_CHARS:
-        problem, status = "Paste the token the registry's operator gave you.", 400
-    else:
-        found = store.find_principal(_engine(), auth.hash_token(token))
-        if found is None:
-            problem, status = "That token is unknown, or it was revoked: ask the registry's operator for one.", 401
-        elif found[0] == store.SITE:
-            problem, status = ("A site's token cannot log in here: the dashboard is for researchers and the "
-                               "registry's operator. A site's IT officer uses runScript.py at the site."), 403
-    if problem:
-        return render_template("dashboard/login.html", problem=problem), status
+    looks_like_a_token = 0 < len(token) <= MAX_TOKEN_CHARS
+    found = store.find_principal(_engine(), auth.hash_token(token)) if looks_like_a_token else None
+    refusal = login.refusal(looks_like_a_token, found)
+    if refusal:
+        return render_template("dashboard/login.html", problem=refusal[0]), refusal[1]
     g.cookie_visit = login.logged_in(auth.hash_token(token), g.now)
     log.info("dashboard: %s %s logged in", found[0], found[2])
     return redirect(url_for(".home"), 303)
@@ -211,7 +204,7 @@ def _page_number(total, per_page=PER_PAGE):
     asked = request.args.get("page")
     if asked is None:
         return last, last
-    if not asked.isdigit() or not 1 <= int(asked) <= last:
+    if not (asked.isascii() and asked.isdigit()) or not 1 <= int(asked) <= last:  # not "²", which int() refuses
         raise _BadInput(f"page must be a number from 1 to {last}")
     return int(asked), last
 
