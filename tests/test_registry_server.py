@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from master import store
 from scripts.federation import free_port, register_directly, wait_until_answers
@@ -34,6 +35,11 @@ class RegistryProcess:
 
     def admin(self, *command):
         return subprocess.run([*self.base, *command], capture_output=True, text=True, timeout=60)
+
+    def admin_side_by_side(self, *commands):
+        """Several operator commands at once (for commands that do not change what the others see)."""
+        with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+            return list(pool.map(lambda command: self.admin(*command), commands))
 
     def log(self):
         return self.log_path.read_text()
@@ -68,19 +74,20 @@ def test_operator_commands(start_registry):
     assert created.returncode == 0
     token = created.stdout.strip()
     assert token.startswith("pht_")
-    duplicate = registry.admin("create-site", "hospital-a")
+    # Neither of these changes what the other sees: side by side, as each is a process start of about a second.
+    duplicate, listed = registry.admin_side_by_side(["create-site", "hospital-a"], ["list-sites"])
     assert duplicate.returncode != 0
     assert duplicate.stderr.strip().splitlines()[-1] == (
         "Error: site 'hospital-a' already exists; choose another name, or give it a new token with: "
         "rotate-token --site hospital-a")
-    assert "hospital-a\tactive\tlast seen never" in registry.admin("list-sites").stdout
+    assert "hospital-a\tactive\tlast seen never" in listed.stdout
 
     claim = lambda: requests.post(registry.url + "/api/site/claim", json={}, headers=bearer(token), timeout=10)
     assert claim().status_code == 204
     assert registry.admin("revoke", "hospital-a").stdout.strip() == "revoked site hospital-a; 0 unfinished run(s) failed"
     assert claim().status_code == 401
-    assert "hospital-a\trevoked" in registry.admin("list-sites").stdout
-    unknown = registry.admin("revoke", "nobody")
+    listed, unknown = registry.admin_side_by_side(["list-sites"], ["revoke", "nobody"])
+    assert "hospital-a\trevoked" in listed.stdout
     assert unknown.returncode != 0 and "no site or researcher is called 'nobody'" in unknown.stderr
 
 
@@ -100,7 +107,7 @@ def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, 
     pollers = [threading.Thread(target=long_poll, args=(name,)) for name in site_tokens]
     for poller in pollers:
         poller.start()
-    time.sleep(3)  # every poll is now parked at the server
+    wait_until_every_site_is_seen(database_url, waiting_sites)  # every poll is now parked at the server
     assert answered == {}
 
     health_started = time.monotonic()
@@ -124,6 +131,22 @@ def test_hundreds_of_waiting_long_polls_do_not_block_the_server(start_registry, 
         poller.join(timeout=30)
     assert len(answered) == waiting_sites
     assert {status for status, _ in answered.values()} == {200}
+
+
+def wait_until_every_site_is_seen(database_url, count, timeout=30):
+    """Until count sites have claimed (a claim writes down that its site was seen, then waits for work)."""
+    engine = sa.create_engine(database_url)
+    seen = sa.select(sa.func.count()).select_from(store.sites).where(store.sites.c.last_seen_at.is_not(None))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with engine.connect() as conn:
+                if conn.execute(seen).scalar() >= count:
+                    return
+            assert time.monotonic() < deadline, f"not within {timeout} s: {count} sites claim"
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
 
 
 def test_two_registries_on_one_database_never_hand_out_a_run_twice(start_registry, database_url):
