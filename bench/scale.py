@@ -4,10 +4,12 @@
         [--database-url URL] [--replicas N [--balancer]] [--idle-seconds 30]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers:
-long-poll for a run, report it started, heartbeat once, upload a small output and log, report it finished. A poster
-sends tasks to random sites at --rate per second. For each site count it prints tasks dispatched
-per second, dispatch latency (POST sent -> the site holds the run: median, p95) and the registry's
-RSS and CPU (of all its replicas together). Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The
+long-poll for a run (which carries the small input), report it started, heartbeat once, and report it
+finished with its small output and log (uploaded by requests of their own instead when the claim does not
+offer that: a registry before API 1.4). A poster sends tasks to random sites at --rate per second. For each
+site count it prints tasks dispatched per second, dispatch latency (POST sent -> the site holds the run:
+median, p95), the registry's RSS and CPU (of all its replicas together), and its CPU milliseconds per
+dispatched run, the poster's post and the site's reports included. Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The
 simulated sites share the machine's two cores with the registry, so the figures are pessimistic for
 the registry.
 
@@ -23,6 +25,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import collections  # noqa: E402
 import hashlib  # noqa: E402
 import os  # noqa: E402
@@ -46,6 +49,7 @@ from scripts.federation import free_port, register_directly, wait_until_answers 
 LONG_POLL_SECONDS = 30  # the site runner's default
 SMALL_RESULT = b"{}" * 256
 SMALL_RESULT_SHA256 = hashlib.sha256(SMALL_RESULT).hexdigest()
+SMALL_RESULT_BASE64 = base64.b64encode(SMALL_RESULT).decode()
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -92,10 +96,14 @@ class SimulatedSite:
         self.http.post(f"{base}/start", json={**lease, "image_digest": "sha256:" + "0" * 64},
                        timeout=60).raise_for_status()
         self.http.post(f"{base}/heartbeat", json=lease, timeout=60).raise_for_status()
+        carried = {}
         for kind in ("output", "log"):
-            self.http.put(f"{base}/{kind}", data=SMALL_RESULT, timeout=60, headers={
-                "X-Lease-Id": run["lease_id"], "X-Content-SHA256": SMALL_RESULT_SHA256}).raise_for_status()
-        self.http.post(f"{base}/finish", json={**lease, "exit_code": 0}, timeout=60).raise_for_status()
+            if len(SMALL_RESULT) <= run.get("inline_result_bytes", 0):
+                carried[f"{kind}_base64"] = SMALL_RESULT_BASE64
+            else:
+                self.http.put(f"{base}/{kind}", data=SMALL_RESULT, timeout=60, headers={
+                    "X-Lease-Id": run["lease_id"], "X-Content-SHA256": SMALL_RESULT_SHA256}).raise_for_status()
+        self.http.post(f"{base}/finish", json={**lease, "exit_code": 0, **carried}, timeout=60).raise_for_status()
 
 
 def start_registries(count, database_url, folder):
@@ -169,7 +177,8 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         while len(claimed_at) < posted and time.monotonic() < deadline:
             gevent.sleep(0.1)
         elapsed = max(claimed_at.values(), default=time.monotonic()) - started
-        cpu_share = (sum(map(cpu_seconds, pids)) - cpu_before) / elapsed
+        cpu_used = sum(map(cpu_seconds, pids)) - cpu_before
+        cpu_share = cpu_used / elapsed
         stop[0] = True
         gevent.killall(workers, timeout=10)
     finally:
@@ -186,6 +195,7 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         "median_ms": statistics.median(latencies.values()) * 1000 if latencies else float("nan"),
         "p95_ms": p95(latencies.values()) * 1000, "remote_p95_ms": p95(remote) * 1000,
         "rss_mb": peak_rss, "cpu_percent": cpu_share * 100, "idle_cpu_percent": idle_cpu_share * 100,
+        "cpu_ms_per_run": cpu_used * 1000 / len(latencies) if latencies else float("nan"),
         "errors": dict(sum((site.errors for site in sites), collections.Counter())),
     }
 
@@ -210,14 +220,15 @@ def main():
         parser.error("--replicas needs --database-url postgresql+psycopg://...: replicas share one database")
     print(f"{args.replicas} replica(s){', through HAProxy' if args.balancer else ''}")
     print(f"{'sites':>6} {'posted':>7} {'dispatched':>10} {'per s':>7} {'median ms':>10} {'p95 ms':>8} "
-          f"{'remote p95':>10} {'RSS MB':>7} {'CPU %':>6} {'idle CPU %':>10} {'errors':>6}")
+          f"{'remote p95':>10} {'RSS MB':>7} {'CPU %':>6} {'CPU ms/run':>10} {'idle CPU %':>10} {'errors':>6}")
     with tempfile.TemporaryDirectory(prefix="pht-scale-") as folder:
         for site_count in args.sites:
             r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder), args.replicas,
                         args.balancer, args.idle_seconds)
             print(f"{r['sites']:>6} {r['posted']:>7} {r['dispatched']:>10} {r['per_second']:>7.1f} "
                   f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['remote_p95_ms']:>10.1f} {r['rss_mb']:>7.1f} "
-                  f"{r['cpu_percent']:>6.0f} {r['idle_cpu_percent']:>10.1f} {sum(r['errors'].values()):>6} "
+                  f"{r['cpu_percent']:>6.0f} {r['cpu_ms_per_run']:>10.1f} {r['idle_cpu_percent']:>10.1f} "
+                  f"{sum(r['errors'].values()):>6} "
                   f"{r['errors'] or ''}", flush=True)
 
 

@@ -28,7 +28,6 @@ it would hide what happened to it.
 import fcntl
 import hashlib
 import json
-import math
 import os
 import threading
 import time

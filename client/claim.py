@@ -5,9 +5,10 @@ checked here, once, into a typed Claim, and nothing behind this edge looks at th
 answer again. Ids must be positive integers in the registry's range (paths and
 container labels are made from them), the lease id plain characters (it travels in
 an HTTP header), times within bounds, encryption keys real age public keys, and the
-image a reference that parses, and a task's input sent with the claim base64 of at most
-MAX_INLINE_INPUT_BYTES. Fields this runner does not know are ignored, so a newer registry
-may add some; a missing or malformed field makes the claim invalid.
+image a reference that parses, a task's input sent with the claim base64 of at most
+MAX_INLINE_BYTES, and the results the finish report may carry no larger. Fields this runner
+does not know are ignored, so a newer registry may add some; a missing or malformed field
+makes the claim invalid.
 """
 
 import base64
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from client.encryption import parse_public_key
 from client.image_policy import InvalidReference, parse_image_reference
-from common.names import MAX_INLINE_INPUT_BYTES
+from common.names import MAX_INLINE_BASE64_CHARS, MAX_INLINE_BYTES
 from common.printable import shown
 
 INT_MAX = 2 ** 31 - 1  # the registry's ids are 32-bit
@@ -55,6 +56,8 @@ class Claim:
     recipients: tuple  # age public keys to encrypt output and log to; empty: not encrypted
     name: str | None
     researcher: str | None  # who posted the task (None from a registry too old to say)
+    # How large an output or log the finish report may carry (0: none; a registry before API 1.4).
+    inline_result_bytes: int = 0
     # The task's input when the claim carried it; None: download it. Kept in the run's folder as its input file,
     # not with the claim.
     input: bytes | None = field(default=None, repr=False)
@@ -99,11 +102,13 @@ def parse_claim(raw):
         recipients=take("recipients", _recipients, optional=True),
         name=take("name", _name, optional=True),
         researcher=take("researcher", _researcher, optional=True),
+        inline_result_bytes=take("inline_result_bytes", _whole_number(0, MAX_INLINE_BYTES), optional=True),
         input=take("input_base64", _inline_input, optional=True),
     )
     if problems:
         raise InvalidClaim(problems, run_id, lease_id)
     claim["recipients"] = tuple(claim["recipients"] or ())
+    claim["inline_result_bytes"] = claim["inline_result_bytes"] or 0
     if claim["input"] is not None:
         claim["input"] = base64.b64decode(claim["input"], validate=True)
     return Claim(**claim)
@@ -150,15 +155,15 @@ def _recipients(value):
 
 
 def _inline_input(value):
-    problem = f"must be base64 of at most {MAX_INLINE_INPUT_BYTES} bytes"
+    problem = f"must be base64 of at most {MAX_INLINE_BYTES} bytes"
     # Its length is checked before it is decoded: a registry's megabytes are refused without a copy.
-    if not isinstance(value, str) or len(value) > 4 * -(-MAX_INLINE_INPUT_BYTES // 3):
+    if not isinstance(value, str) or len(value) > MAX_INLINE_BASE64_CHARS:
         return problem
     try:
-        decoded = base64.b64decode(value, validate=True)
+        base64.b64decode(value, validate=True)
     except binascii.Error:
         return problem
-    return problem if len(decoded) > MAX_INLINE_INPUT_BYTES else None
+    return None
 
 
 def _researcher(value):

@@ -16,6 +16,7 @@ in one line that names it (connection_problem): not once per retry, and never as
 urllib3's exceptions.
 """
 
+import base64
 import hashlib
 import http.client
 import logging
@@ -192,12 +193,19 @@ class RegistryClient:
         self._reliably(send, f"upload of the {kind} of run {run_id}")
         return sha256
 
-    def finish(self, run_id, lease_id, exit_code, failure_reason=None, sparql=None):
-        """How the run ended; sparql: what its gateway saw ({"queries", "bytes", "refused"}), if it had one."""
+    def finish(self, run_id, lease_id, exit_code, failure_reason=None, sparql=None, carried=None):
+        """How the run ended; sparql: what its gateway saw ({"queries", "bytes", "refused"}), if it had one;
+        carried: the output and log to send within the report ({"output" or "log": path}), each no larger than
+        the claim's inline_result_bytes."""
         body = {"lease_id": lease_id, "exit_code": exit_code, "failure_reason": failure_reason}
         if sparql is not None:
             body["sparql"] = sparql
-        self._post_reliably(f"/api/site/runs/{run_id}/finish", body)
+        what = f"report of how run {run_id} ended"
+        if carried:
+            what += f", with its {' and '.join(carried)}"
+        for kind, path in (carried or {}).items():
+            body[f"{kind}_base64"] = base64.b64encode(Path(path).read_bytes()).decode()
+        self._reliably(lambda: self._answer("POST", f"/api/site/runs/{run_id}/finish", 60, json=body), what)
 
     def record_delivery(self, run_id, lease_id, recipient, name, size, sha256):
         """A receipt for a file sent straight to a recipient: the registry learns that it went, not what it was."""

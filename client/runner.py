@@ -814,24 +814,35 @@ class SiteRunner:
                                    ca_bundle=self.config.ca_bundle)
             except deliveries.DeliveryRefused as error:
                 failure_reason = str(error)
+        carried = {}  # what goes within the finish report: {kind: (the file as it leaves, its original)}
         if failure_reason is None and folder.archive.exists():
             try:
-                self.upload(run, "output", folder.archive)
+                self.upload(run, "output", folder.archive, carried)
             except RegistryRefused as error:
                 failure_reason = f"the registry did not accept the output: {error}"
         if folder.log_file.exists() and not folder.state.get("withheld"):
-            self.upload(run, "log", folder.log_file)
+            self.upload(run, "log", folder.log_file, carried)
         self.registry.finish(run.id, run.lease_id, outcome["exit_code"], shortened(failure_reason),
-                             sparql=outcome.get("sparql"))
+                             sparql=outcome.get("sparql"),
+                             carried={kind: sealed for kind, (sealed, _original) in carried.items()})
+        for kind, (sealed, original) in carried.items():
+            self.record_sent(run, kind, sealed, sha256_of(sealed), original)
         self.record("reported", run.id, exit_code=outcome["exit_code"], failure_reason=failure_reason)
         log.info("run %s reported: exit code %s%s", run.id, outcome["exit_code"],
                  f", failed: {failure_reason}" if failure_reason else "")
 
-    def upload(self, run, kind, path):
+    def upload(self, run, kind, path, carried):
+        """Send the output or log (kind) as it may leave: by an upload of its own now, or, when the claim said the
+        finish report may carry one this small, into carried, for the finish report."""
         sealed = self.sealed(run, path)
-        sha256 = self.registry.upload(run.id, run.lease_id, kind, sealed)
+        if sealed.stat().st_size <= run.inline_result_bytes:
+            carried[kind] = (sealed, path)
+            return
+        self.record_sent(run, kind, sealed, self.registry.upload(run.id, run.lease_id, kind, sealed), path)
+
+    def record_sent(self, run, kind, sealed, sha256, original):
         self.record("sent", run.id, what=kind, sha256=sha256, size=sealed.stat().st_size,
-                    to=self.config.registry_url, encrypted=sealed != path)
+                    to=self.config.registry_url, encrypted=sealed != original)
 
     def delivered(self, run, recipient, name, size, sha256):
         self.registry.record_delivery(run.id, run.lease_id, recipient, name, size, sha256)

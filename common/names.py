@@ -32,6 +32,8 @@ def principal_name_problem(name, role):
 def is_file_name(name):
     return isinstance(name, str) and FILE_NAME.fullmatch(name) is not None
 
-# A claim carries its task's input (base64) when the input is at most this long, sparing the site a request;
-# a longer one the site downloads. The registry sends no more, and a site takes no more.
-MAX_INLINE_INPUT_BYTES = 64 * 1024
+# A claim carries its task's input (base64) when the input is at most this long, and a site's finish report its
+# run's output and log when each is: each spares a request. Anything longer goes by a request of its own. Neither
+# side sends more, or takes more. A multiple of 3, so that a bound on the base64 text is this bound exactly.
+MAX_INLINE_BYTES = 48 * 1024
+MAX_INLINE_BASE64_CHARS = MAX_INLINE_BYTES // 3 * 4

@@ -85,6 +85,24 @@ class Text(String):
         return text
 
 
+class InlineBytes(String):
+    """Bytes sent base64 in a JSON body, at most names.MAX_INLINE_BYTES of them: decoded. The document says so
+    (format byte, maxLength), and its length is checked before it is decoded."""
+
+    def __init__(self, **kwargs):
+        super().__init__(validate=Length(max=names.MAX_INLINE_BASE64_CHARS), **kwargs)
+        self.metadata.setdefault("format", "byte")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > names.MAX_INLINE_BASE64_CHARS:  # the validator runs only after this has decoded it
+            raise ValidationError(f"must be at most {names.MAX_INLINE_BASE64_CHARS} characters of base64")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+            raise ValidationError("must be base64") from None
+
+
 def Id(**kwargs):
     return Integer(validate=Range(min=1, max=INT_MAX), **kwargs)
 
@@ -296,8 +314,11 @@ class ClaimedRunOut(Schema):
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
     input_base64 = String(metadata={
-        "description": "The task's configuration file, base64, when it is at most 65,536 bytes; otherwise absent: "
+        "description": "The task's configuration file, base64, when it is at most 49,152 bytes; otherwise absent: "
                        "GET /api/site/runs/{run_id}/input."})
+    inline_result_bytes = Integer(metadata={
+        "description": "The finish report may carry the output and the log (output_base64, log_base64) when each "
+                       "is at most this many bytes; larger ones go by PUT."})
 
 
 # How many sessions a site may ask about in one request; it asks about the others in the next.
@@ -359,6 +380,11 @@ class FinishIn(LeaseIn):
     failure_reason = Text(allow_none=True, load_default=None, validate=Length(1, 2000),
                             metadata={"description": "Set when the runner, not the algorithm, failed the run."})
     sparql = Nested(SparqlSummary, allow_none=True, load_default=None, metadata={"description": SPARQL_SUMMARY})
+    output_base64 = InlineBytes(allow_none=True, load_default=None, metadata={
+        "description": "The run's output archive, base64, instead of PUT …/output: for one of at most "
+                       "inline_result_bytes (the claim says how many)."})
+    log_base64 = InlineBytes(allow_none=True, load_default=None, metadata={
+        "description": "The run's log, base64, instead of PUT …/log, within the same bound."})
 
 
 class DeliveryIn(LeaseIn):

@@ -5,6 +5,8 @@ lease for; every request below /api/site/ needs a site token.
 """
 
 import base64
+import hashlib
+import io
 import logging
 import time
 
@@ -13,6 +15,7 @@ from apiflask.fields import String
 from apiflask.validators import Length
 from flask import current_app, request
 
+from common.names import MAX_INLINE_BYTES
 from master import auth, blobs, lifecycle, store, wakeup
 from master.schemas import (BlobStoredOut, ClaimedRunOut, ClaimIn, ClosedSessionIdsOut, DeliveryIn, FinishIn,
                             HeartbeatOut, LeaseIn, ParkIn, RefuseIn, ResumedOut, SessionIdsIn, Sha256, SiteIdentityOut,
@@ -63,7 +66,7 @@ def claim_run(json_data):
             inline = run.pop("input")
             if inline is not None:
                 run["input_base64"] = base64.b64encode(inline).decode()
-            return {**run, "lease_seconds": registry.settings.lease_seconds}
+            return {**run, "lease_seconds": registry.settings.lease_seconds, "inline_result_bytes": MAX_INLINE_BYTES}
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "", 204
@@ -197,6 +200,33 @@ def _receive_blob(run_id, kind, headers_data):
     return {"sha256": headers_data["sha256"], "size": size}
 
 
+def _store_inline(run_id, site, lease_id, carried):
+    """Keep the output and log that came within the finish report ({kind: bytes}); returns {kind: (sha256,
+    size)}. As for an upload, what the run cannot take is refused (409) before anything is stored, and the same
+    result again is not stored twice."""
+    if not carried:
+        return {}
+    registry = _registry()
+    run = store.get_site_run(registry.engine, run_id, site.id)
+    results = {kind: (hashlib.sha256(data).hexdigest(), len(data)) for kind, data in carried.items()}
+    new = [kind for kind, (sha256, _) in results.items() if run[f"{kind}_sha256"] != sha256]
+    for kind in new:
+        if run["lease_id"] != lease_id:
+            abort(409, f"run {run_id} is not leased to this runner")
+        if run[f"{kind}_sha256"] is not None or run["status"] not in lifecycle.LEASED_STATES:
+            abort(409, f"run {run_id} already has a different {kind}" if run[f"{kind}_sha256"] else
+                  f"run {run_id} is {run['status']}: it takes no {kind}")
+    for kind in new:
+        sha256, size = results[kind]
+        try:
+            registry.blobs.store_stream(io.BytesIO(carried[kind]), sha256, size)
+        except blobs.StoreUnreachable as error:
+            log.error("run %s %s not stored: %s", run_id, kind, error)
+            abort(503, "the registry's result store does not answer; report again later")
+        log.info("run %s %s stored: %d bytes, sha256 %s", run_id, kind, size, sha256)
+    return results
+
+
 _RAW_BODY = {"x-raw-body": {"application/octet-stream": "the file's bytes, streamed"}}
 
 
@@ -240,12 +270,17 @@ def record_delivery(run_id, json_data):
 @bp.output(HeartbeatOut)
 @bp.doc(responses=[404, 409])
 def finish_run(run_id, json_data):
-    """Report how the run ended, after its output and log are uploaded.
+    """Report how the run ended, after its output and log are uploaded, or with them (when small).
 
-    The same report again (exit code, failure reason and SPARQL summary alike) is fine; another answers 409."""
+    The same report again (exit code, failure reason, SPARQL summary and results alike) is fine; another answers
+    409."""
     registry = _registry()
-    status, task_id = store.finish_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
-                                       json_data["exit_code"], json_data["failure_reason"], json_data["sparql"])
+    site = auth.caller()
+    results = _store_inline(run_id, site, json_data["lease_id"], {
+        kind: json_data[f"{kind}_base64"] for kind in ("output", "log") if json_data[f"{kind}_base64"] is not None})
+    status, task_id = store.finish_run(registry.engine, run_id, site.id, json_data["lease_id"],
+                                       json_data["exit_code"], json_data["failure_reason"], json_data["sparql"],
+                                       results)
     registry.ended_tasks.announce([task_id])
     log.info("run %s %s (exit code %s, SPARQL %s)", run_id, status, json_data["exit_code"], json_data["sparql"])
     if status == lifecycle.FAILED and json_data["failure_reason"]:

@@ -656,7 +656,7 @@ _A_CLAIMED_RUN = (
     sa.select(runs.c.id, runs.c.task_id, runs.c.lease_id, runs.c.lease_expires_at,
               tasks.c.image, tasks.c.session_id, tasks.c.timeout_seconds, tasks.c.name,
               tasks.c.recipients, researchers.c.name.label("researcher"),
-              sa.case((sa.func.length(tasks.c.input) <= names.MAX_INLINE_INPUT_BYTES, tasks.c.input)).label("input"))
+              sa.case((sa.func.length(tasks.c.input) <= names.MAX_INLINE_BYTES, tasks.c.input)).label("input"))
     .join(tasks, tasks.c.id == runs.c.task_id)
     .join(researchers, researchers.c.id == tasks.c.researcher_id)
     .where(runs.c.id == sa.bindparam("run_id")))
@@ -794,17 +794,21 @@ def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
             {f"{kind}_sha256": sha256, f"{kind}_size": size}))
 
 
-def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, sparql=None):
+def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, sparql=None, results=None):
     """Record how a run ended; returns (status, task id).
 
-    sparql is the site's SPARQL summary ({"queries", "bytes", "refused"}), or None when it has none.
-    The same report again is fine, another a conflict; the summary is part of the report, so a
-    repeat with other counts (or with none after some) is a conflict too.
+    sparql is the site's SPARQL summary ({"queries", "bytes", "refused"}), or None when it has none. results are
+    the output and log the report carried, already stored ({"output" or "log": (sha256, size)}), attached in the
+    same transaction. The same report again is fine, another a conflict; the summary and the results are part of
+    the report, so a repeat with other counts (or with none after some), or another result, is a conflict too.
     """
     now = time.time()
     status = lifecycle.status_after_finish(exit_code, failure_reason)
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
-    values = {"exit_code": exit_code, **_sparql_columns(sparql)}  # written with the move to status, for reason
+    attached = {f"{kind}_{column}": value for kind, (sha256, size) in (results or {}).items()
+                for column, value in (("sha256", sha256), ("size", size))}
+    # Written with the move to status, for reason.
+    values = {"exit_code": exit_code, **_sparql_columns(sparql), **attached}
     report = {"status": status, "reason": reason, **values}
     with engine.begin() as conn:
         row = _site_run(conn, run_id, site_id)
@@ -812,8 +816,11 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
             if all(row[column] == value for column, value in report.items()):
                 return status, row["task_id"]
             raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
-                           "reason or SPARQL summary")
+                           "reason, SPARQL summary or result")
         row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
+        for kind in results or {}:
+            if row[f"{kind}_sha256"] not in (None, attached[f"{kind}_sha256"]):
+                raise Conflict(f"run {run_id} already has a different {kind}")
         _move(conn, row, status, now, reason, lease_expires_at=None, **values)
     return status, row["task_id"]
 

@@ -8,6 +8,7 @@ import pytest
 from client.claim import Claim, InvalidClaim, parse_claim
 from client.encryption import keys_for
 from client.site_config import ConfigError, parse_site_config
+from common.names import MAX_INLINE_BYTES
 from researcher import generate_identity
 
 GOOD = {"id": 7, "task_id": 5, "session_id": 3, "image": "127.0.0.1:5050/pht/x:1", "lease_id": "a1_b-2",
@@ -36,7 +37,9 @@ def test_a_good_claim_becomes_a_typed_claim_and_unknown_fields_are_ignored():
     ("recipients", "age1x"), ("recipients", ["not-a-key"]), ("recipients", [None]), ("name", 5),
     ("name", "n" * 1000), ("researcher", ""), ("researcher", 12),
     ("input_base64", 12), ("input_base64", "not base64!"), ("input_base64", "QUJD\n"), ("input_base64", "QUJ"),
-    ("input_base64", base64.b64encode(bytes(65537)).decode()),
+    ("input_base64", base64.b64encode(bytes(MAX_INLINE_BYTES + 1)).decode()),
+    ("inline_result_bytes", -1), ("inline_result_bytes", MAX_INLINE_BYTES + 1), ("inline_result_bytes", 2 ** 40),
+    ("inline_result_bytes", str(MAX_INLINE_BYTES)),
 ])
 def test_a_malformed_field_makes_the_claim_invalid_and_says_which(field, value):
     with pytest.raises(InvalidClaim) as caught:
@@ -46,6 +49,13 @@ def test_a_malformed_field_makes_the_claim_invalid_and_says_which(field, value):
     assert caught.value.refusable == (field not in ("id", "lease_id"))
 
 
+def test_results_go_within_the_finish_report_only_as_large_as_the_claim_says_and_never_larger_than_48_kib():
+    assert parse_claim(GOOD).inline_result_bytes == 0  # a registry before API 1.4
+    claim = parse_claim({**GOOD, "inline_result_bytes": MAX_INLINE_BYTES})
+    assert claim.inline_result_bytes == MAX_INLINE_BYTES
+    assert parse_claim(claim.as_dict()) == claim  # the run folder keeps it, for a report after a restart
+
+
 def test_an_input_in_the_claim_is_its_bytes_and_is_not_kept_with_the_claim():
     claim = parse_claim({**GOOD, "input_base64": "AP8NCnsieCI6IDF9"})
     assert claim.input == b"\x00\xff\r\n{\"x\": 1}"
@@ -53,8 +63,8 @@ def test_an_input_in_the_claim_is_its_bytes_and_is_not_kept_with_the_claim():
     assert parse_claim(claim.as_dict()).input is None
     assert parse_claim({**GOOD, "input_base64": ""}).input == b""
     assert parse_claim({**GOOD, "input_base64": None}).input is None  # not sent: the runner downloads it
-    biggest = base64.b64encode(bytes(65536)).decode()
-    assert len(parse_claim({**GOOD, "input_base64": biggest}).input) == 65536
+    biggest = base64.b64encode(bytes(MAX_INLINE_BYTES)).decode()
+    assert len(parse_claim({**GOOD, "input_base64": biggest}).input) == MAX_INLINE_BYTES
 
 
 @pytest.mark.parametrize("field", ["id", "task_id", "session_id", "image", "lease_id", "lease_seconds"])

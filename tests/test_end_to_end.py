@@ -47,6 +47,12 @@ def test_each_site_counts_its_own_patients_over_sparql(engine, federation):
         assert result.output == {
             "patient_count": len(federation.sites[name].patients), "label": "walking skeleton"}
         assert result.image_digest == registry_digest(PATIENT_COUNT)
+        # A small input came with the claim, and the small output and log with the finish report: the site
+        # asked for the input and sent the results by no request of their own (heartbeats aside).
+        requests_for_run = [line.split(" -> ")[0].split(": ")[-1] for line in federation.log_of("registry").splitlines()
+                            if f"/api/site/runs/{result.run_id}/" in line]
+        assert [line for line in requests_for_run if not line.endswith("/heartbeat")] == [
+            f"POST /api/site/runs/{result.run_id}/start", f"POST /api/site/runs/{result.run_id}/finish"]
     engine.images.get(task["image"])  # it was pulled back, by the digest the library pinned
 
 

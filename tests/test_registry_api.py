@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from common.names import MAX_INLINE_INPUT_BYTES
+from common.names import MAX_INLINE_BYTES
 from master import store
 
 IMAGE = "127.0.0.1:5050/pht/patient-count:latest"
@@ -74,12 +74,12 @@ def test_input_is_stored_byte_exact(client, alice, hospital):
 
 
 def test_a_claim_carries_a_small_input_and_leaves_a_larger_one_to_download(client, alice, hospital):
-    largest = b"\xfe" * MAX_INLINE_INPUT_BYTES
+    largest = b"\xfe" * MAX_INLINE_BYTES
     for given in (b"\x00\xff weird \r\n bytes", largest, largest + b"!"):
         post_task(client, alice, input=None, input_base64=base64.b64encode(given).decode())
         run = claim(client, hospital).json
         carried = base64.b64decode(run["input_base64"]) if "input_base64" in run else None
-        assert carried == (given if len(given) <= MAX_INLINE_INPUT_BYTES else None)
+        assert carried == (given if len(given) <= MAX_INLINE_BYTES else None)
         assert client.get(f"/api/site/runs/{run['id']}/input", headers=hospital).data == given
 
 
@@ -170,6 +170,66 @@ def test_a_run_goes_from_claim_to_completed_with_its_results(client, alice, hosp
     assert client.get(f"/api/runs/{run['id']}/log", headers=alice).data == b"hello\n"
     history = [e["status"] for e in client.get(f"/api/runs/{run['id']}/history", headers=alice).json]
     assert history == ["pending", "claimed", "running", "completed"]
+
+
+def finish_carrying(client, site, run, **results):
+    """The finish report with the run's output and log in it (base64), as a runner sends small ones."""
+    start(client, site, run)
+    return client.post(f"/api/site/runs/{run['id']}/finish", headers=site, json={
+        "lease_id": run["lease_id"], "exit_code": 0,
+        **{f"{kind}_base64": base64.b64encode(data).decode() for kind, data in results.items()}})
+
+
+def test_a_finish_report_carries_a_small_output_and_log_in_one_request(client, alice, hospital):
+    task_id = post_task(client, alice).json["id"]
+    run = claim(client, hospital).json
+    assert run["inline_result_bytes"] == MAX_INLINE_BYTES
+    largest = b"\x1f\x8b" + b"\xfe" * (MAX_INLINE_BYTES - 2)
+    assert finish_carrying(client, hospital, run, output=largest, log=b"hello\n").json == {"status": "completed"}
+
+    [listed] = client.get(f"/api/tasks/{task_id}", headers=alice).json["runs"]
+    assert (listed["output_sha256"], listed["log_sha256"]) == (hashlib.sha256(largest).hexdigest(),
+                                                               hashlib.sha256(b"hello\n").hexdigest())
+    assert client.get(f"/api/runs/{run['id']}/output", headers=alice).data == largest
+    assert client.get(f"/api/runs/{run['id']}/log", headers=alice).data == b"hello\n"
+    # Sent again, as a runner whose answer was lost does: the same report; with another log, a conflict.
+    assert finish_carrying(client, hospital, run, output=largest, log=b"hello\n").status_code == 200
+    assert finish_carrying(client, hospital, run, output=largest, log=b"other\n").status_code == 409
+    assert client.get(f"/api/runs/{run['id']}/log", headers=alice).data == b"hello\n"
+
+
+def test_a_finish_report_takes_a_result_alongside_one_uploaded_before(client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    assert upload(client, hospital, run, "output", b"x" * (MAX_INLINE_BYTES + 1)).status_code == 200
+    assert finish_carrying(client, hospital, run, log=b"log\n").json == {"status": "completed"}
+    assert client.get(f"/api/runs/{run['id']}/output", headers=alice).data == b"x" * (MAX_INLINE_BYTES + 1)
+    assert client.get(f"/api/runs/{run['id']}/log", headers=alice).data == b"log\n"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("output_base64", base64.b64encode(b"x" * (MAX_INLINE_BYTES + 1)).decode()),
+    ("log_base64", "not base64!"), ("log_base64", "QUJD\n"), ("output_base64", 5), ("log_base64", ["QUJD"]),
+])
+def test_a_bad_result_in_a_finish_report_is_refused_and_the_run_stays_open(client, alice, hospital, field, value):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    start(client, hospital, run)
+    answer = client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital,
+                         json={"lease_id": run["lease_id"], "exit_code": 0, field: value})
+    assert answer.status_code == 422 and field in answer.json["detail"]["json"]
+    assert client.get("/api/tasks/1", headers=alice).json["runs"][0]["status"] == "running"
+
+
+def test_a_result_in_a_finish_report_after_a_cancel_is_not_kept(app, client, alice, hospital):
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    start(client, hospital, run)
+    client.post("/api/tasks/1/cancel", headers=alice)
+    answer = client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital, json={
+        "lease_id": run["lease_id"], "exit_code": 0, "output_base64": base64.b64encode(b"late").decode()})
+    assert answer.status_code == 409
+    assert not app.extensions["pht"].blobs.path_of(hashlib.sha256(b"late").hexdigest()).exists()
 
 
 def test_non_zero_exit_fails_the_run_with_reason(client, alice, hospital):

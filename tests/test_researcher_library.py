@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from common.names import MAX_INLINE_INPUT_BYTES
+from common.names import MAX_INLINE_BYTES
 from researcher import RunResult, TaskFailed, TaskTimeout, UnsafeOutput
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
 from tests.test_researcher_boundaries import plain_tar
@@ -49,7 +49,7 @@ def input_as_the_site_receives_it(federation, task):
     site, run = claim_at_hospital_b(federation, task)
     received = site.get(f"{federation.registry_url}/api/site/runs/{run['id']}/input", timeout=10)
     received.raise_for_status()
-    if len(received.content) <= MAX_INLINE_INPUT_BYTES:
+    if len(received.content) <= MAX_INLINE_BYTES:
         assert base64.b64decode(run["input_base64"]) == received.content
     else:
         assert "input_base64" not in run
@@ -70,8 +70,8 @@ def complete_at_hospital_b(federation, task, **report):
     ({"min_count": 5, "label": "é"}, json.dumps({"min_count": 5, "label": "é"}).encode()),
     ("variables = age\n", b"variables = age\n"),
     (b"\x00\xffbinary\r\n", b"\x00\xffbinary\r\n"),
-    (b"\xfe" * MAX_INLINE_INPUT_BYTES, b"\xfe" * MAX_INLINE_INPUT_BYTES),  # the largest a claim carries
-    (b"\xfe" * (MAX_INLINE_INPUT_BYTES + 1), b"\xfe" * (MAX_INLINE_INPUT_BYTES + 1)),  # downloaded
+    (b"\xfe" * MAX_INLINE_BYTES, b"\xfe" * MAX_INLINE_BYTES),  # the largest a claim carries
+    (b"\xfe" * (MAX_INLINE_BYTES + 1), b"\xfe" * (MAX_INLINE_BYTES + 1)),  # downloaded
 ])
 def test_input_reaches_the_site_byte_for_byte(federation, registry, given, expected):
     task = registry.submit(SUMMARY, given, sites=["hospital-b"])

@@ -1,7 +1,9 @@
 """Nothing is lost and nothing runs twice: a runner killed mid-run, a registry that goes down
 while results are being sent, and the ways a runner is stopped on purpose (signals, --once)."""
 
+import base64
 import json
+import os
 import signal
 import subprocess
 import time
@@ -97,14 +99,21 @@ def test_runner_killed_mid_run_carries_on_after_restart(federation, runner, prob
         f"{SITE}-runner")
 
 
-def test_registry_down_during_upload_then_back(federation, runner, probe):
-    task = federation.researcher().submit(probe, {"sleep": 1})
+# A small output and log go within the report of the run's end; an output over 64 KiB (the probe writes its input
+# into it: random, so it does not shrink) by an upload of its own first, which the registry's absence holds up.
+@pytest.mark.parametrize("padding, first_request_held", [
+    (0, "report of how run {run} ended, with its output and log"),
+    (96 * 1024, "upload of the output of run {run}"),
+])
+def test_registry_down_during_the_report_then_back(federation, runner, probe, padding, first_request_held):
+    padding = base64.b64encode(os.urandom(padding)).decode()
+    task = federation.researcher().submit(probe, {"sleep": 1, "padding": padding})
     run, _container = running_container(federation, task)
     federation.stop_registry()
     try:
         wait_until(lambda: "outcome" in run_state(federation, run), "the container ended")
-        wait_until(lambda: f"upload of the output of run {run['id']}: registry unreachable" in federation.log_of(
-            f"{SITE}-runner"), "the runner retries the upload")
+        wait_until(lambda: first_request_held.format(run=run["id"]) + ": registry unreachable"
+                   in federation.log_of(f"{SITE}-runner"), "the runner retries")
         # Until the registry confirms, the result stays on disk.
         assert (work_dir(federation) / "runs" / str(run["id"]) / "output.tar.gz").exists()
     finally:
