@@ -2,6 +2,7 @@
 while a slow pull or a long container goes on, a cancel that kills the container, and the
 SPARQL endpoint check it reports with every poll."""
 
+import json
 import socket
 import threading
 import time
@@ -30,6 +31,17 @@ def federation():
 @pytest.fixture(scope="module")
 def probe():
     return pushed_test_image("contract-probe")
+
+
+@pytest.fixture(autouse=True)
+def runner_with_its_own_endpoint(federation):
+    """The site's runner with its real SPARQL endpoint: given back only to a test after one that took it away,
+    not by that test itself (the last one, as it is; stopping a runner waits up to a long-poll)."""
+    site = federation.sites[SITE]
+    if json.loads(site.config_path.read_text())["sparql_endpoint"] != site.sparql_endpoint:
+        federation.stop_runner(SITE)
+        federation.configure_site(SITE, sparql_endpoint=site.sparql_endpoint)
+        federation.start_runner(SITE)
 
 
 def site_containers(federation):
@@ -137,12 +149,7 @@ def test_sparql_endpoint_is_checked_and_reported(federation):
     federation.stop_runner(SITE)
     federation.configure_site(SITE, sparql_endpoint=f"http://127.0.0.1:{free_port()}/query")
     federation.start_runner(SITE)
-    try:
-        # An endpoint that does not answer is a warning, and the registry hears of it; the runner goes on.
-        wait_until(lambda: site_status(federation, SITE)["sparql_ok"] is False, "the registry hears of it")
-        assert federation.sites[SITE].runner.poll() is None
-        assert "does not answer" in federation.log_of(f"{SITE}-runner")
-    finally:
-        federation.stop_runner(SITE)
-        federation.configure_site(SITE, sparql_endpoint=federation.sites[SITE].sparql_endpoint)
-        federation.start_runner(SITE)
+    # An endpoint that does not answer is a warning, and the registry hears of it; the runner goes on.
+    wait_until(lambda: site_status(federation, SITE)["sparql_ok"] is False, "the registry hears of it")
+    assert federation.sites[SITE].runner.poll() is None
+    assert "does not answer" in federation.log_of(f"{SITE}-runner")
