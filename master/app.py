@@ -14,6 +14,7 @@ from master import api_docs, blobs, json_bodies, lifecycle, operator_api, resear
 from master.dashboard import register_dashboard
 from master.schemas import INT_MAX
 from master.sightings import Sightings
+from master.token_cache import TokenCache
 from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
@@ -63,6 +64,7 @@ class Registry:
     work_for_sites: Announcements  # by site id: a run became pending for it
     ended_tasks: Announcements  # by task id: one of its runs ended, or waits for its site
     sightings: Sightings  # when each site was last written down as seen
+    tokens: TokenCache  # who holds each token, as far as this process has looked
     # On PostgreSQL, news also goes to (and comes from) the registry's other replicas.
     relay: PostgresRelay | None = None
 
@@ -103,9 +105,10 @@ def create_app(settings):
         work_for_sites=Announcements("pht_work_for_sites"),
         ended_tasks=Announcements("pht_ended_tasks"),
         sightings=Sightings(refresh_seconds=settings.online_window_seconds / 2),
+        tokens=TokenCache(engine),
     )
     if engine.dialect.name == "postgresql":
-        registry.relay = PostgresRelay(engine, [registry.work_for_sites, registry.ended_tasks])
+        registry.relay = PostgresRelay(engine, [registry.work_for_sites, registry.ended_tasks, registry.tokens])
     json_bodies.read_checked()
     app.register_blueprint(researcher_api.bp)
     app.register_blueprint(site_api.bp)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from apiflask import HTTPTokenAuth
 from flask import current_app
 
-from master import store
 
 SITE = "site"
 RESEARCHER = "researcher"
@@ -40,7 +39,7 @@ def hash_token(token):
 def _verify_token(token):
     if not token:
         return None
-    found = store.find_principal(current_app.extensions["pht"].engine, hash_token(token))
+    found = current_app.extensions["pht"].tokens.find(hash_token(token))
     return Principal(*found) if found else None
 
 

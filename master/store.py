@@ -7,8 +7,10 @@ compare them the same way. A database made by an older release is upgraded in
 place when the registry opens it (UPGRADES), in one transaction.
 """
 
+import os
 import secrets
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -299,14 +301,51 @@ def roles_named(engine, name):
                 if conn.execute(sa.select(table.c.id).where(table.c.name == name)).first()]
 
 
+# Revoking or replacing a token tells every registry process that caches token holders (master/token_cache.py):
+# on PostgreSQL by a NOTIFY on this channel, in the change's transaction; on SQLite by a stamp file beside the
+# database, rewritten once the change is committed.
+TOKENS_CHANGED_CHANNEL = "pht_tokens_changed"
+# The payload a replica's relay reads: a replica id that is none of theirs, then a key.
+_TOKENS_CHANGED_PAYLOAD = "000000000000 1"
+
+
+def tokens_stamp_path(engine):
+    """The stamp file of an SQLite database file's token changes; None on PostgreSQL (or SQLite in memory)."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database + "-tokens-changed")
+
+
+def _tell_of_token_change(conn):
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
+                     {"channel": TOKENS_CHANGED_CHANNEL, "payload": _TOKENS_CHANGED_PAYLOAD})
+
+
+def _stamp_token_change(engine):
+    """After the commit: a process that reads the stamp before it finds the change in the database would keep
+    the old holder under the new stamp."""
+    stamp = tokens_stamp_path(engine)
+    if stamp is not None:
+        written = stamp.with_name(stamp.name + ".new")
+        written.write_bytes(secrets.token_bytes(16))
+        os.replace(written, stamp)
+
+
 def revoke_principal(engine, role, name, now=None):
     """Revoke the site, researcher or operator called name, and end what it leaves unfinished, in one transaction:
     a site's runs that have not ended fail, a researcher's are cancelled (no site can claim them after); an
     operator only reads, and leaves nothing. Returns the ids of the runs ended; NotFound if there is no such
-    active one."""
-    now = now if now is not None else time.time()
+    active one. Every registry process stops taking the token at once (master/token_cache.py)."""
+    ended = _revoke(engine, role, name, now if now is not None else time.time())
+    _stamp_token_change(engine)
+    return ended
+
+
+def _revoke(engine, role, name, now):
     table = PRINCIPALS[role]
     with engine.begin() as conn:
+        _tell_of_token_change(conn)
         principal_id = conn.execute(
             table.update().where(table.c.name == name, table.c.revoked_at.is_(None))
             .values(revoked_at=now).returning(table.c.id)).scalar()
@@ -341,10 +380,12 @@ def replace_token(engine, role, name, token_hash):
     one becomes active again (its ended runs stay ended). NotFound if there is none of that name."""
     table = PRINCIPALS[role]
     with engine.begin() as conn:
+        _tell_of_token_change(conn)
         replaced = conn.execute(table.update().where(table.c.name == name)
                                 .values(token_hash=token_hash, revoked_at=None)).rowcount
     if not replaced:
         raise NotFound(f"no {role} is called {name!r}")
+    _stamp_token_change(engine)
 
 
 def list_researchers(engine):

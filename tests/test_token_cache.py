@@ -1,0 +1,109 @@
+"""The registry remembers who holds a token (master/token_cache.py), and forgets at once when a token is revoked
+or replaced: in this process, by the operator's command in another, and on PostgreSQL by another replica's."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from master import auth, store
+from master.app import hear_other_replicas
+from scripts.federation import ROOT
+from tests.images import wait_until
+
+
+@pytest.fixture
+def token(app):
+    value = auth.new_token()
+    store.create_principal(app.extensions["pht"].engine, store.RESEARCHER, "alice", auth.hash_token(value))
+    return value
+
+
+@pytest.fixture
+def token_lookups(app):
+    """How many times the database was asked who holds a token."""
+    counted = []
+    engine = app.extensions["pht"].engine
+
+    def count(_conn, _cursor, statement, *_):
+        if "token_hash" in statement and statement.lstrip().upper().startswith("SELECT"):
+            counted.append(statement)
+    sa.event.listen(engine, "before_cursor_execute", count)
+    yield counted
+    sa.event.remove(engine, "before_cursor_execute", count)
+
+
+@pytest.fixture
+def relay_listening(app):
+    """On PostgreSQL, this registry's relay listening, as `serve` has it; on SQLite, nothing to start."""
+    stop = threading.Event()
+    hearing = threading.Thread(target=hear_other_replicas, args=(app, stop), daemon=True)
+    hearing.start()
+    relay = app.extensions["pht"].relay
+    if relay is not None:
+        assert relay.listening.wait(10)
+    yield
+    stop.set()
+    hearing.join(timeout=10)
+
+
+def tasks_status(client, token):
+    return client.get("/api/tasks", headers={"Authorization": f"Bearer {token}"}).status_code
+
+
+def operator_command(app, *command):
+    """TaskMaster's command on this registry's database, in a process of its own, as the operator runs it."""
+    settings = app.extensions["pht"].settings
+    return subprocess.run([sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(settings.data_dir),
+                           "--database-url", settings.database_url, *command],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_known_token_is_looked_up_once(client, token, token_lookups, relay_listening):
+    for _ in range(5):
+        assert tasks_status(client, token) == 200
+    assert len(token_lookups) == 2  # once: the sites' table, then the researchers'
+    assert tasks_status(client, "pht_unknown") == 401
+    assert tasks_status(client, "pht_unknown") == 401
+    assert len(token_lookups) == 2 + 2 * len(store.PRINCIPALS)  # an unknown token is never remembered
+
+
+def test_a_token_revoked_in_this_process_is_refused_at_once(app, client, token, relay_listening):
+    assert tasks_status(client, token) == 200
+    store.revoke_principal(app.extensions["pht"].engine, store.RESEARCHER, "alice")
+    if app.extensions["pht"].relay is None:
+        assert tasks_status(client, token) == 401
+    else:  # a NOTIFY: heard within moments, from the database
+        wait_until(lambda: tasks_status(client, token) == 401, "the revocation is heard")
+
+
+def test_a_token_the_operator_revokes_or_replaces_is_refused_at_once(app, client, token, relay_listening):
+    on_sqlite = app.extensions["pht"].relay is None
+    refused = (lambda: tasks_status(client, token) == 401)
+    assert tasks_status(client, token) == 200
+    operator_command(app, "revoke", "alice")
+    if on_sqlite:
+        assert refused()
+    else:
+        wait_until(refused, "the revocation is heard")
+
+    new_token = operator_command(app, "rotate-token", "alice")
+    assert tasks_status(client, new_token) == 200
+    assert tasks_status(client, token) == 401
+    operator_command(app, "rotate-token", "alice")  # and once more, while the second token is remembered
+    if on_sqlite:
+        assert tasks_status(client, new_token) == 401
+    else:
+        wait_until(lambda: tasks_status(client, new_token) == 401, "the replacement is heard")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_replica_that_cannot_hear_of_changes_remembers_nothing(app, client, token, token_lookups):
+    # Its relay is not listening (nothing started it): it cannot know of another replica's revocation.
+    for _ in range(3):
+        assert tasks_status(client, token) == 200
+    assert len(token_lookups) == 3 * 2  # each time: sites first, then researchers
+    store.revoke_principal(app.extensions["pht"].engine, store.RESEARCHER, "alice")
+    assert tasks_status(client, token) == 401
