@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from concurrent import futures
 from pathlib import Path
 
 import requests
@@ -45,6 +46,8 @@ READS_RETRIED = Retry(total=5, connect=5, read=0, other=0, status=5, status_forc
                       allowed_methods={"GET"},
                       backoff_factor=0.5, respect_retry_after_header=True, raise_on_status=False)
 DOWNLOAD_CHUNK_BYTES = 256 * 1024
+# A task's results are downloaded this many at a time (each its own connection to the registry).
+PARALLEL_DOWNLOADS = 4
 
 # Each wait is a long-poll that the registry answers the moment a run ends; its length only
 # sets how often the progress display is refreshed while nothing ends.
@@ -203,7 +206,7 @@ class Registry:
         failed, was refused or cancelled, or has not ended yet), naming each site and why.
         """
         task = self.task(task_or_id) if isinstance(task_or_id, int) else task_or_id
-        results = [self.result(run, encrypted=bool(task.get("encrypted_to"))) for run in task["runs"]]
+        results = self._results_of(task["runs"], encrypted=bool(task.get("encrypted_to")))
         if not accept_partial and not all(result.ok for result in results):
             raise TaskFailed(task["id"], results)
         return results
@@ -233,6 +236,24 @@ class Registry:
         return RunResult(run_id=run["id"], site=run["site"], status=run["status"], reason=run["reason"],
                          exit_code=run["exit_code"], image_digest=run["image_digest"], sparql=run.get("sparql"),
                          archive_path=archive, log_path=log, limits=self.limits, downloads=downloads)
+
+    def _results_of(self, runs, encrypted):
+        """result() of each run, in the runs' order, PARALLEL_DOWNLOADS at a time: the registry sends one while
+        the library checks and writes another. If any fails, none is kept: what downloaded is removed, and the
+        error of the first run that failed, in the runs' order, is raised."""
+        pool = futures.ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="pht-download")
+        try:
+            downloading = [pool.submit(self.result, run, encrypted) for run in runs]
+            futures.wait(downloading)
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an interrupt: the downloads under way end, no more begin
+        failed = [download.exception() for download in downloading if download.exception() is not None]
+        if failed:
+            for download in downloading:
+                if download.exception() is None:
+                    download.result().close()
+            raise failed[0]
+        return [download.result() for download in downloading]
 
     def _download(self, run, kind, limit, downloads, encrypted):
         """The run's output or log (kind) as a file in downloads, None when it has none."""

@@ -417,6 +417,26 @@ def test_a_blob_that_is_not_the_one_the_registry_lists_is_refused_and_not_kept(f
     assert files_below(downloads) == set()
 
 
+def test_a_bad_result_among_many_downloaded_at_once_is_named_and_nothing_is_kept(federation, tmp_path):
+    sites = [f"hospital-{letter}" for letter in "bcdefg"]
+    for site in sites:
+        federation.add_site(site)
+    task = federation.submit()
+    for number, site in enumerate(["hospital-a", *sites]):
+        federation.report(site, task["id"], output=archive_of({"output.txt": b'{"n": %d}' % number}), log=b"done\n")
+    for damaged in ("hospital-d", "hospital-f"):  # the first of them in the task's order is the one named
+        blob = federation.blob_path(federation.run_of(task["id"], damaged)["output_sha256"])
+        tampered = bytearray(blob.read_bytes())
+        tampered[-1] ^= 1
+        blob.write_bytes(bytes(tampered))
+    downloads = tmp_path / "downloads"
+
+    for _ in range(3):  # whichever download ends first
+        with pytest.raises(ChecksumMismatch, match="from hospital-d"):
+            federation.registry(download_dir=downloads).results(task["id"])
+        assert files_below(downloads) == set()  # the results that did download are not left behind
+
+
 def test_a_download_stops_at_its_cap_whatever_size_the_registry_lists(federation, tmp_path):
     task = federation.submit()
     federation.report("hospital-a", task["id"], output=archive_of({"a.bin": os.urandom(5000)}), log=b"x" * 5000)
