@@ -47,6 +47,7 @@ from scripts.balancer import Balancer  # noqa: E402
 from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402
 
 LONG_POLL_SECONDS = 30  # the site runner's default
+POLL_INTERVAL_SECONDS = 5  # the site runner's default, also its wait after a failed claim
 SMALL_RESULT = b"{}" * 256
 SMALL_RESULT_SHA256 = hashlib.sha256(SMALL_RESULT).hexdigest()
 SMALL_RESULT_BASE64 = base64.b64encode(SMALL_RESULT).decode()
@@ -88,7 +89,7 @@ class SimulatedSite:
                 self.report(run)
             except requests.RequestException as error:
                 self.errors[type(error).__name__ if error.response is None else error.response.status_code] += 1
-                gevent.sleep(0.5)
+                gevent.sleep(POLL_INTERVAL_SECONDS)  # as a runner does after a claim that failed
 
     def report(self, run):
         base = f"{self.url}/api/site/runs/{run['id']}"
@@ -105,8 +106,9 @@ class SimulatedSite:
         self.http.post(f"{base}/finish", json={**lease, "exit_code": 0, **carried}, timeout=60).raise_for_status()
 
 
-def start_registries(count, database_url, folder):
-    """count registry processes on database_url, each with its own data folder: [(process, url)]."""
+def start_registries(count, database_url, folder, site_count=0):
+    """count registry processes on database_url, each with its own data folder: [(process, url)]. Each takes
+    a connection from every one of site_count sites and more, as an operator with that many sets it up."""
     started = []
     for number in range(count):
         port = free_port()
@@ -114,7 +116,10 @@ def start_registries(count, database_url, folder):
             [sys.executable, str(ROOT / "master" / "TaskMaster.py"), "--data-dir", str(folder / f"replica-{number}"),
              "--database-url", database_url, "serve", "--host", "127.0.0.1", "--port", str(port),
              # Every simulated site (and the balancer) comes from 127.0.0.1: no cap on idle connections per address.
-             "--max-idle-per-address", "0"],
+             "--max-idle-per-address", "0",
+             # Every site holds a connection (a parked long-poll): the default cap, 10,000, is below 10,000 and a
+             # poster.
+             "--max-connections", str(max(10_000, site_count + 1000))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append((process, f"http://127.0.0.1:{port}"))
         wait_until_answers(f"http://127.0.0.1:{port}/health", process, "the registry")
@@ -129,7 +134,7 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         engine = sa.create_engine(database_url)
         store.metadata.drop_all(engine)
         engine.dispose()
-    registries = start_registries(replica_count, database_url, data_dir)
+    registries = start_registries(replica_count, database_url, data_dir, site_count)
     balancer = None
     try:
         if balanced:
