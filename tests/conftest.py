@@ -24,17 +24,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Mark the slow tier, so that `scripts/test.sh -m "not slow"` is a quick run of everything else. Within a
-    module, tests that drive a pooled runner (shared_runner) run after the others: the pool starts with the module
-    and comes up meanwhile (tests/test_hostile_registry.py)."""
+    """Mark the slow tier, so that `scripts/test.sh -m "not slow"` is a quick run of everything else."""
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         if module in SLOW_MODULES or any("federation" in name for name in item.fixturenames):
             item.add_marker(pytest.mark.slow)
-    first_of_module = {}
-    for index, item in enumerate(items):
-        first_of_module.setdefault(item.module, index)
-    items.sort(key=lambda item: (first_of_module[item.module], item.get_closest_marker("shared_runner") is not None))
 
 
 @pytest.fixture(scope="session", autouse=True)

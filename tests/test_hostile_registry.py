@@ -16,8 +16,7 @@ runner's registry record and output from its own start on, and the containers cr
 canaries are compared with their listing when the pool was made. Each pooled runner, having dealt with
 every test's hostile answers, must still stop with exit code 0 and have written no traceback (checked
 when the module ends). A test that needs another config, or the runner's start itself (its identity
-check, what it finds in work_dir), starts a runner of its own (site); those run first (tests/conftest.py),
-while the pool's runners come up.
+check, what it finds in work_dir), starts a runner of its own (site).
 """
 
 import hashlib
@@ -87,15 +86,6 @@ def pool(tmp_path_factory, sparql_endpoint):
     pool = RunnerPool(tmp_path_factory.mktemp("pool"), sparql_endpoint)
     yield pool
     pool.tear_down()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pool_comes_up_early(request):
-    """When any test of the module is to use the pool, its runners start with the module, and come up while the
-    tests that start runners of their own run (tests/conftest.py runs those first)."""
-    if any(item.module is request.module and item.get_closest_marker("shared_runner")
-           for item in request.session.items):
-        request.getfixturevalue("pool").start_missing()
 
 
 @pytest.fixture
@@ -233,7 +223,11 @@ class RunnerPool:
     def runners(self, count):
         """The first count runners, started if need be, each idle and online, its registry's record and script
         emptied, and its output from here on the test's own."""
-        self.start_missing()
+        # Any that is not running is started now, needed or not: starts side by side cost about one start.
+        for index in range(POOL_SIZE):
+            if self.live[index] is None or self.live[index].process.poll() is not None:
+                self.live[index] = self.site.start_runner(registry=self.registries[index],
+                                                          work_dir=self.work_dirs[index])
         for runner in self.live[:count]:
             runner.wait_for(lambda: runner.registry.requests("claim"), "the pooled runner polls", timeout=60)
             # A quiet answer, then its next poll: the runner has no run (it polls only with a free slot), it is
@@ -243,13 +237,6 @@ class RunnerPool:
             runner.registry.reset()
             runner.mark()
         return self.live[:count]
-
-    def start_missing(self):
-        """Start every runner that is not running, needed now or not: starts side by side cost about one start."""
-        for index in range(POOL_SIZE):
-            if self.live[index] is None or self.live[index].process.poll() is not None:
-                self.live[index] = self.site.start_runner(registry=self.registries[index],
-                                                          work_dir=self.work_dirs[index])
 
     def idle(self, index):
         runs = self.work_dirs[index] / "runs"
