@@ -33,7 +33,8 @@ from common import names  # noqa: E402
 from common.log_lines import log_to_stderr  # noqa: E402
 from common.printable import escaped  # noqa: E402
 from master import auth, store  # noqa: E402
-from master.app import Settings, create_app, expire_leases_periodically, hear_other_replicas, open_data  # noqa: E402
+from master.app import (Settings, create_app, expire_leases_periodically, hear_other_replicas, open_data,  # noqa: E402
+                        write_sightings_periodically)
 from master.server import limit_options, tls_options  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def with_settings(command):
               help="The object store's URL, for one other than AWS (MinIO, Ceph, SeaweedFS).")
 @click.option("--database-pool-size", default=20, show_default=True, type=click.IntRange(1),
               help="Database connections this process keeps; requests share them for the moment of their queries. "
-                   "A request that finds none free for 10 s gets 503 with Retry-After. On PostgreSQL, keep "
+                   "A request that finds none free for 30 s gets 503 with Retry-After. On PostgreSQL, keep "
                    "replicas x this under the server's max_connections.")
 @limit_options
 @tls_options
@@ -119,6 +120,8 @@ def serve(settings, host, port, lease_seconds, max_input_bytes, max_result_bytes
             settings.data_dir / "blobs")
     threading.Thread(target=expire_leases_periodically, args=(app, threading.Event(), max(1, lease_seconds / 4)),
                      name="lease-sweeper", daemon=True).start()
+    threading.Thread(target=write_sightings_periodically, args=(app, threading.Event()), name="sightings",
+                     daemon=True).start()
     threading.Thread(target=hear_other_replicas, args=(app, threading.Event()), name="replica-news",
                      daemon=True).start()
     logging.getLogger("pht.registry").info("registry listening on %s://%s:%d (data in %s, results in %s)",

@@ -33,9 +33,11 @@ class Settings:
     s3_endpoint_url: str = ""
     # A site counts as online while its last poll is this recent.
     online_window_seconds: int = 120
-    # Database connections this process keeps, and how long a request waits for a free one before its 503.
+    # Database connections this process keeps, and how long a request waits for a free one before its 503: long
+    # enough for the storm of 10,000 sites' first claims after a restart on PostgreSQL (docs/performance.md §3),
+    # within the 60 s that runners and the researcher library wait for an answer.
     database_pool_size: int = 20
-    database_pool_wait_seconds: float = 10
+    database_pool_wait_seconds: float = 30
 
     def resolved_database_url(self):
         return self.database_url or f"sqlite:///{self.sqlite_path}"
@@ -67,14 +69,29 @@ class Registry:
     tokens: TokenCache  # who holds each token, as far as this process has looked
     # On PostgreSQL, news also goes to (and comes from) the registry's other replicas.
     relay: PostgresRelay | None = None
+    # serve: sightings are written in batches, by write_sightings_periodically and before sites are read.
+    batch_sightings: bool = False
 
     def saw_site(self, site_id, runner_version, sparql_ok):
-        """Write down that the site is alive, and what it reports, when that is news (master/sightings.py)."""
+        """Write down that the site is alive, and what it reports, when that is news (master/sightings.py): at
+        once, or with batch_sightings, with the others of the next write_sightings()."""
         report = (runner_version, sparql_ok)
         if self.sightings.due(site_id, report):
-            now = time.time()
-            store.record_site_seen(self.engine, site_id, runner_version, sparql_ok, now)
-            self.sightings.written(site_id, report, now)
+            self.sightings.note(site_id, report, time.time())
+            if not self.batch_sightings:
+                self.write_sightings()
+
+    def write_sightings(self):
+        """Write the sightings noted since the last write, in one transaction; a reader of sites calls it first.
+        What a database hiccup kept out is written with the next ones."""
+        unwritten = self.sightings.take_unwritten()
+        if not unwritten:
+            return
+        try:
+            store.record_sites_seen(self.engine, unwritten)
+        except Exception:
+            self.sightings.give_back(unwritten)
+            raise
 
     def hears_every_announcement(self):
         """True when every announcement reaches this process: one registry alone, or replicas whose relay listens."""
@@ -134,6 +151,23 @@ def expire_leases_periodically(app, stop, interval_seconds):
             registry.expire_lapsed_leases()
         except Exception:  # a database hiccup must not end the sweeping for good
             log.exception("expiring overdue leases failed; trying again in %s s", interval_seconds)
+
+
+# How often `serve` writes the sightings noted meanwhile: how late a site's first claim shows it online to another
+# replica's readers, or in the database (a reader in this process writes them first).
+SIGHTINGS_WRITE_SECONDS = 1
+
+
+def write_sightings_periodically(app, stop, interval_seconds=SIGHTINGS_WRITE_SECONDS):
+    """Write the sightings noted by claims, in one transaction each time, until stop is set (run it in a
+    background thread, a greenlet under gevent); from then on, claims only note them."""
+    registry = app.extensions["pht"]
+    registry.batch_sightings = True
+    while not stop.wait(interval_seconds):
+        try:
+            registry.write_sightings()
+        except Exception:  # a database hiccup: the sightings are written with the next ones
+            log.exception("writing sites' sightings failed; trying again in %s s", interval_seconds)
 
 
 def hear_other_replicas(app, stop):

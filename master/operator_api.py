@@ -19,6 +19,7 @@ def sites_page(registry, page=1, per_page=50, now=None):
     """One page of every site, revoked ones included, with online (polled within the online window) and the
     number of its runs that have not ended."""
     now = time.time() if now is None else now
+    registry.write_sightings()  # the claims' sightings noted meanwhile
     sites, total = store.list_sites(registry.engine, include_revoked=True, page=page, per_page=per_page)
     active = store.active_runs_by_site(registry.engine)
     for site in sites:

@@ -200,6 +200,7 @@ def sites_page(registry, page=1, per_page=50, now=None):
     """One page of the sites that are not revoked, each with online: polled within the online window. Also the
     dashboard's list of sites for researchers."""
     now = time.time() if now is None else now
+    registry.write_sightings()  # the claims' sightings noted meanwhile
     sites, total = store.list_sites(registry.engine, include_revoked=False, page=page, per_page=per_page)
     for site in sites:
         last_seen = site["last_seen_at"]

@@ -202,7 +202,7 @@ UPGRADES = {
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
 
-def open_database(url, pool_size=20, pool_wait_seconds=10):
+def open_database(url, pool_size=20, pool_wait_seconds=30):
     """An engine on the registry's database: created when empty, upgraded in place when older.
 
     Its pool holds pool_size connections, opened as needed and kept: under gevent, thousands of requests share
@@ -434,9 +434,20 @@ def site_ids_by_name(conn, names):
 
 
 def record_site_seen(engine, site_id, runner_version, sparql_ok, now=None):
+    record_sites_seen(engine, {site_id: ((runner_version, sparql_ok), now if now is not None else time.time())})
+
+
+_A_SIGHTING = sites.update().where(sites.c.id == sa.bindparam("seen_site")).values(
+    last_seen_at=sa.bindparam("seen_at"), runner_version=sa.bindparam("seen_version"),
+    sparql_ok=sa.bindparam("seen_sparql_ok"))
+
+
+def record_sites_seen(engine, sightings):
+    """Write {site id: ((runner version, SPARQL answering), when)} in one transaction."""
     with engine.begin() as conn:
-        conn.execute(sites.update().where(sites.c.id == site_id).values(
-            last_seen_at=now if now is not None else time.time(), runner_version=runner_version, sparql_ok=sparql_ok))
+        conn.execute(_A_SIGHTING, [{"seen_site": site_id, "seen_at": at, "seen_version": version,
+                                    "seen_sparql_ok": sparql_ok}
+                                   for site_id, ((version, sparql_ok), at) in sightings.items()])
 
 
 # --- tasks ------------------------------------------------------------------

@@ -5,7 +5,7 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from master import wakeup
+from master import store, wakeup
 from master.app import hear_other_replicas
 from tests.test_registry_api import alice, claim, hospital, post_task  # noqa: F401 (fixtures)
 
@@ -97,9 +97,48 @@ def test_a_sighting_is_written_again_once_the_last_is_half_an_online_window_old(
     sightings = Sightings(refresh_seconds=60, clock=lambda: now[0])
     report = ("pht-runner/0.3", True)
     assert sightings.due(7, report)
-    sightings.written(7, report, now[0])
+    sightings.note(7, report, now[0])
     now[0] += 59.9
     assert not sightings.due(7, report)
     assert sightings.due(7, ("pht-runner/0.4", True)) and sightings.due(8, report)
     now[0] += 0.1
     assert sightings.due(7, report)
+
+
+def test_a_served_registry_writes_the_sightings_of_many_first_claims_in_one_transaction(
+        app, client, alice, make_site, queries):  # noqa: F811
+    registry = app.extensions["pht"]
+    registry.batch_sightings = True  # as write_sightings_periodically has it under `serve`
+    sites = [make_site(f"hospital-{letter}") for letter in "abc"]
+    writes = lambda: [s for s in queries if s.lstrip().upper().startswith("UPDATE SITES")]  # noqa: E731
+    commits = []
+    sa.event.listen(registry.engine, "commit", lambda conn: commits.append(conn))
+    for site in sites:
+        assert claim(client, site).status_code == 204
+    assert writes() == [] and commits == []  # noted, not written yet
+
+    # A reader of the sites writes them first, all in one transaction.
+    listed = client.get("/api/sites", headers=alice).json["items"]
+    assert [(site["name"], site["online"]) for site in listed] == [
+        ("hospital-a", True), ("hospital-b", True), ("hospital-c", True)]
+    assert len(writes()) == 1 and len(commits) == 1
+    registry.write_sightings()  # nothing noted since: nothing written
+    assert len(writes()) == 1
+
+
+def test_sightings_a_database_hiccup_kept_out_are_written_with_the_next(app, client, make_site, monkeypatch):
+    registry = app.extensions["pht"]
+    registry.batch_sightings = True
+    first, second = make_site("hospital-a"), make_site("hospital-b")
+    assert claim(client, first).status_code == 204
+    def database_away(*_):
+        raise sa.exc.OperationalError("UPDATE sites", {}, Exception("the database went away"))
+    monkeypatch.setattr(store, "record_sites_seen", database_away)
+    with pytest.raises(sa.exc.OperationalError):
+        registry.write_sightings()
+    monkeypatch.undo()
+    assert claim(client, second).status_code == 204
+    registry.write_sightings()
+    with registry.engine.connect() as conn:
+        seen = conn.execute(sa.select(store.sites.c.name).where(store.sites.c.last_seen_at.is_not(None))).scalars()
+        assert sorted(seen) == ["hospital-a", "hospital-b"]
