@@ -21,6 +21,18 @@ def test_streaming_benchmark_keeps_the_checksum():
     assert "checksum intact" in run_bench("streaming.py", "--size-mb", "4")
 
 
+def test_packing_benchmark_reads_back_what_it_packed():
+    output = run_bench("packing.py", "--size-mb", "4")
+    rows = [line for line in output.splitlines() if "MB" in line and ("CSV" in line or "random" in line)]
+    assert len(rows) == 4 and "READ BACK WRONG" not in output, output
+
+
+def test_wide_task_benchmark_downloads_every_result_both_ways():
+    output = run_bench("wide_task.py", "--sites", "5", "--rounds", "1")
+    assert "runners now (API 1.4)" in output and "runners before API 1.4" in output
+    assert output.rstrip().endswith("errors at the sites: 0"), output
+
+
 # One second of posting at 10 tasks a second: about 10 tasks, enough to see every one dispatched.
 SCALE_SECONDS = "1"
 

@@ -3,15 +3,13 @@ or replaced: in this process, by the operator's command in another, and on Postg
 
 import subprocess
 import sys
-import threading
 
 import pytest
-import sqlalchemy as sa
 
 from master import auth, store
-from master.app import hear_other_replicas
 from scripts.federation import ROOT
 from tests.images import wait_until
+from tests.test_parked_claims import every_announcement_heard, queries  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -21,32 +19,10 @@ def token(app):
     return value
 
 
-@pytest.fixture
-def token_lookups(app):
-    """How many times the database was asked who holds a token."""
-    counted = []
-    engine = app.extensions["pht"].engine
-
-    def count(_conn, _cursor, statement, *_):
-        if "token_hash" in statement and statement.lstrip().upper().startswith("SELECT"):
-            counted.append(statement)
-    sa.event.listen(engine, "before_cursor_execute", count)
-    yield counted
-    sa.event.remove(engine, "before_cursor_execute", count)
-
-
-@pytest.fixture
-def relay_listening(app):
-    """On PostgreSQL, this registry's relay listening, as `serve` has it; on SQLite, nothing to start."""
-    stop = threading.Event()
-    hearing = threading.Thread(target=hear_other_replicas, args=(app, stop), daemon=True)
-    hearing.start()
-    relay = app.extensions["pht"].relay
-    if relay is not None:
-        assert relay.listening.wait(10)
-    yield
-    stop.set()
-    hearing.join(timeout=10)
+def token_lookups(statements):
+    """Of the statements sent to the database, those that asked who holds a token."""
+    return [statement for statement in statements
+            if "token_hash" in statement and statement.lstrip().upper().startswith("SELECT")]
 
 
 def tasks_status(client, token):
@@ -61,16 +37,16 @@ def operator_command(app, *command):
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_a_known_token_is_looked_up_once(client, token, token_lookups, relay_listening):
+def test_a_known_token_is_looked_up_once(client, token, queries, every_announcement_heard):  # noqa: F811
     for _ in range(5):
         assert tasks_status(client, token) == 200
-    assert len(token_lookups) == 2  # once: the sites' table, then the researchers'
+    assert len(token_lookups(queries)) == 2  # once: the sites' table, then the researchers'
     assert tasks_status(client, "pht_unknown") == 401
     assert tasks_status(client, "pht_unknown") == 401
-    assert len(token_lookups) == 2 + 2 * len(store.PRINCIPALS)  # an unknown token is never remembered
+    assert len(token_lookups(queries)) == 2 + 2 * len(store.PRINCIPALS)  # an unknown token is never remembered
 
 
-def test_a_token_revoked_in_this_process_is_refused_at_once(app, client, token, relay_listening):
+def test_a_token_revoked_in_this_process_is_refused_at_once(app, client, token, every_announcement_heard):  # noqa: F811
     assert tasks_status(client, token) == 200
     store.revoke_principal(app.extensions["pht"].engine, store.RESEARCHER, "alice")
     if app.extensions["pht"].relay is None:
@@ -79,7 +55,8 @@ def test_a_token_revoked_in_this_process_is_refused_at_once(app, client, token, 
         wait_until(lambda: tasks_status(client, token) == 401, "the revocation is heard")
 
 
-def test_a_token_the_operator_revokes_or_replaces_is_refused_at_once(app, client, token, relay_listening):
+def test_a_token_the_operator_revokes_or_replaces_is_refused_at_once(
+        app, client, token, every_announcement_heard):  # noqa: F811
     on_sqlite = app.extensions["pht"].relay is None
     refused = (lambda: tasks_status(client, token) == 401)
     assert tasks_status(client, token) == 200
@@ -100,10 +77,10 @@ def test_a_token_the_operator_revokes_or_replaces_is_refused_at_once(app, client
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_replica_that_cannot_hear_of_changes_remembers_nothing(app, client, token, token_lookups):
+def test_a_replica_that_cannot_hear_of_changes_remembers_nothing(app, client, token, queries):  # noqa: F811
     # Its relay is not listening (nothing started it): it cannot know of another replica's revocation.
     for _ in range(3):
         assert tasks_status(client, token) == 200
-    assert len(token_lookups) == 3 * 2  # each time: sites first, then researchers
+    assert len(token_lookups(queries)) == 3 * 2  # each time: sites first, then researchers
     store.revoke_principal(app.extensions["pht"].engine, store.RESEARCHER, "alice")
     assert tasks_status(client, token) == 401
