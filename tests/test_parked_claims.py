@@ -1,5 +1,6 @@
 """A site's long-poll costs the registry nothing while it waits: no database query until news for the site."""
 
+import logging
 import threading
 
 import pytest
@@ -142,3 +143,13 @@ def test_sightings_a_database_hiccup_kept_out_are_written_with_the_next(app, cli
     with registry.engine.connect() as conn:
         seen = conn.execute(sa.select(store.sites.c.name).where(store.sites.c.last_seen_at.is_not(None))).scalars()
         assert sorted(seen) == ["hospital-a", "hospital-b"]
+
+
+def test_a_claim_that_finds_nothing_leaves_no_line_in_the_log_at_info(client, alice, hospital, caplog):  # noqa: F811
+    caplog.set_level(logging.INFO, logger="pht.registry")
+    assert claim(client, hospital).status_code == 204
+    assert [line for line in caplog.messages if "/api/site/claim" in line] == []
+    post_task(client, alice)
+    assert claim(client, hospital).status_code == 200
+    lines = [line for line in caplog.messages if "/api/site/claim" in line]
+    assert len(lines) == 1 and lines[0].startswith("POST /api/site/claim -> 200 ")
