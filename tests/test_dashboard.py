@@ -167,6 +167,17 @@ def set_cookie_header(response):
     return cookie
 
 
+def cookies_set_by(response):
+    return [value.split("=", 1)[0] for name, value in response.headers.items() if name == "Set-Cookie"]
+
+
+def test_a_visit_without_cookies_leaves_the_session_cookie_alone(app):
+    # A link from another site arrives without the SameSite=Strict session cookie: answering it must not
+    # overwrite the session cookie the browser still holds. The login form's CSRF token has a cookie of its own.
+    for path in ("/ui/login", "/ui/sessions", "/ui/", "/ui/nowhere"):
+        assert cookies_set_by(app.test_client().get(path)) == ["pht_dashboard_login"], path
+
+
 def test_the_cookie_is_httponly_samesite_strict_and_holds_no_token(client, alice):
     cookie = set_cookie_header(log_in(client, alice))
     attributes = [part.strip().lower() for part in cookie.split(";")]

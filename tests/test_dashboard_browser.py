@@ -112,6 +112,26 @@ def test_a_researcher_follows_a_federated_task_opens_a_failure_downloads_and_can
     expect(page.locator("#cancel")).to_have_count(0)
 
 
+def test_a_link_from_another_site_does_not_log_the_researcher_out(browser, registry, make_researcher):
+    context = browser.new_context(viewport=VIEWPORT)
+    # Another site's page, answered by Playwright itself: nothing is asked of the network.
+    other_site = "http://elsewhere.test/"
+    context.route(other_site, lambda route: route.fulfill(
+        content_type="text/html", body=f'<a id="to-dashboard" href="{registry}/ui/sessions">my tasks</a>'))
+    page = context.new_page()
+    try:
+        log_in(page, registry, token(make_researcher("alice")))
+        expect(page.locator("h1")).to_have_text("My sessions")
+        page.goto(other_site)
+        page.click("#to-dashboard")
+        # A SameSite=Strict cookie does not come with another site's link: this visit is not logged in.
+        expect(page.locator("h1")).to_have_text("Log in")
+        page.goto(f"{registry}/ui/sessions")
+        expect(page.locator("h1")).to_have_text("My sessions")
+    finally:
+        context.close()
+
+
 def test_a_run_that_ends_shows_without_reloading_the_page(page, registry, make_researcher, three_sites, tmp_path):
     alice = make_researcher("alice")
     task = post_task(registry, alice, ["hospital-a", "hospital-b"])

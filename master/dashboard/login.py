@@ -1,9 +1,13 @@
 """Who is looking at the dashboard: a signed cookie that names the API token they logged in with.
 
-The cookie holds the token's sha256 (what store.find_principal looks up), never the token, and is checked
-against the database on every request: a revoked or rotated token ends its dashboard session at once. It also
-holds when the visitor logged in (a session ends SESSION_SECONDS later, whatever they do) and the visit's CSRF
-token, which every form sends back in a hidden field.
+The session cookie holds the token's sha256 (what store.find_principal looks up), never the token, and is
+checked against the database on every request: a revoked or rotated token ends its dashboard session at once.
+It also holds when the visitor logged in (a session ends SESSION_SECONDS later, whatever they do) and the
+session's CSRF token, which every form sends back in a hidden field.
+
+Before logging in, the login form's CSRF token is kept in a cookie of its own (LOGIN_COOKIE_NAME). A link from
+another site arrives without either cookie (both are SameSite=Strict): what is set for that visit must not
+replace the session cookie the browser still holds, or every such link would log the visitor out.
 
 The cookie is signed with a key made once and kept in the database's meta table: every replica of the registry
 (one shared database) and every restart check cookies with the same key, and the operator has nothing more to
@@ -21,6 +25,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from master import store
 
 COOKIE_NAME = "pht_dashboard"
+LOGIN_COOKIE_NAME = "pht_dashboard_login"
 SESSION_SECONDS = 8 * 3600  # a working day: after it, log in again
 _SECRET_KEY = "dashboard_cookie_secret"  # its row in the meta table
 _SALT = "pht-dashboard-visit"

@@ -46,6 +46,7 @@ MAX_TOKEN_CHARS = 512
 LOG_TAIL_BYTES = 16 * 1024
 MAX_LOG_SCAN_BYTES = 1024 * 1024
 NOT_YOURS = "There is no such page, or it is not yours to see."
+DROP_COOKIE = object()  # what a view sets g.session_cookie to when the answer must delete the session cookie
 
 
 def _registry():
@@ -61,21 +62,27 @@ def _engine():
 @bp.before_request
 def _know_the_visitor():
     g.now = time.time()
-    g.principal, g.session_expired, g.cookie_visit = None, False, None
-    visit = login.visit_from_cookie(login.cookie_signer(current_app.config["DASHBOARD_COOKIE_SECRET"]),
-                                    request.cookies.get(login.COOKIE_NAME))
-    sent_with_form = visit
-    if visit is not None and visit.token_hash is not None:
-        found = None if login.is_expired(visit, g.now) else store.find_principal(_engine(), visit.token_hash)
-        g.session_expired = found is None and login.is_expired(visit, g.now)
-        if found is None or found[0] == store.SITE:  # revoked, rotated, expired: logged out from now on
-            visit = None
-        else:
+    g.principal, g.session_expired = None, False
+    # What to do with the cookies once the page is answered: a Visit to set, DROP_COOKIE, or None for nothing.
+    g.session_cookie = g.login_cookie = None
+    signer = login.cookie_signer(current_app.config["DASHBOARD_COOKIE_SECRET"])
+    sent_session = request.cookies.get(login.COOKIE_NAME)
+    session = login.visit_from_cookie(signer, sent_session)
+    if session is not None and session.token_hash is not None and not login.is_expired(session, g.now):
+        found = store.find_principal(_engine(), session.token_hash)
+        if found is not None and found[0] != store.SITE:
             g.principal = auth.Principal(*found)
-    if visit is None:
-        visit = g.cookie_visit = login.new_visit()
+    g.session_expired = session is not None and login.is_expired(session, g.now)
+    if g.principal is not None:
+        visit = session
+    else:
+        if sent_session is not None:  # forged, revoked, rotated, expired: logged out from now on
+            g.session_cookie = DROP_COOKIE
+        visit = login.visit_from_cookie(signer, request.cookies.get(login.LOGIN_COOKIE_NAME))
+        if visit is None:
+            visit = g.login_cookie = login.new_visit()
     g.visit = visit
-    if request.method == "POST" and not login.csrf_matches(sent_with_form, request.form.get("csrf")):
+    if request.method == "POST" and not login.csrf_matches(visit, request.form.get("csrf")):
         return _error_page(400, "This form is out of date, or was not sent from this dashboard. "
                                 "Go back, reload the page and send it again.")
     return None
@@ -83,14 +90,18 @@ def _know_the_visitor():
 
 @bp.after_request
 def _protect(response):
-    if g.get("cookie_visit") is not None:
-        response.set_cookie(
-            login.COOKIE_NAME, login.cookie_value(login.cookie_signer(current_app.config["DASHBOARD_COOKIE_SECRET"]),
-                                                  g.cookie_visit),
-            path="/ui/", httponly=True, samesite="Strict",
-            # Behind a balancer that ends TLS the request is plain HTTP: its X-Forwarded-Proto counts too. A
-            # client that sends it falsely only keeps its own cookie from plain HTTP.
-            secure=request.is_secure or request.headers.get("X-Forwarded-Proto") == "https")
+    signer = login.cookie_signer(current_app.config["DASHBOARD_COOKIE_SECRET"])
+    options = dict(
+        path="/ui/", httponly=True, samesite="Strict",
+        # Behind a balancer that ends TLS the request is plain HTTP: its X-Forwarded-Proto counts too. A client
+        # that sends it falsely only keeps its own cookie from plain HTTP.
+        secure=request.is_secure or request.headers.get("X-Forwarded-Proto") == "https")
+    for name, change in ((login.COOKIE_NAME, g.get("session_cookie")),
+                         (login.LOGIN_COOKIE_NAME, g.get("login_cookie"))):
+        if change is DROP_COOKIE:
+            response.delete_cookie(name, **options)
+        elif change is not None:
+            response.set_cookie(name, login.cookie_value(signer, change), **options)
     response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
@@ -185,14 +196,14 @@ def log_in():
     refusal = login.refusal(looks_like_a_token, found)
     if refusal:
         return render_template("dashboard/login.html", problem=refusal[0]), refusal[1]
-    g.cookie_visit = login.logged_in(auth.hash_token(token), g.now)
+    g.session_cookie = login.logged_in(auth.hash_token(token), g.now)
     log.info("dashboard: %s %s logged in", found[0], found[2])
     return redirect(url_for(".home"), 303)
 
 
 @bp.post("/logout")
 def log_out():
-    g.cookie_visit = login.new_visit()  # the cookie no longer names a token
+    g.session_cookie = DROP_COOKIE
     return redirect(url_for(".login_page"), 303)
 
 
