@@ -343,6 +343,28 @@ def test_a_researcher_sees_the_sites_as_the_api_lists_them(app, client, alice, s
     assert "less than\n2 min old" in page
 
 
+def live_url_of(page):
+    return re.search(r'data-live-url="([^"]+)"', page).group(1).replace("&amp;", "&")
+
+
+def test_the_sites_pages_show_every_site_a_page_at_a_time(app, client, alice, operator):
+    with app.extensions["pht"].engine.begin() as conn:
+        conn.execute(store.sites.insert(), [{"name": f"site-{n:03d}", "token_hash": f"{n:064x}",
+                                             "created_at": time.time()} for n in range(250)])
+    for who, path in ((alice, "/ui/sites"), (operator, "/ui/operator/sites")):
+        log_in(client, who)
+        first, second = text(client.get(path)), text(client.get(f"{path}?page=2"))
+        assert "250 sites." in first and "250 sites." in second, path
+        assert 'data-site="site-000"' in first and 'data-site="site-249"' not in first, path
+        assert 'data-site="site-249"' in second and 'data-site="site-000"' not in second, path
+        assert f'href="{path}?page=2"' in first and f'href="{path}?page=1"' in second, path
+        # The live wait watches the page shown, not the first one.
+        live_answer = client.get(live_url_of(second) + "&since=")
+        assert live_answer.json["fingerprint"] == page_fingerprint(second), path
+        assert client.get(f"{path}?page=3").status_code == 400, path
+        client.post("/ui/logout", data={"csrf": csrf_of(client.get(path))})
+
+
 def test_a_run_shows_what_it_read_through_sparql_and_what_it_sent_to_a_third_party(client, served_app, alice, sites):
     task = post_task(served_app, alice, ["hospital-a"])
     site = sites["hospital-a"]

@@ -40,6 +40,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {"dashboard.css": "text/css", "live.js": "text/javascript"}
 
 PER_PAGE = 50
+SITES_PER_PAGE = 200
 MAX_TOKEN_CHARS = 512
 # The end of a log a task's page shows; more is downloaded. A store that cannot seek (S3) is read from the
 # start, for logs up to MAX_LOG_SCAN_BYTES.
@@ -209,12 +210,13 @@ def log_out():
 
 # --- a researcher's pages ----------------------------------------------------------------------------------
 
-def _page_number(total, per_page=PER_PAGE):
-    """The page asked for (?page=N), or the last one, which holds the newest; 400 for what is not a page."""
+def _page_number(total, per_page=PER_PAGE, start_at_last=True):
+    """The page asked for (?page=N), or else the last one, which holds the newest (the first one for a list in
+    name order: start_at_last=False); 400 for what is not a page."""
     last = max(1, math.ceil(total / per_page))
     asked = request.args.get("page")
     if asked is None:
-        return last, last
+        return last if start_at_last else 1, last
     if not (asked.isascii() and asked.isdigit()) or not 1 <= int(asked) <= last:  # not "²", which int() refuses
         raise _BadInput(f"page must be a number from 1 to {last}")
     return int(asked), last
@@ -316,13 +318,26 @@ def run_log(run_id):
     return researcher_api.send_blob(g.principal.id, run_id, "log", "text/plain", f"run-{run_id}.log")
 
 
+def _sites_page_number(sites_page):
+    """(the page of sites asked for, the last page): ?page=N, or the first, as sites are listed by name.
+    sites_page is the API's (researcher_api's or operator_api's)."""
+    total = sites_page(_registry(), page=1, per_page=1)["total"]
+    return _page_number(total, SITES_PER_PAGE, start_at_last=False)
+
+
+def _sites_page_view(sites_page, for_operator, live_endpoint):
+    page, last = _sites_page_number(sites_page)
+    sites = sites_page(_registry(), page=page, per_page=SITES_PER_PAGE, now=g.now)
+    return render_template("dashboard/sites.html", sites=sites["items"], total=sites["total"],
+                           for_operator=for_operator, page=page, last_page=last,
+                           live_url=url_for(live_endpoint, page=page),
+                           fingerprint=live.sites_fingerprint(sites["items"]))
+
+
 @bp.get("/sites")
 @for_role(auth.RESEARCHER)
 def researcher_sites():
-    sites = researcher_api.sites_page(_registry(), page=1, per_page=200, now=g.now)
-    return render_template("dashboard/sites.html", sites=sites["items"], total=sites["total"], for_operator=False,
-                           live_url=url_for(".live_researcher_sites"),
-                           fingerprint=live.sites_fingerprint(sites["items"]))
+    return _sites_page_view(researcher_api.sites_page, False, ".live_researcher_sites")
 
 
 # --- the operator's pages ----------------------------------------------------------------------------------
@@ -330,10 +345,7 @@ def researcher_sites():
 @bp.get("/operator/sites")
 @for_role(auth.OPERATOR)
 def operator_sites():
-    sites = operator_api.sites_page(_registry(), page=1, per_page=200, now=g.now)
-    return render_template("dashboard/sites.html", sites=sites["items"], total=sites["total"], for_operator=True,
-                           live_url=url_for(".live_operator_sites"),
-                           fingerprint=live.sites_fingerprint(sites["items"]))
+    return _sites_page_view(operator_api.sites_page, True, ".live_operator_sites")
 
 
 def _task_filters():
@@ -399,17 +411,20 @@ def live_task(task_id):
 @bp.get("/live/sites")
 @for_role(auth.RESEARCHER)
 def live_researcher_sites():
-    def look():
-        return live.sites_fingerprint(researcher_api.sites_page(_registry(), page=1, per_page=200)["items"]), None
-    return _live_answer(look)
+    return _live_sites_answer(researcher_api.sites_page)
 
 
 @bp.get("/live/operator/sites")
 @for_role(auth.OPERATOR)
 def live_operator_sites():
-    def look():
-        sites = operator_api.sites_page(_registry(), page=1, per_page=200)
-        return live.sites_fingerprint(sites["items"]), None
+    return _live_sites_answer(operator_api.sites_page)
+
+
+def _live_sites_answer(sites_page):
+    page, _ = _sites_page_number(sites_page)
+
+    def look():  # online is decided at each look: a site that stops polling goes offline while the page waits
+        return live.sites_fingerprint(sites_page(_registry(), page=page, per_page=SITES_PER_PAGE)["items"]), None
     return _live_answer(look)
 
 
