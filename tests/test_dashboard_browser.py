@@ -14,6 +14,7 @@ import pytest
 from master import auth, store
 from tests.browser import VIEWPORT, chromium_missing, launch_chromium, log_in
 from tests.browser_sites import SimulatedSite, post_task
+from tests.test_dashboard import assert_strict_policy
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing: bash scripts/setup.sh")
 expect = playwright_api.expect
@@ -180,7 +181,8 @@ def test_a_log_with_script_shows_as_text(page, registry, make_researcher, three_
     task = post_task(registry, alice, ["hospital-a"])
     three_sites["hospital-a"].run_to_the_end({}, HOSTILE_LOG, exit_code=1)
     log_in(page, registry, token(alice))
-    page.goto(f"{registry}/ui/tasks/{task['id']}")
+    answer = page.goto(f"{registry}/ui/tasks/{task['id']}")
+    assert_strict_policy(answer.headers["content-security-policy"])  # what would stop a script that slipped through
     page.locator("details.log summary").click()
     tail = page.locator("pre.log-tail")
     expect(tail).to_contain_text("<script>window.pwned = 1</script>")
