@@ -19,9 +19,9 @@ class SimulatedSite:
         assert answer.status_code in (200, 204), f"{self.name}: POST {path} answered {answer.status_code} {answer.text}"
         return answer
 
-    def claim(self, sparql_ok=True):
+    def claim(self, sparql_ok=True, runner_version="sim-1.0"):
         """The site's next run (claimed), or None; the claim is also the site's sighting (online)."""
-        answer = self._post("/claim", {"wait_seconds": 0, "runner_version": "sim-1.0", "sparql_ok": sparql_ok})
+        answer = self._post("/claim", {"wait_seconds": 0, "runner_version": runner_version, "sparql_ok": sparql_ok})
         return answer.json() if answer.status_code == 200 else None
 
     def start(self, run):

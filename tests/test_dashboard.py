@@ -102,6 +102,48 @@ def test_script_in_a_site_name_is_shown_as_text(app, client, alice, operator, se
         assert "<script>alert" not in page and "&lt;script&gt;" in page, path
 
 
+def markup(field):
+    return f'<u class="{field}">{field}</u>'
+
+
+def escaped_markup(field):
+    return f"&lt;u class=&#34;{field}&#34;&gt;{field}&lt;/u&gt;"
+
+
+# What a site may send as its runner's version (printable ASCII): markup and both quotes.
+MARKUP_VERSION = "<b>v</b>\"'"
+
+
+def test_markup_in_every_field_from_a_site_an_algorithm_or_a_name_is_shown_as_text(
+        app, client, served_app, sites, operator):
+    researcher_token = auth.new_token()
+    with app.extensions["pht"].engine.begin() as conn:  # a name the registry refuses today; an old database's
+        conn.execute(store.researchers.insert().values(name=markup("researcher"), created_at=time.time(),
+                                                       token_hash=auth.hash_token(researcher_token)))
+    researcher = {"Authorization": f"Bearer {researcher_token}"}
+    task = post_task(served_app, researcher, ["hospital-a"], name=markup("name"), description=markup("description"))
+    with app.extensions["pht"].engine.begin() as conn:  # an image reference the API refuses
+        conn.execute(store.tasks.update().where(store.tasks.c.id == task["id"]).values(image=markup("image")))
+    site = sites["hospital-a"]
+    site.refuse(site.claim(runner_version=MARKUP_VERSION), markup("reason"))
+
+    def assert_shown_as_text(path, fields):
+        page = text(client.get(path))
+        for field in fields:
+            assert markup(field) not in page and escaped_markup(field) in page, (path, field)
+        return page
+
+    log_in(client, researcher)
+    assert_shown_as_text(f"/ui/tasks/{task['id']}", ["researcher", "name", "description", "image", "reason"])
+    page = assert_shown_as_text("/ui/sites", ["researcher"])
+    assert MARKUP_VERSION not in page and "&lt;b&gt;v&lt;/b&gt;&#34;&#39;" in page, "/ui/sites: runner version"
+    client.post("/ui/logout", data={"csrf": _csrf(client)})
+    log_in(client, operator)
+    assert_shown_as_text("/ui/operator/tasks", ["researcher", "name", "image", "reason"])
+    page = assert_shown_as_text("/ui/operator/sites", [])
+    assert MARKUP_VERSION not in page and "&lt;b&gt;v&lt;/b&gt;&#34;&#39;" in page, "/ui/operator/sites: runner version"
+
+
 # --- a researcher changing ids in URLs -----------------------------------------------------------------------
 
 def test_another_researchers_task_run_session_and_downloads_answer_as_if_they_did_not_exist(
