@@ -250,6 +250,16 @@ def test_a_forged_or_tampered_cookie_is_no_session(app, client, alice):
         assert answer.status_code == 302 and answer.headers["Location"].startswith("/ui/login"), value
 
 
+def test_a_cookie_signed_with_the_registrys_key_naming_a_sites_token_is_no_session(app, client, make_site):
+    # Only a leaked key could sign it; the token behind it still gets no page, whatever its role could see.
+    site_hash = auth.hash_token(token_of(make_site("hospital-a")))
+    client.set_cookie(login.COOKIE_NAME, path="/ui/", value=cookie_signed_with(
+        app.config["DASHBOARD_COOKIE_SECRET"], login.logged_in(site_hash, time.time())))
+    for path in ("/ui/sessions", "/ui/operator/sites", "/ui/live/sites"):
+        answer = client.get(path)
+        assert answer.status_code in (302, 401) and "hospital-a" not in text(answer), path
+
+
 def test_a_session_expires_after_eight_hours(app, client, alice):
     secret, hashed = app.config["DASHBOARD_COOKIE_SECRET"], auth.hash_token(token_of(alice))
     client.set_cookie(login.COOKIE_NAME, path="/ui/", value=cookie_signed_with(
@@ -365,6 +375,10 @@ def test_every_answer_carries_a_strict_policy_and_pages_are_not_cached(client, a
             assert all(url.startswith("/ui/") for url in parts.urls), f"{path} links out: {parts.urls}"
     for name, kind in (("dashboard.css", "text/css"), ("live.js", "text/javascript")):
         assert client.get(f"/ui/static/{name}").mimetype == kind
+    # A run's output and log are the researcher's data: no cache along the way keeps a copy.
+    for kind in ("output", "log"):
+        downloaded = client.get(f"/ui/runs/{finished_task['runs'][0]['id']}/{kind}")
+        assert downloaded.status_code == 200 and downloaded.headers.get("Cache-Control") == "no-store", kind
 
 
 # --- what a researcher sees ------------------------------------------------------------------------------------
