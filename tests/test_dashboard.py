@@ -230,9 +230,12 @@ def test_the_cookie_is_httponly_samesite_strict_and_holds_no_token(client, alice
 
 
 @pytest.mark.parametrize("how", [{"base_url": "https://localhost"}, {"headers": {"X-Forwarded-Proto": "https"}}])
-def test_the_cookie_is_secure_over_tls(client, how):
-    cookie = set_cookie_header(client.get("/ui/login", **how))
-    assert "secure" in [part.strip().lower() for part in cookie.split(";")]
+def test_the_cookies_are_secure_over_tls(client, alice, how):
+    login_cookie = set_cookie_header(client.get("/ui/login", **how))
+    csrf = re.search(r'name="csrf" value="([^"]+)"', text(client.get("/ui/login", **how))).group(1)
+    session_cookie = set_cookie_header(client.post("/ui/login", data={"csrf": csrf, "token": token_of(alice)}, **how))
+    for cookie in (login_cookie, session_cookie):
+        assert "secure" in [part.strip().lower() for part in cookie.split(";")], cookie
 
 
 def cookie_signed_with(secret, visit):
@@ -248,6 +251,7 @@ def test_a_forged_or_tampered_cookie_is_no_session(app, client, alice):
         client.set_cookie(login.COOKIE_NAME, value, path="/ui/")
         answer = client.get("/ui/sessions")
         assert answer.status_code == 302 and answer.headers["Location"].startswith("/ui/login"), value
+        assert client.get_cookie(login.COOKIE_NAME, path="/ui/") is None, value  # deleted: not sent again
 
 
 def test_a_cookie_signed_with_the_registrys_key_naming_a_sites_token_is_no_session(app, client, make_site):
