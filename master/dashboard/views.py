@@ -119,7 +119,7 @@ def for_role(role):
             if g.principal is None:
                 if request.path.startswith("/ui/live/"):
                     return jsonify(message="log in first"), 401
-                return redirect(url_for(".login_page", expired=1 if g.session_expired else None))
+                return redirect(url_for(".login_page", ended=1 if g.session_expired else None))
             if g.principal.role != role:
                 return _error_page(403, f"This page is for {role}s; you are logged in as {g.principal.role} "
                                         f"{g.principal.name}.")
@@ -185,8 +185,8 @@ def home():
 def login_page():
     if g.principal is not None:
         return redirect(url_for(".home"))
-    expired = g.session_expired or request.args.get("expired") == "1"
-    return render_template("dashboard/login.html", problem="Your session ended; log in again." if expired else None)
+    ended = g.session_expired or request.args.get("ended") == "1"
+    return render_template("dashboard/login.html", problem="Your session ended; log in again." if ended else None)
 
 
 @bp.post("/login")
