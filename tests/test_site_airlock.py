@@ -90,6 +90,9 @@ def test_a_round_is_held_at_the_reviewing_site_until_released_and_each_site_tell
     assert output_files(federation, runs[REVIEWING])["result.txt"] == b"mean age 47.5"
 
     for site in (REVIEWING, PLAIN):
+        # The runner writes down what it sent and that it reported once the registry has the report: a moment
+        # after the researcher sees the run end.
+        wait_until(lambda: ("reported", None) in story(federation, site, runs[site]), f"{site} audits its report")
         verdict = verify(audit_path(federation, site))
         assert verdict.ok, verdict.problem
         events = story(federation, site, runs[site])
