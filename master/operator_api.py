@@ -4,30 +4,23 @@ The same answers feed the operator's pages of the dashboard (master/dashboard/),
 what this API shows, no more. An operator's token comes from `TaskMaster.py create-operator NAME`.
 """
 
-import time
-
 from apiflask import APIBlueprint
 from flask import current_app
 
-from master import auth, store
+from master import auth, researcher_api, store
 from master.schemas import OperatorSitePageOut, OperatorTaskPageOut, OperatorTaskQueryIn, PageIn
 
 bp = APIBlueprint("operators", __name__, url_prefix="/api/operator", tag="Operator")
 
 
 def sites_page(registry, page=1, per_page=50, now=None):
-    """One page of every site, revoked ones included, with online (polled within the online window) and the
-    number of its runs that have not ended."""
-    now = time.time() if now is None else now
-    registry.write_sightings()  # the claims' sightings noted meanwhile
-    sites, total = store.list_sites(registry.engine, include_revoked=True, page=page, per_page=per_page)
+    """One page of every site, revoked ones included, as researchers see them (researcher_api.sites_page), with
+    the number of its runs that have not ended."""
+    listed = researcher_api.sites_page(registry, page, per_page, now, include_revoked=True)
     active = store.active_runs_by_site(registry.engine)
-    for site in sites:
-        last_seen = site["last_seen_at"]
-        site["online"] = (site["revoked_at"] is None and last_seen is not None
-                          and now - last_seen < registry.settings.online_window_seconds)
+    for site in listed["items"]:
         site["active_runs"] = active.get(site["id"], 0)
-    return {"items": sites, "total": total, "page": page, "per_page": per_page}
+    return listed
 
 
 def tasks_page(registry, researcher=None, site=None, status=None, page=1, per_page=50):

@@ -196,15 +196,16 @@ def list_sites(query_data):
     return sites_page(_registry(), **query_data)
 
 
-def sites_page(registry, page=1, per_page=50, now=None):
-    """One page of the sites that are not revoked, each with online: polled within the online window. Also the
-    dashboard's list of sites for researchers."""
+def sites_page(registry, page=1, per_page=50, now=None, include_revoked=False):
+    """One page of the sites that are not revoked (or of all, for the operator), each with online: not revoked,
+    and polled within the online window. Also the dashboard's list of sites."""
     now = time.time() if now is None else now
     registry.write_sightings()  # the claims' sightings noted meanwhile
-    sites, total = store.list_sites(registry.engine, include_revoked=False, page=page, per_page=per_page)
+    sites, total = store.list_sites(registry.engine, include_revoked=include_revoked, page=page, per_page=per_page)
     for site in sites:
         last_seen = site["last_seen_at"]
-        site["online"] = last_seen is not None and now - last_seen < registry.settings.online_window_seconds
+        site["online"] = (site["revoked_at"] is None and last_seen is not None
+                          and now - last_seen < registry.settings.online_window_seconds)
     return {"items": sites, "total": total, "page": page, "per_page": per_page}
 
 
