@@ -175,15 +175,8 @@ def _receive_blob(run_id, kind, headers_data):
     site = auth.caller()
     # Fail before reading the body when the run is not this runner's to report on.
     run = store.get_site_run(registry.engine, run_id, site.id)
-    if run["lease_id"] != headers_data["lease_id"]:
-        abort(409, f"run {run_id} is not leased to this runner")
-    # Decided before the body is read, so that what could not be attached is never stored: a site sending
-    # other results after its run ended would otherwise fill the store with blobs nothing refers to.
-    if run[f"{kind}_sha256"] == headers_data["sha256"]:
+    if not _result_is_new(run, kind, headers_data["lease_id"], headers_data["sha256"]):
         return {"sha256": run[f"{kind}_sha256"], "size": run[f"{kind}_size"]}  # the same upload again
-    if run[f"{kind}_sha256"] is not None or run["status"] not in lifecycle.LEASED_STATES:
-        abort(409, f"run {run_id} already has a different {kind}" if run[f"{kind}_sha256"] else
-              f"run {run_id} is {run['status']}: it takes no {kind}")
     limit = registry.settings.max_result_bytes
     request.max_content_length = limit
     try:
@@ -200,6 +193,21 @@ def _receive_blob(run_id, kind, headers_data):
     return {"sha256": headers_data["sha256"], "size": size}
 
 
+def _result_is_new(run, kind, lease_id, sha256):
+    """Whether the output or log (kind) of this sha256 is one the run (as the site may see it) still lacks: False
+    when it has that very one. Aborts with 409 when the run is not leased to this runner, or takes no such result:
+    decided before the result is stored, so that what could not be attached never is (a site sending other results
+    after its run ended would otherwise fill the store with blobs nothing refers to)."""
+    if run["lease_id"] != lease_id:
+        abort(409, f"run {run['id']} is not leased to this runner")
+    if run[f"{kind}_sha256"] == sha256:
+        return False
+    if run[f"{kind}_sha256"] is not None or run["status"] not in lifecycle.LEASED_STATES:
+        abort(409, f"run {run['id']} already has a different {kind}" if run[f"{kind}_sha256"] else
+              f"run {run['id']} is {run['status']}: it takes no {kind}")
+    return True
+
+
 def _store_inline(run_id, site, lease_id, carried):
     """Keep the output and log that came within the finish report ({kind: bytes}); returns {kind: (sha256,
     size)}. As for an upload, what the run cannot take is refused (409) before anything is stored, and the same
@@ -209,13 +217,7 @@ def _store_inline(run_id, site, lease_id, carried):
     registry = _registry()
     run = store.get_site_run(registry.engine, run_id, site.id)
     results = {kind: (hashlib.sha256(data).hexdigest(), len(data)) for kind, data in carried.items()}
-    new = [kind for kind, (sha256, _) in results.items() if run[f"{kind}_sha256"] != sha256]
-    for kind in new:
-        if run["lease_id"] != lease_id:
-            abort(409, f"run {run_id} is not leased to this runner")
-        if run[f"{kind}_sha256"] is not None or run["status"] not in lifecycle.LEASED_STATES:
-            abort(409, f"run {run_id} already has a different {kind}" if run[f"{kind}_sha256"] else
-                  f"run {run_id} is {run['status']}: it takes no {kind}")
+    new = [kind for kind, (sha256, _) in results.items() if _result_is_new(run, kind, lease_id, sha256)]
     for kind in new:
         sha256, size = results[kind]
         try:
