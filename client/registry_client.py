@@ -205,15 +205,15 @@ class RegistryClient:
             what += f", with its {' and '.join(carried)}"
         for kind, path in (carried or {}).items():
             body[f"{kind}_base64"] = base64.b64encode(Path(path).read_bytes()).decode()
-        self._reliably(lambda: self._answer("POST", f"/api/site/runs/{run_id}/finish", 60, json=body), what)
+        self._post_reliably(f"/api/site/runs/{run_id}/finish", body, what)
 
     def record_delivery(self, run_id, lease_id, recipient, name, size, sha256):
         """A receipt for a file sent straight to a recipient: the registry learns that it went, not what it was."""
         self._post_reliably(f"/api/site/runs/{run_id}/deliveries", {
             "lease_id": lease_id, "recipient": recipient, "name": name, "size": size, "sha256": sha256})
 
-    def _post_reliably(self, path, body):
-        return self._reliably(lambda: self._answer("POST", path, 60, json=body), f"POST {path}")
+    def _post_reliably(self, path, body, what=None):
+        return self._reliably(lambda: self._answer("POST", path, 60, json=body), what or f"POST {path}")
 
     def _answer(self, method, path, seconds, stopping=None, **request):
         """The registry's whole answer to one request, within seconds for the whole exchange, its body at most
