@@ -70,7 +70,7 @@ def _know_the_visitor():
     sent_session = request.cookies.get(login.COOKIE_NAME)
     session = login.visit_from_cookie(signer, sent_session)
     if session is not None and session.token_hash is not None and not login.is_expired(session, g.now):
-        found = store.find_principal(_engine(), session.token_hash)
+        found = _registry().tokens.find(session.token_hash)
         if found is not None and found[0] != store.SITE:
             g.principal = auth.Principal(*found)
     g.session_expired = session is not None and login.is_expired(session, g.now)
@@ -193,7 +193,7 @@ def login_page():
 def log_in():
     token = request.form.get("token", "").strip()
     looks_like_a_token = 0 < len(token) <= MAX_TOKEN_CHARS
-    found = store.find_principal(_engine(), auth.hash_token(token)) if looks_like_a_token else None
+    found = _registry().tokens.find(auth.hash_token(token)) if looks_like_a_token else None
     refusal = login.refusal(looks_like_a_token, found)
     if refusal:
         return render_template("dashboard/login.html", problem=refusal[0]), refusal[1]
