@@ -19,6 +19,7 @@ when the module ends). A test that needs another config, or the runner's start i
 check, what it finds in work_dir), starts a runner of its own (site).
 """
 
+import base64
 import hashlib
 import io
 import json
@@ -640,6 +641,30 @@ def test_input_over_the_site_limit_fails_the_run_before_any_container(site, prob
     report = wait_for_finish(runner, 404)
     assert (report["exit_code"], report["failure_reason"]) == (0, None)
     site.assert_unharmed(allowed_runs=[404])
+
+
+def test_an_input_and_results_within_the_claim_and_the_finish_keep_the_sites_limits(site, probe):
+    """API 1.4: the claim carries the input, which the site's max_input_bytes bounds as it bounds a download (the
+    run fails before any container), and one within it is taken from the claim, not asked for; a claim that offers
+    it (inline_result_bytes) gets the small output and log within the finish report, and no upload."""
+    runner = site.start_runner(max_input_bytes=1024)
+    site.registry.offer_claim(claim(411, probe, input_base64=base64.b64encode(b"x" * 1025).decode()))
+    report = wait_for_finish(runner, 411)
+    assert report["exit_code"] is None and "over this site's limit of 1024 bytes" in report["failure_reason"], report
+    assert site.runs_given_containers() == set()
+
+    given = b'{"label": "from the claim"}'
+    site.registry.offer_claim(claim(412, probe, input_base64=base64.b64encode(given).decode(),
+                                    inline_result_bytes=49152))
+    report = wait_for_finish(runner, 412)
+    assert (report["exit_code"], report["failure_reason"]) == (0, None)
+    assert site.registry.requests("input", run_id=412) == []
+    assert site.registry.requests("output", run_id=412) == [] and site.registry.requests("log", run_id=412) == []
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(report["output_base64"]))) as archive:
+        seen = json.load(archive.extractfile("seen.json"))
+    assert base64.b64decode(seen["input_base64"]) == given
+    assert "probe: on stdout" in base64.b64decode(report["log_base64"]).decode()
+    site.assert_unharmed(allowed_runs=[412])
 
 
 @pytest.mark.shared_runner
