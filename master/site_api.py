@@ -72,9 +72,11 @@ def claim_run(json_data):
             return "", 204
         # A parked claim costs nothing until news for its site: every change that gives a site a run is announced
         # (posting a task, the lease sweeper), here or by another replica through PostgreSQL. Only while that
-        # relay is deaf does the claim look in the database again, as a safety net.
+        # relay is deaf does the claim look in the database again, as a safety net. A wait that heard nothing
+        # answers without looking again: nothing can have become the site's.
         if registry.hears_every_announcement():
-            registry.work_for_sites.wait_for_news(site.id, seen, remaining)
+            if not registry.work_for_sites.wait_for_news(site.id, seen, remaining):
+                return "", 204
         else:
             registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
 

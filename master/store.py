@@ -699,6 +699,8 @@ def closed_sessions(engine, session_ids):
 
 
 # --- runs, as seen by sites -------------------------------------------------
+# The statements that every claim and report runs are built once, here: building one (and its cache key) costs
+# more CPU than SQLite takes to run it (docs/performance.md, section 11).
 
 _A_PENDING_RUN = sa.select(runs.c.id).where(
     runs.c.site_id == sa.bindparam("site_id"), runs.c.status == lifecycle.PENDING).limit(1)
@@ -714,29 +716,33 @@ _A_CLAIMED_RUN = (
     .where(runs.c.id == sa.bindparam("run_id")))
 
 
-def claim_next_run(engine, site_id, lease_seconds):
-    """Lease the site's oldest pending run to the caller, in one atomic statement; None if none."""
-    now = time.time()
-    lease_id = secrets.token_hex(16)
-    oldest_pending = (
+# The site's oldest pending run, leased: one atomic statement.
+_A_LEASE = (
+    runs.update()
+    .where(runs.c.id == (
         sa.select(runs.c.id)
-        .where(runs.c.site_id == site_id, runs.c.status == lifecycle.PENDING)
+        .where(runs.c.site_id == sa.bindparam("site"), runs.c.status == lifecycle.PENDING)
         .order_by(runs.c.id).limit(1)
         # On PostgreSQL two registries claiming at once skip each other's row
         # instead of both taking it; SQLite serialises writers anyway.
         .with_for_update(skip_locked=True)
-        .scalar_subquery())
+        .scalar_subquery()), runs.c.status == lifecycle.PENDING)
+    .values(status=lifecycle.CLAIMED, lease_id=sa.bindparam("new_lease_id"),
+            lease_expires_at=sa.bindparam("new_expiry"), attempts=runs.c.attempts + 1,
+            updated_at=sa.bindparam("now"))
+    .returning(runs.c.id))
+
+
+def claim_next_run(engine, site_id, lease_seconds):
+    """Lease the site's oldest pending run to the caller; None if none."""
+    now = time.time()
     # Most claims find nothing; a read says so without taking the database's write lock.
     with engine.connect() as conn:
         if conn.execute(_A_PENDING_RUN, {"site_id": site_id}).first() is None:
             return None
     with engine.begin() as conn:
-        run_id = conn.execute(
-            runs.update()
-            .where(runs.c.id == oldest_pending, runs.c.status == lifecycle.PENDING)
-            .values(status=lifecycle.CLAIMED, lease_id=lease_id, lease_expires_at=now + lease_seconds,
-                    attempts=runs.c.attempts + 1, updated_at=now)
-            .returning(runs.c.id)).scalar()
+        run_id = conn.execute(_A_LEASE, {"site": site_id, "new_lease_id": secrets.token_hex(16),
+                                         "new_expiry": now + lease_seconds, "now": now}).scalar()
         if run_id is None:
             return None
         _record_event(conn, run_id, lifecycle.CLAIMED, now)
@@ -751,9 +757,12 @@ def get_site_run(engine, run_id, site_id):
         return dict(_site_run(conn, run_id, site_id))
 
 
+_A_SITES_RUN = sa.select(runs).where(runs.c.id == sa.bindparam("run"), runs.c.site_id == sa.bindparam("site"))
+
+
 def _site_run(conn, run_id, site_id):
     """The run, if it is this site's; NotFound otherwise, whether it exists or not."""
-    row = conn.execute(sa.select(runs).where(runs.c.id == run_id, runs.c.site_id == site_id)).mappings().first()
+    row = conn.execute(_A_SITES_RUN, {"run": run_id, "site": site_id}).mappings().first()
     if row is None:
         raise NotFound(f"run {run_id} does not exist")
     return row
@@ -766,6 +775,10 @@ def _leased_run(conn, run_id, site_id, lease_id, allowed_states):
     return row
 
 
+# A run's move from one status: what it sets are the columns given with "run" and "from_status".
+_A_MOVE = runs.update().where(runs.c.id == sa.bindparam("run"), runs.c.status == sa.bindparam("from_status"))
+
+
 def _move(conn, row, status, now, reason=None, **values):
     """Move the run (row: as read in this transaction) to status for reason (None: none, any reason before is
     cleared), with an event in its history. Only a move
@@ -774,8 +787,8 @@ def _move(conn, row, status, now, reason=None, **values):
         lifecycle.check_move(row["status"], status)
     except lifecycle.NotAllowed as error:
         raise Conflict(f"run {row['id']}: {error}") from None
-    moved = conn.execute(runs.update().where(runs.c.id == row["id"], runs.c.status == row["status"])
-                         .values(status=status, reason=reason, updated_at=now, **values)).rowcount
+    moved = conn.execute(_A_MOVE, {"run": row["id"], "from_status": row["status"], "status": status,
+                                   "reason": reason, "updated_at": now, **values}).rowcount
     if not moved:
         raise LeaseLost(f"run {row['id']} changed meanwhile; it is no longer {row['status']}")
     _record_event(conn, row["id"], status, now, reason)
@@ -803,6 +816,9 @@ def park_run(engine, run_id, site_id, lease_id, status, reason, image_digest=Non
     return row["task_id"]
 
 
+_A_LEASE_RENEWAL = runs.update().where(runs.c.id == sa.bindparam("run"))  # sets lease_expires_at
+
+
 def resume_run(engine, run_id, site_id, lease_id, lease_seconds):
     """The site goes on with a parked run (approved, or its output released): it is leased again as before it
     was parked; returns that status. Resuming it again only renews the lease."""
@@ -814,7 +830,7 @@ def resume_run(engine, run_id, site_id, lease_id, lease_seconds):
             status = lifecycle.PARKED_FROM[row["status"]]
             _move(conn, row, status, now, lease_expires_at=now + lease_seconds)
             return status
-        conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
+        conn.execute(_A_LEASE_RENEWAL, {"run": run_id, "lease_expires_at": now + lease_seconds})
         return row["status"]
 
 
@@ -828,7 +844,7 @@ def extend_lease(engine, run_id, site_id, lease_id, lease_seconds):
             return lifecycle.CANCELLED
         row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES + lifecycle.PARKED_STATES)
         if row["status"] in lifecycle.LEASED_STATES:
-            conn.execute(runs.update().where(runs.c.id == run_id).values(lease_expires_at=now + lease_seconds))
+            conn.execute(_A_LEASE_RENEWAL, {"run": run_id, "lease_expires_at": now + lease_seconds})
         return row["status"]
 
 
@@ -973,5 +989,8 @@ def run_history(engine, run_id):
     return [dict(r) for r in rows]
 
 
+_AN_EVENT = run_events.insert()
+
+
 def _record_event(conn, run_id, status, at, reason=None):
-    conn.execute(run_events.insert().values(run_id=run_id, status=status, at=at, reason=reason))
+    conn.execute(_AN_EVENT, {"run_id": run_id, "status": status, "at": at, "reason": reason})
