@@ -422,10 +422,12 @@ def list_sites(engine, include_revoked=True, page=1, per_page=None):
     return [dict(r) for r in rows], total
 
 
+_SITES_NAMED = sa.select(sites.c.name, sites.c.id).where(
+    sites.c.name.in_(sa.bindparam("names", expanding=True)), sites.c.revoked_at.is_(None))
+
+
 def site_ids_by_name(conn, names):
-    rows = conn.execute(
-        sa.select(sites.c.name, sites.c.id).where(sites.c.name.in_(names), sites.c.revoked_at.is_(None))
-    ).all()
+    rows = conn.execute(_SITES_NAMED, {"names": list(names)}).all()
     found = {name: site_id for name, site_id in rows}
     unknown = sorted(set(names) - set(found))
     if unknown:
@@ -479,45 +481,54 @@ def create_task(engine, researcher_id, image, input_bytes, site_names, session_i
             if owner != researcher_id:
                 raise NotFound(f"session {session_id} does not exist")
         else:
-            session_id = conn.execute(
-                sessions.insert().values(researcher_id=researcher_id, created_at=now)
-            ).inserted_primary_key[0]
-        task_id = conn.execute(tasks.insert().values(
-            session_id=session_id, researcher_id=researcher_id, image=image, input=input_bytes,
-            name=name, description=description, timeout_seconds=timeout_seconds,
-            recipients="\n".join(recipients), created_at=now,
-        )).inserted_primary_key[0]
-        for site_id in site_ids:
-            run_id = conn.execute(runs.insert().values(
-                task_id=task_id, site_id=site_id, status=lifecycle.PENDING, attempts=0, updated_at=now,
-            )).inserted_primary_key[0]
-            _record_event(conn, run_id, lifecycle.PENDING, now)
+            session_id = conn.execute(sessions.insert(), {"researcher_id": researcher_id, "created_at": now}
+                                      ).inserted_primary_key[0]
+        task_id = conn.execute(tasks.insert(), {
+            "session_id": session_id, "researcher_id": researcher_id, "image": image, "input": input_bytes,
+            "name": name, "description": description, "timeout_seconds": timeout_seconds,
+            "recipients": "\n".join(recipients), "created_at": now,
+        }).inserted_primary_key[0]
+        # A statement each for every site's run and for their events, not two per site.
+        run_ids = conn.execute(runs.insert().returning(runs.c.id, sort_by_parameter_order=True), [
+            {"task_id": task_id, "site_id": site_id, "status": lifecycle.PENDING, "attempts": 0, "updated_at": now}
+            for site_id in site_ids]).scalars().all()
+        conn.execute(_AN_EVENT, [{"run_id": run_id, "status": lifecycle.PENDING, "at": now, "reason": None}
+                                 for run_id in run_ids])
         # Checked last, once the inserts hold SQLite's write lock, and with the session's row locked on
         # PostgreSQL: a close_session at the same moment either finds this task's runs or is found here.
         # FOR NO KEY UPDATE (key_share): FOR UPDATE would wait for the key-share lock that another task's
         # insert into the same session holds, while that one waits for this one's: a deadlock.
-        if continued_session and conn.execute(sa.select(sessions.c.closed_at).where(
-                sessions.c.id == session_id).with_for_update(key_share=True)).scalar() is not None:
+        if continued_session and conn.execute(_WHEN_SESSION_CLOSED, {"session": session_id}).scalar() is not None:
             raise Conflict(f"session {session_id} is closed; omit session_id to start a new one")
         # Likewise a revoke at the same moment: it either finds these runs to end, or is found here. FOR SHARE
         # waits for a revoke that has not committed yet, and conflicts with its update of the row.
-        if conn.execute(sa.select(researchers.c.revoked_at).where(researchers.c.id == researcher_id)
-                        .with_for_update(read=True)).scalar() is not None:
+        if conn.execute(_WHEN_RESEARCHER_REVOKED, {"researcher": researcher_id}).scalar() is not None:
             raise Conflict("this researcher's token was revoked meanwhile")
-        if conn.execute(sa.select(sa.func.count()).select_from(
-                sa.select(sites.c.id).where(sites.c.id.in_(site_ids), sites.c.revoked_at.is_(None))
-                .with_for_update(read=True).subquery())).scalar() != len(site_ids):
+        if conn.execute(_HOW_MANY_UNREVOKED, {"sites": site_ids}).scalar() != len(site_ids):
             raise Conflict("a site was revoked meanwhile; post the task again")
     return task_id, site_ids
+
+
+# create_task's checks, locking what they read (why: see there).
+_WHEN_SESSION_CLOSED = sa.select(sessions.c.closed_at).where(
+    sessions.c.id == sa.bindparam("session")).with_for_update(key_share=True)
+_WHEN_RESEARCHER_REVOKED = sa.select(researchers.c.revoked_at).where(
+    researchers.c.id == sa.bindparam("researcher")).with_for_update(read=True)
+_HOW_MANY_UNREVOKED = sa.select(sa.func.count()).select_from(
+    sa.select(sites.c.id).where(sites.c.id.in_(sa.bindparam("sites", expanding=True)), sites.c.revoked_at.is_(None))
+    .with_for_update(read=True).subquery())
 
 
 _TASK_COLUMNS = [c for c in tasks.c if c.name != "input"]
 
 
+_A_RESEARCHERS_TASK = sa.select(*_TASK_COLUMNS).where(
+    tasks.c.id == sa.bindparam("task"), tasks.c.researcher_id == sa.bindparam("researcher"))
+
+
 def get_task(engine, task_id, researcher_id):
     with engine.connect() as conn:
-        task = conn.execute(sa.select(*_TASK_COLUMNS).where(
-            tasks.c.id == task_id, tasks.c.researcher_id == researcher_id)).mappings().first()
+        task = conn.execute(_A_RESEARCHERS_TASK, {"task": task_id, "researcher": researcher_id}).mappings().first()
         if task is None:
             raise NotFound(f"task {task_id} does not exist")
         return _with_runs(conn, [task])[0]
@@ -574,19 +585,21 @@ def _task_status_condition(status):
     }[status]
 
 
+_RUNS_OF_TASKS = (sa.select(runs, sites.c.name.label("site")).join(sites, sites.c.id == runs.c.site_id)
+                  .where(runs.c.task_id.in_(sa.bindparam("tasks", expanding=True))).order_by(runs.c.id))
+_DELIVERIES_OF_TASKS = (sa.select(deliveries).join(runs, runs.c.id == deliveries.c.run_id)
+                        .where(runs.c.task_id.in_(sa.bindparam("tasks", expanding=True))).order_by(deliveries.c.id))
+
+
 def _with_runs(conn, task_rows):
     ids = [t["id"] for t in task_rows]
     runs_by_task = {task_id: [] for task_id in ids}
-    for run in conn.execute(
-            sa.select(runs, sites.c.name.label("site"))
-            .join(sites, sites.c.id == runs.c.site_id)
-            .where(runs.c.task_id.in_(ids)).order_by(runs.c.id)).mappings():
+    for run in conn.execute(_RUNS_OF_TASKS, {"tasks": ids}).mappings():
         runs_by_task[run["task_id"]].append(dict(run))
     result = []
     run_ids = [run["id"] for task_runs in runs_by_task.values() for run in task_runs]
     deliveries_by_run = {run_id: [] for run_id in run_ids}
-    for delivery in conn.execute(sa.select(deliveries).where(deliveries.c.run_id.in_(run_ids))
-                                 .order_by(deliveries.c.id)).mappings():
+    for delivery in conn.execute(_DELIVERIES_OF_TASKS, {"tasks": ids}).mappings():
         deliveries_by_run[delivery["run_id"]].append(dict(delivery))
     for task_runs in runs_by_task.values():
         for run in task_runs:
