@@ -19,7 +19,7 @@ from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import time
 from apiflask import APIBlueprint, abort
 from flask import Response, current_app
 
+from common.names import MAX_INLINE_BYTES
 from master import auth, blobs, lifecycle, store, wakeup
 from master.schemas import (ClosedSessionOut, PageIn, PublicKeyIn, PublicKeyOut, RunEventOut, SessionPageOut,
                             SitePageOut, TaskIn, TaskOut, TaskPageOut, TaskQueryIn, TaskWaitIn)
@@ -71,18 +72,52 @@ def get_task(task_id, query_data):
     """A task with the state of each of its runs; with wait_seconds, answers once the task has ended
     (or a run of it ended), or when wait_seconds have passed."""
     registry = _registry()
-    researcher = auth.caller()
-    deadline = time.monotonic() + query_data["wait_seconds"]
+    task = _task_after_waiting(registry, task_id, auth.caller().id, query_data["wait_seconds"])
+    if query_data["with_results"] and task["status"] != lifecycle.TaskStatus.ACTIVE:
+        _carry_small_results(registry, task)
+    return task
+
+
+def _task_after_waiting(registry, task_id, researcher_id, wait_seconds):
+    deadline = time.monotonic() + wait_seconds
     while True:
         seen = registry.ended_tasks.generation(task_id)
-        task = store.get_task(registry.engine, task_id, researcher.id)
+        task = store.get_task(registry.engine, task_id, researcher_id)
         remaining = deadline - time.monotonic()
         if task["status"] != lifecycle.TaskStatus.ACTIVE or remaining <= 0:
             return task
         # News of the task's runs comes from every replica (wakeup.PostgresRelay). An operator's revoke, in a
         # process of its own, announces nothing: the task is looked at again within wakeup.RECHECK_SECONDS.
         if registry.ended_tasks.wait_for_news(task_id, seen, min(remaining, wakeup.RECHECK_SECONDS)):
-            return store.get_task(registry.engine, task_id, researcher.id)
+            return store.get_task(registry.engine, task_id, researcher_id)
+
+
+# What an ended task's answer carries of its runs' results, in all (schemas.CARRIED_RESULT): a task to 200 sites
+# whose outputs and logs are a few kilobytes each needs no download request each (docs/performance.md, section 12).
+MAX_CARRIED_BYTES = 8 * 1024 * 1024
+
+
+def _carry_small_results(registry, task):
+    """Add each run's output and log of at most MAX_INLINE_BYTES to it, as bytes, while MAX_CARRIED_BYTES last.
+    One the store cannot give is left out: downloaded, it answers what is wrong."""
+    room = MAX_CARRIED_BYTES
+    for run in task["runs"]:
+        for kind in ("output", "log"):
+            sha256, size = run[f"{kind}_sha256"], run[f"{kind}_size"]
+            if sha256 is None or size > min(MAX_INLINE_BYTES, room):
+                continue
+            try:
+                blob = registry.blobs.open(sha256, size)
+                try:
+                    data = blob.read(size + 1)
+                finally:
+                    blob.close()
+            except (blobs.BlobMissing, blobs.StoreUnreachable) as error:
+                log.error("the %s of run %s is not carried in its task: %s", kind, run["id"], error)
+                continue
+            if len(data) == size:
+                run[f"{kind}_base64"] = data
+                room -= size
 
 
 @bp.post("/tasks/<int:task_id>/cancel")

@@ -102,6 +102,9 @@ class InlineBytes(String):
         except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
             raise ValidationError("must be base64") from None
 
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
 
 def Id(**kwargs):
     return Integer(validate=Range(min=1, max=INT_MAX), **kwargs)
@@ -163,6 +166,9 @@ class DeliveryOut(Schema):
     at = Timestamp()
 
 
+CARRIED_RESULT = ("The run's {kind}, base64: only in `GET /api/tasks/{{id}}?with_results=true` once the task has "
+                  "ended, when it is at most 49,152 bytes and the answer's results stay within 8 MiB in all; else "
+                  "download it. Check it against its sha256, as a download.")
 SPARQL_SUMMARY = ("What the run's algorithm read through the site's SPARQL gateway: number of queries, "
                   "bytes of results, queries refused.")
 
@@ -190,6 +196,8 @@ class RunOut(Schema):
     updated_at = Timestamp()
     deliveries = List(Nested(DeliveryOut), metadata={"description": "Files the site sent straight to a recipient."})
     sparql = Nested(SparqlSummary, allow_none=True, metadata={"description": SPARQL_SUMMARY})
+    output_base64 = InlineBytes(metadata={"description": CARRIED_RESULT.format(kind="output archive")})
+    log_base64 = InlineBytes(metadata={"description": CARRIED_RESULT.format(kind="log")})
 
 
 class TaskOut(Schema):
@@ -218,6 +226,9 @@ class TaskQueryIn(PageIn):
 class TaskWaitIn(Schema):
     wait_seconds = Integer(load_default=0, validate=Range(min=0, max=60), metadata={
         "description": "Wait up to this long for one of the task's runs to end before answering."})
+    with_results = Boolean(load_default=False, metadata={
+        "description": "Once the task has ended, its runs carry their small results (`output_base64`, "
+                       "`log_base64`): no download request each. Since API 1.5."})
 
 
 class PageOut(Schema):

@@ -107,6 +107,9 @@ class Registry:
         self.identities = [keys.load_identity(identity_file)] if identity_file else []
         self.limits = limits or ResultLimits()
         self.download_dir = download_dir
+        # The small results that the last wait()'s answer carried, until results() takes them:
+        # {(run id, "output" or "log"): (the sha256 the run lists, base64 text)}.
+        self._carried = {}
 
     # --- keys for end-to-end encryption -----------------------------------------------------
 
@@ -189,10 +192,13 @@ class Registry:
         wait_seconds = 0
         with SiteProgress(task_id, enabled=progress) as display:
             while True:
-                task = self._call("GET", f"/api/tasks/{task_id}", params={"wait_seconds": wait_seconds},
-                                  timeout=60 + wait_seconds)
+                # with_results: the answer that ends the wait carries the small results (API 1.5; an older
+                # registry ignores it), so that results() downloads only the others.
+                task = self._call("GET", f"/api/tasks/{task_id}", timeout=60 + wait_seconds,
+                                  params={"wait_seconds": wait_seconds, "with_results": "true"})
                 display.show(task["runs"])
                 if all(run["status"] in lifecycle.TERMINAL_STATES for run in task["runs"]):
+                    self._carried = carried_results(task)
                     return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -268,19 +274,30 @@ class Registry:
         # The registry's sha256 and size are of the file as the site sent it: the ciphertext when encrypted.
         target = downloads.path / kind
         received = target.with_suffix(".age") if encrypted else target
-        self._receive(f"/api/runs/{run['id']}/{kind}", received, sha256, subject, limit, cap)
+        self._receive(run["id"], kind, received, sha256, subject, limit, cap)
         if encrypted:
             keys.decrypt_file(received, target, self.identities, subject)
             received.unlink()
         return target
 
-    def _receive(self, path, target, sha256, subject, limit, cap):
-        """Download path to the file target piece by piece, hashing as it comes; never more than cap bytes."""
-        digest, size = hashlib.sha256(), 0
+    def _receive(self, run_id, kind, target, sha256, subject, limit, cap):
+        """The run's output or log (kind) to the file target, as the last wait() carried it or downloaded piece by
+        piece; hashed as it comes, never more than cap bytes."""
+        carried = self._carried.pop((run_id, kind), None)
+        if carried is not None and carried[0] == sha256:
+            self._keep([_decoded(carried[1], subject)], target, sha256, subject, limit, cap)
+            return
         # Identity: a body compressed on the way would be unpacked by urllib3 before the cap could count it.
-        with self._request("GET", path, stream=True, timeout=60, headers={"Accept-Encoding": "identity"}) as answer, \
-                open(target, "wb") as file:
-            for piece in answer.raw.stream(DOWNLOAD_CHUNK_BYTES, decode_content=False):
+        with self._request("GET", f"/api/runs/{run_id}/{kind}", stream=True, timeout=60,
+                           headers={"Accept-Encoding": "identity"}) as answer:
+            self._keep(answer.raw.stream(DOWNLOAD_CHUNK_BYTES, decode_content=False), target, sha256, subject,
+                       limit, cap)
+
+    @staticmethod
+    def _keep(pieces, target, sha256, subject, limit, cap):
+        digest, size = hashlib.sha256(), 0
+        with open(target, "wb") as file:
+            for piece in pieces:
                 size += len(piece)
                 if size > cap:
                     raise ResultTooLarge(subject, limit, cap)
@@ -331,6 +348,26 @@ def _encode_input(task_input):
     if isinstance(task_input, bytes):
         return {"input_base64": base64.b64encode(task_input).decode("ascii")}
     raise TypeError(f"task input must be a dict, list, str, bytes or pathlib.Path, not {type(task_input).__name__}")
+
+
+def carried_results(task):
+    """Pure: the small results an ended task's answer carries (with_results), taken out of its runs:
+    {(run id, kind): (the sha256 the run lists, base64 text)}. What is not text is left out (and downloaded)."""
+    carried = {}
+    for run in task["runs"]:
+        for kind in ("output", "log") if isinstance(run, dict) else ():
+            text = run.pop(f"{kind}_base64", None)
+            if isinstance(text, str):
+                carried[(run.get("id"), kind)] = (run.get(f"{kind}_sha256"), text)
+    return carried
+
+
+def _decoded(text, subject):
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error, or characters that are not ASCII
+        raise RegistryError(f"{subject} that the registry sent within its task is not base64: ask the "
+                            "registry's operator") from None
 
 
 def run_problem(run):
