@@ -313,6 +313,9 @@ class _LimitedHandler(WSGIHandler):
         self._headers_deadline = Timeout.start_new(limits.header_seconds)
         return super().read_requestline()
 
+    def log_request(self):
+        pass  # the application logs each request (master/app.py); gevent's line would be formatted for nothing
+
     def MessageClass(self, rfile, *args):  # noqa: N802 (gevent's name): parses the headers
         return super().MessageClass(_HeaderReader(rfile), *args)
 

@@ -782,9 +782,13 @@ def _site_run(conn, run_id, site_id):
 
 
 def _leased_run(conn, run_id, site_id, lease_id, allowed_states):
-    row = _site_run(conn, run_id, site_id)
+    return _leased(_site_run(conn, run_id, site_id), lease_id, allowed_states)
+
+
+def _leased(row, lease_id, allowed_states):
+    """The run's row, if it is leased to the holder of lease_id in one of allowed_states; LeaseLost otherwise."""
     if row["lease_id"] != lease_id or row["status"] not in allowed_states:
-        raise LeaseLost(f"run {run_id} is {row['status']} and no longer leased to this runner")
+        raise LeaseLost(f"run {row['id']} is {row['status']} and no longer leased to this runner")
     return row
 
 
@@ -823,7 +827,7 @@ def park_run(engine, run_id, site_id, lease_id, status, reason, image_digest=Non
         row = _site_run(conn, run_id, site_id)
         if row["status"] == status and row["lease_id"] == lease_id:
             return row["task_id"]
-        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.PARKED_FROM[status],))
+        row = _leased(row, lease_id, (lifecycle.PARKED_FROM[status],))
         digest = {} if image_digest is None else {"image_digest": image_digest}
         _move(conn, row, status, now, reason, lease_expires_at=None, **digest)
     return row["task_id"]
@@ -855,7 +859,7 @@ def extend_lease(engine, run_id, site_id, lease_id, lease_seconds):
         row = _site_run(conn, run_id, site_id)
         if row["status"] == lifecycle.CANCELLED:
             return lifecycle.CANCELLED
-        row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES + lifecycle.PARKED_STATES)
+        row = _leased(row, lease_id, lifecycle.LEASED_STATES + lifecycle.PARKED_STATES)
         if row["status"] in lifecycle.LEASED_STATES:
             conn.execute(_A_LEASE_RENEWAL, {"run": run_id, "lease_expires_at": now + lease_seconds})
         return row["status"]
@@ -870,7 +874,7 @@ def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
             return
         if existing is not None or row["status"] in lifecycle.TERMINAL_STATES:
             raise Conflict(f"run {run_id} already has a different {kind}")
-        _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
+        _leased(row, lease_id, lifecycle.LEASED_STATES)
         conn.execute(runs.update().where(runs.c.id == run_id).values(
             {f"{kind}_sha256": sha256, f"{kind}_size": size}))
 
@@ -898,7 +902,7 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
                 return status, row["task_id"]
             raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
                            "reason, SPARQL summary or result")
-        row = _leased_run(conn, run_id, site_id, lease_id, lifecycle.LEASED_STATES)
+        row = _leased(row, lease_id, lifecycle.LEASED_STATES)
         for kind in results or {}:
             if row[f"{kind}_sha256"] not in (None, attached[f"{kind}_sha256"]):
                 raise Conflict(f"run {run_id} already has a different {kind}")
