@@ -13,7 +13,7 @@ import time
 from apiflask import APIBlueprint, Schema, abort
 from apiflask.fields import String
 from apiflask.validators import Length
-from flask import current_app, request
+from flask import Response, current_app, request
 
 from common.names import MAX_INLINE_BYTES
 from master import auth, blobs, lifecycle, store, wakeup
@@ -69,16 +69,21 @@ def claim_run(json_data):
             return {**run, "lease_seconds": registry.settings.lease_seconds, "inline_result_bytes": MAX_INLINE_BYTES}
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return "", 204
+            return _nothing_claimed()
         # A parked claim costs nothing until news for its site: every change that gives a site a run is announced
         # (posting a task, the lease sweeper), here or by another replica through PostgreSQL. Only while that
         # relay is deaf does the claim look in the database again, as a safety net. A wait that heard nothing
         # answers without looking again: nothing can have become the site's.
         if registry.hears_every_announcement():
             if not registry.work_for_sites.wait_for_news(site.id, seen, remaining):
-                return "", 204
+                return _nothing_claimed()
         else:
             registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
+
+
+def _nothing_claimed():
+    # A Response, which apiflask sends as it is: "" would first go through the claimed run's schema.
+    return Response(status=204)
 
 
 @bp.post("/sessions/closed")
@@ -227,7 +232,6 @@ def _store_inline(run_id, site, lease_id, carried):
         except blobs.StoreUnreachable as error:
             log.error("run %s %s not stored: %s", run_id, kind, error)
             abort(503, "the registry's result store does not answer; report again later")
-        log.info("run %s %s stored: %d bytes, sha256 %s", run_id, kind, size, sha256)
     return results
 
 
@@ -286,7 +290,9 @@ def finish_run(run_id, json_data):
                                        json_data["exit_code"], json_data["failure_reason"], json_data["sparql"],
                                        results)
     registry.ended_tasks.announce([task_id])
-    log.info("run %s %s (exit code %s, SPARQL %s)", run_id, status, json_data["exit_code"], json_data["sparql"])
+    # One line, with what the report carried: a line costs more than a small result's storing.
+    log.info("run %s %s (exit code %s, SPARQL %s)%s", run_id, status, json_data["exit_code"], json_data["sparql"],
+             "".join(f"; {kind} {size} bytes, sha256 {sha256}" for kind, (sha256, size) in results.items()))
     if status == lifecycle.FAILED and json_data["failure_reason"]:
         log.info("run %s failure reason: %s", run_id, json_data["failure_reason"])
     return {"status": status}
