@@ -110,7 +110,7 @@ class Officer:
                      by=approval.approved_by, note=note)
         what = f"task of run {approval.run_id} only" if approval.run_id else "every run of image " + approval.digest
         self.out(printable(f"approved {what}: {approval.describe()}; the runner goes on within "
-                           f"{self.config.poll_interval_seconds} s"))
+                           f"{self.config.poll_interval_seconds:g} s"))
 
     def deny(self, run_id, reason):
         folder = self._parked_run(run_id, lifecycle.AWAITING_APPROVAL)
@@ -154,7 +154,7 @@ class Officer:
         self._record("released" if review.released else "rejected", run_id, reason=review.reason,
                      by=review.reviewed_by)
         if review.released:
-            self.out(f"run {run_id} released: its output and log leave within {self.config.poll_interval_seconds} s")
+            self.out(f"run {run_id} released: its output and log leave within {self.config.poll_interval_seconds:g} s")
         else:
             self.out(printable(f"run {run_id} rejected: nothing of it leaves; the researcher sees: {review.reason}"))
 

@@ -407,7 +407,7 @@ class SiteRunner:
         outage does not flood the log."""
         said = (outage or self.registry_outage).failed(problem, time.monotonic())
         if said:
-            log.warning("%s; asking again every %d s", said, self.config.poll_interval_seconds)
+            log.warning("%s; asking again every %g s", said, self.config.poll_interval_seconds)
 
     def note_claim_answered(self):
         """The registry answered a claim: said once after the start, and once after each problem claims had. (A

@@ -126,7 +126,7 @@ class SiteConfig:
     max_concurrent_runs: int
     max_input_bytes: int
     long_poll_seconds: int
-    poll_interval_seconds: int
+    poll_interval_seconds: float  # 5, or as given: at least 0.1
     session_idle_seconds: int
     max_sessions: int
     container: ContainerLimits
@@ -220,14 +220,15 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
             if required:
                 problems.append(f"{name} is missing")
             return default
-        value = fields.pop(name)
+        value = given = fields.pop(name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             problems.append(f"{name} must be a {kind.__name__}, not {json.dumps(value)}")
             return default
-        if at_least is not None and value < at_least or at_most is not None and value > at_most:
-            problems.append(f"{name} must be between {at_least} and {at_most}, not {value}")
+        # Written so that NaN (which json.loads takes) is out of every range.
+        if at_least is not None and not value >= at_least or at_most is not None and not value <= at_most:
+            problems.append(f"{name} must be between {at_least} and {at_most}, not {json.dumps(given)}")
             return default
         return value
 
@@ -261,7 +262,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)
     max_input_bytes = take("max_input_bytes", int, 16 * 1024 ** 2, at_least=1, at_most=2 ** 40)
     long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
-    poll_interval_seconds = take("poll_interval_seconds", int, 5, at_least=1, at_most=3600)
+    # A fraction of a second is for tests, which wait on the runner's retries; a site has no use for it.
+    poll_interval_seconds = take("poll_interval_seconds", float, 5, at_least=0.1, at_most=3600)
     session_idle_seconds = take("session_idle_seconds", int, 7 * 24 * 3600, at_least=1, at_most=10 * 365 * 24 * 3600)
     max_sessions = take("max_sessions", int, 20, at_least=1, at_most=100_000)
     container = _container_limits(take("container", dict, {}), problems)

@@ -30,7 +30,10 @@ def problems_with(**changes):
     ({"max_concurrent_runs": 0}, "max_concurrent_runs must be between 1 and 64, not 0"),
     ({"max_concurrent_runs": 2.5}, "max_concurrent_runs must be a int"),
     ({"long_poll_seconds": 600}, "long_poll_seconds must be between 0 and 120, not 600"),
-    ({"poll_interval_seconds": 0}, "poll_interval_seconds must be between 1 and 3600, not 0"),
+    ({"poll_interval_seconds": 0}, "poll_interval_seconds must be between 0.1 and 3600, not 0"),
+    ({"poll_interval_seconds": 0.05}, "poll_interval_seconds must be between 0.1 and 3600, not 0.05"),
+    ({"poll_interval_seconds": float("nan")}, "poll_interval_seconds must be between 0.1 and 3600, not NaN"),
+    ({"poll_interval_seconds": "5"}, 'poll_interval_seconds must be a float, not "5"'),
     ({"require_digest": "yes"}, 'require_digest must be a bool, not "yes"'),
     ({"work_dir": 7}, "work_dir must be a str, not 7"),
     ({"image_import_folder": ["a"]}, 'image_import_folder must be a str, not ["a"]'),
@@ -70,6 +73,10 @@ def test_defaults_are_safe_and_documented():
     assert config.image_import_folder is None and config.require_digest is True
     assert (config.endpoint_type, config.endpoint_token) == ("sparql", "")
     assert config.container.network == "none"
+
+
+def test_the_poll_interval_may_be_a_fraction_of_a_second():
+    assert parse_site_config({**VALID, "poll_interval_seconds": 0.2}).poll_interval_seconds == 0.2
 
 
 def test_folders_are_relative_to_the_config_file(tmp_path):

@@ -216,7 +216,7 @@ def test_a_claim_waits_once_the_runner_is_online(long_poll, online, once, wait):
 def start_runner(tmp_path, registry_url, fake, sparql_endpoint, **settings):
     config = {"registry_url": registry_url, "site_name": SITE, "site_token": "the-site-token",
               "sparql_endpoint": sparql_endpoint, "whitelist": DEFAULT_WHITELIST, "work_dir": str(tmp_path / "work"),
-              "long_poll_seconds": 1, "poll_interval_seconds": 1, "container": {"timeout_seconds": 120}, **settings}
+              "long_poll_seconds": 1, "poll_interval_seconds": 0.2, "container": {"timeout_seconds": 120}, **settings}
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))
     return Runner(config_path, tmp_path / "runner", [], fake)
@@ -325,7 +325,7 @@ def test_a_registry_away_and_back_is_one_line_each(tmp_path, registry, switch, s
     # Away: every connection refused.
     switch.turn_off()
     refused = f"registry unreachable at {url}: connection refused"
-    for what in (f"heartbeat for run 7 failed: {refused}", f"{refused}; asking again every 1 s",
+    for what in (f"heartbeat for run 7 failed: {refused}", f"{refused}; asking again every 0.2 s",
                  f"upload of the output of run 7: {refused}; retrying for up to 600 s"):
         runner.wait_for_log(what, f"the runner logs {what!r}", timeout=60)
 
@@ -349,7 +349,7 @@ def test_a_registry_away_and_back_is_one_line_each(tmp_path, registry, switch, s
 
     [report] = registry.bodies("finish", run_id=7)
     assert (report["exit_code"], report["failure_reason"]) == (0, None)
-    for what in ("heartbeat for run 7 failed: ", "upload of the output of run 7: ", "; asking again every 1 s"):
+    for what in ("heartbeat for run 7 failed: ", "upload of the output of run 7: ", "; asking again every 0.2 s"):
         lines = problem_lines(runner, what)
         assert_said_once_each(lines, what)
         assert sum("connection refused" in line for line in lines) == 1, lines

@@ -23,7 +23,7 @@ def federation():
     engine_or_fail()
     # A lease long enough to outlast the short outages these tests cause on purpose.
     with LocalFederation(site_names=(SITE,), patients_per_site=5, container_network="none", lease_seconds=20,
-                         site_settings={"long_poll_seconds": 2, "poll_interval_seconds": 1}) as federation:
+                         site_settings={"long_poll_seconds": 2, "poll_interval_seconds": 0.2}) as federation:
         yield federation
 
 

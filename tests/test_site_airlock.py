@@ -33,7 +33,7 @@ def federation(tmp_path_factory):
     hook.write_text(VETO_HOOK)
     with LocalFederation(site_names=(REVIEWING, PLAIN), patients_per_site=5, start_runners=False,
                          whitelist=[r"127\.0\.0\.1:[0-9]+/pht/.*"],
-                         site_settings={"long_poll_seconds": 2, "poll_interval_seconds": 1}) as federation:
+                         site_settings={"long_poll_seconds": 2, "poll_interval_seconds": 0.2}) as federation:
         federation.configure_site(REVIEWING, airlock={"review": True, "allowed_suffixes": [".txt"],
                                                       "check_command": [sys.executable, str(hook)]})
         for name in (REVIEWING, PLAIN):

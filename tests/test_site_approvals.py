@@ -29,7 +29,7 @@ def federation():
     engine_or_fail()
     with LocalFederation(site_names=(SITE,), patients_per_site=5, whitelist=[r"127\.0\.0\.1:[0-9]+/pht/.*"],
                          site_settings={"approval_policy": "approve_new_digests", "max_concurrent_runs": 1,
-                                        "long_poll_seconds": 2, "poll_interval_seconds": 1}) as federation:
+                                        "long_poll_seconds": 2, "poll_interval_seconds": 0.2}) as federation:
         yield federation
 
 
@@ -208,6 +208,7 @@ def test_the_officer_commands_from_the_command_line(federation):
     assert "?]0;owned??[2J cleared?\nsecond line" in shown.stdout
     approved = command("approvals", "approve", str(waiting["id"]), "--by", "dr-officer", "--days", "30")
     assert approved.returncode == 0, approved.stderr
+    assert approved.stdout.rstrip().endswith("the runner goes on within 0.2 s"), approved.stdout  # the config's
     assert researcher.wait(task["id"], timeout_seconds=120)["runs"][0]["status"] == lifecycle.COMPLETED
     verified = command("audit", "verify")
     assert verified.returncode == 0 and "the chain is intact" in verified.stdout, verified.stdout + verified.stderr

@@ -334,7 +334,7 @@ def federation():
     engine_or_fail()
     with LocalFederation(site_names=(SITE, LIMITED, RESTART), patients_per_site=50, container_network="none",
                          writable_sparql=True, start_runners=False, lease_seconds=30,
-                         site_settings={"max_concurrent_runs": 4, "long_poll_seconds": 2, "poll_interval_seconds": 1,
+                         site_settings={"max_concurrent_runs": 4, "long_poll_seconds": 2, "poll_interval_seconds": 0.2,
                                         "sparql_gateway": GENEROUS}) as federation:
         federation.configure_site(LIMITED, sparql_gateway=SMALL)
         for name in federation.site_names:
