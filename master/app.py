@@ -1,5 +1,6 @@
 """Builds the registry's web application. Nothing happens at import time."""
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 from apiflask import APIFlask, abort
 from flask import g, request
 
+from common.names import MAX_INLINE_BYTES
 from common.private_files import private_file, private_folder
 from master import api_docs, blobs, json_bodies, lifecycle, operator_api, researcher_api, site_api, store
 from master.dashboard import register_dashboard
@@ -92,6 +94,17 @@ class Registry:
         except Exception:
             self.sightings.give_back(unwritten)
             raise
+
+    def open_result(self, sha256, size):
+        """A run's output or log as a binary file to read from: kept in the database when it came within a finish
+        report (store.small_results), in the result store otherwise. Raises as blobs' open()."""
+        if size <= MAX_INLINE_BYTES:
+            data = store.small_results_of(self.engine, [sha256]).get(sha256)
+            if data is not None:
+                if len(data) != size:
+                    raise blobs.BlobMissing(f"the database holds {len(data)} bytes of {sha256}, not {size}")
+                return io.BytesIO(data)
+        return self.blobs.open(sha256, size)
 
     def hears_every_announcement(self):
         """True when every announcement reaches this process: one registry alone, or replicas whose relay listens."""

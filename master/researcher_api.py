@@ -99,13 +99,20 @@ MAX_CARRIED_BYTES = 8 * 1024 * 1024
 
 def _carry_small_results(registry, task):
     """Add each run's output and log of at most MAX_INLINE_BYTES to it, as bytes, while MAX_CARRIED_BYTES last.
-    One the store cannot give is left out: downloaded, it answers what is wrong."""
-    room = MAX_CARRIED_BYTES
+    Those the database keeps (store.small_results) are read in one query; one the result store cannot give is
+    left out: downloaded, it answers what is wrong."""
+    room, chosen = MAX_CARRIED_BYTES, []
     for run in task["runs"]:
         for kind in ("output", "log"):
             sha256, size = run[f"{kind}_sha256"], run[f"{kind}_size"]
-            if sha256 is None or size > min(MAX_INLINE_BYTES, room):
-                continue
+            if sha256 is not None and size <= min(MAX_INLINE_BYTES, room):
+                chosen.append((run, kind))
+                room -= size
+    kept = store.small_results_of(registry.engine, {run[f"{kind}_sha256"] for run, kind in chosen})
+    for run, kind in chosen:
+        sha256, size = run[f"{kind}_sha256"], run[f"{kind}_size"]
+        data = kept.get(sha256)
+        if data is None:
             try:
                 blob = registry.blobs.open(sha256, size)
                 try:
@@ -115,9 +122,8 @@ def _carry_small_results(registry, task):
             except (blobs.BlobMissing, blobs.StoreUnreachable) as error:
                 log.error("the %s of run %s is not carried in its task: %s", kind, run["id"], error)
                 continue
-            if len(data) == size:
-                run[f"{kind}_base64"] = data
-                room -= size
+        if len(data) == size:
+            run[f"{kind}_base64"] = data
 
 
 @bp.post("/tasks/<int:task_id>/cancel")
@@ -175,7 +181,7 @@ def send_blob(researcher_id, run_id, kind, mimetype, filename):
     if sha256 is None:
         abort(404, f"run {run_id} has no {kind} yet (it is {run['status']})")
     try:
-        blob = registry.blobs.open(sha256, size)
+        blob = registry.open_result(sha256, size)
     except blobs.BlobMissing as error:
         log.error("the %s of run %s cannot be sent: %s", kind, run_id, error)
         abort(500, f"the {kind} of run {run_id} is missing from the registry's result store; "

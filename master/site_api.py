@@ -5,8 +5,6 @@ lease for; every request below /api/site/ needs a site token.
 """
 
 import base64
-import hashlib
-import io
 import logging
 import time
 
@@ -215,26 +213,6 @@ def _result_is_new(run, kind, lease_id, sha256):
     return True
 
 
-def _store_inline(run_id, site, lease_id, carried):
-    """Keep the output and log that came within the finish report ({kind: bytes}); returns {kind: (sha256,
-    size)}. As for an upload, what the run cannot take is refused (409) before anything is stored, and the same
-    result again is not stored twice."""
-    if not carried:
-        return {}
-    registry = _registry()
-    run = store.get_site_run(registry.engine, run_id, site.id)
-    results = {kind: (hashlib.sha256(data).hexdigest(), len(data)) for kind, data in carried.items()}
-    new = [kind for kind, (sha256, _) in results.items() if _result_is_new(run, kind, lease_id, sha256)]
-    for kind in new:
-        sha256, size = results[kind]
-        try:
-            registry.blobs.store_stream(io.BytesIO(carried[kind]), sha256, size)
-        except blobs.StoreUnreachable as error:
-            log.error("run %s %s not stored: %s", run_id, kind, error)
-            abort(503, "the registry's result store does not answer; report again later")
-    return results
-
-
 _RAW_BODY = {"x-raw-body": {"application/octet-stream": "the file's bytes, streamed"}}
 
 
@@ -283,16 +261,14 @@ def finish_run(run_id, json_data):
     The same report again (exit code, failure reason, SPARQL summary and results alike) is fine; another answers
     409."""
     registry = _registry()
-    site = auth.caller()
-    results = _store_inline(run_id, site, json_data["lease_id"], {
-        kind: json_data[f"{kind}_base64"] for kind in ("output", "log") if json_data[f"{kind}_base64"] is not None})
-    status, task_id = store.finish_run(registry.engine, run_id, site.id, json_data["lease_id"],
+    carried = {kind: json_data[f"{kind}_base64"] for kind in ("output", "log")
+               if json_data[f"{kind}_base64"] is not None}
+    status, task_id = store.finish_run(registry.engine, run_id, auth.caller().id, json_data["lease_id"],
                                        json_data["exit_code"], json_data["failure_reason"], json_data["sparql"],
-                                       results)
+                                       carried)
     registry.ended_tasks.announce([task_id])
-    # One line, with what the report carried: a line costs more than a small result's storing.
     log.info("run %s %s (exit code %s, SPARQL %s)%s", run_id, status, json_data["exit_code"], json_data["sparql"],
-             "".join(f"; {kind} {size} bytes, sha256 {sha256}" for kind, (sha256, size) in results.items()))
+             "".join(f"; {kind} {len(data)} bytes carried" for kind, data in carried.items()))
     if status == lifecycle.FAILED and json_data["failure_reason"]:
         log.info("run %s failure reason: %s", run_id, json_data["failure_reason"])
     return {"status": status}

@@ -12,8 +12,11 @@ import secrets
 import time
 from pathlib import Path
 
+import hashlib
+
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 
 from common import names
 from master import lifecycle
@@ -145,6 +148,15 @@ run_events = sa.Table(
     sa.Column("reason", sa.Text),
 )
 
+# Outputs and logs of at most names.MAX_INLINE_BYTES that came within a finish report (API 1.4), by their sha256:
+# kept here, committed with the report, instead of a file each in the result store (master/blobs.py), which
+# holds the ones uploaded by requests of their own. The same bytes from many runs are one row.
+small_results = sa.Table(
+    "small_results", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 
 class Invalid(ValueError):
     """A value the registry does not store; the message says which rule it breaks."""
@@ -198,6 +210,8 @@ UPGRADES = {
     1: lambda conn: _add_columns(conn, runs, ("sparql_queries", "sparql_bytes", "sparql_refused")),
     2: _let_sessions_be_closed,
     3: _widen_status_columns,
+    # small_results, which create_all makes: a registry before it would not find the results kept there.
+    4: lambda conn: None,
 }
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
@@ -879,18 +893,19 @@ def attach_blob(engine, run_id, site_id, lease_id, kind, sha256, size):
             {f"{kind}_sha256": sha256, f"{kind}_size": size}))
 
 
-def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, sparql=None, results=None):
+def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, sparql=None, carried=None):
     """Record how a run ended; returns (status, task id).
 
-    sparql is the site's SPARQL summary ({"queries", "bytes", "refused"}), or None when it has none. results are
-    the output and log the report carried, already stored ({"output" or "log": (sha256, size)}), attached in the
-    same transaction. The same report again is fine, another a conflict; the summary and the results are part of
-    the report, so a repeat with other counts (or with none after some), or another result, is a conflict too.
+    sparql is the site's SPARQL summary ({"queries", "bytes", "refused"}), or None when it has none. carried are
+    the output and log the report carried ({"output" or "log": bytes}), kept in small_results in the same
+    transaction. The same report again is fine, another a conflict; the summary and the results are part of the
+    report, so a repeat with other counts (or with none after some), or another result, is a conflict too.
     """
     now = time.time()
     status = lifecycle.status_after_finish(exit_code, failure_reason)
     reason = lifecycle.failure_reason_for(exit_code, failure_reason)
-    attached = {f"{kind}_{column}": value for kind, (sha256, size) in (results or {}).items()
+    results = {kind: (hashlib.sha256(data).hexdigest(), len(data)) for kind, data in (carried or {}).items()}
+    attached = {f"{kind}_{column}": value for kind, (sha256, size) in results.items()
                 for column, value in (("sha256", sha256), ("size", size))}
     # Written with the move to status, for reason.
     values = {"exit_code": exit_code, **_sparql_columns(sparql), **attached}
@@ -903,11 +918,29 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
             raise Conflict(f"run {run_id} was already reported as {row['status']}, with another exit code, "
                            "reason, SPARQL summary or result")
         row = _leased(row, lease_id, lifecycle.LEASED_STATES)
-        for kind in results or {}:
+        for kind in results:
             if row[f"{kind}_sha256"] not in (None, attached[f"{kind}_sha256"]):
                 raise Conflict(f"run {run_id} already has a different {kind}")
+        if carried:
+            conn.execute(_KEEP_SMALL_RESULT[conn.dialect.name],
+                         [{"sha256": results[kind][0], "data": data} for kind, data in carried.items()])
         _move(conn, row, status, now, reason, lease_expires_at=None, **values)
     return status, row["task_id"]
+
+
+# A small result, unless the same bytes are kept already (by another run, or by another transaction just now).
+_KEEP_SMALL_RESULT = {
+    "sqlite": sqlite.insert(small_results).on_conflict_do_nothing(index_elements=["sha256"]),
+    "postgresql": postgresql.insert(small_results).on_conflict_do_nothing(index_elements=["sha256"]),
+}
+_SMALL_RESULTS = sa.select(small_results.c.sha256, small_results.c.data).where(
+    small_results.c.sha256.in_(sa.bindparam("wanted", expanding=True)))
+
+
+def small_results_of(engine, sha256s):
+    """{sha256: bytes} of those given that small_results keeps."""
+    with engine.connect() as conn:
+        return dict(conn.execute(_SMALL_RESULTS, {"wanted": list(sha256s)}).all())
 
 
 def refuse_run(engine, run_id, site_id, lease_id, reason):

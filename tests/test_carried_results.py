@@ -2,6 +2,7 @@
 no download request each, and checked as downloads are, whatever the registry sends."""
 
 import base64
+import hashlib
 import logging
 import re
 
@@ -10,7 +11,7 @@ import pytest
 from master import researcher_api
 from researcher import ChecksumMismatch, RegistryError, ResultLimits, ResultTooLarge
 from researcher.client import carried_results
-from tests.test_registry_api import alice, claim, hospital, post_task  # noqa: F401 (fixtures)
+from tests.test_registry_api import alice, claim, hospital, post_task, start, upload  # noqa: F401 (fixtures)
 from tests.test_researcher_boundaries import archive_of, federation, files_below  # noqa: F401 (fixture)
 
 LARGER_THAN_CARRIED = 48 * 1024 + 1
@@ -101,8 +102,7 @@ def test_what_is_carried_that_is_not_text_is_left_out_and_downloaded():
 
 def finish_with(client, site, run, output, log):
     lease = {"lease_id": run["lease_id"]}
-    assert client.post(f"/api/site/runs/{run['id']}/start", headers=site,
-                       json={**lease, "image_digest": "sha256:" + "0" * 64}).status_code == 204
+    assert start(client, site, run).status_code == 204
     assert client.post(f"/api/site/runs/{run['id']}/finish", headers=site, json={
         **lease, "exit_code": 0, "output_base64": base64.b64encode(output).decode(),
         "log_base64": base64.b64encode(log).decode()}).status_code == 200
@@ -137,14 +137,36 @@ def test_an_answers_carried_results_stay_within_its_bound(app, client, alice, ma
         (True, True), (True, False), (False, False)]
 
 
-def test_a_result_the_store_lost_is_not_carried_and_the_others_are(app, client, alice, make_site, caplog):  # noqa: F811
-    sites = [make_site(f"hospital-{letter}") for letter in "ab"]
-    task_id = post_task(client, alice, sites=["hospital-a", "hospital-b"]).json["id"]
-    for site, body in zip(sites, (b"first", b"second")):
-        finish_with(client, site, claim(client, site).json, body, body + b" log")
+def test_small_results_uploaded_by_requests_of_their_own_are_carried_too_unless_lost(
+        app, client, alice, make_site, caplog):  # noqa: F811
+    sites = [make_site(f"hospital-{letter}") for letter in "abc"]
+    task_id = post_task(client, alice, sites=["hospital-a", "hospital-b", "hospital-c"]).json["id"]
+    for site, body in zip(sites[:2], (b"first", b"second")):  # as runners before API 1.4 report
+        run = claim(client, site).json
+        start(client, site, run)
+        for kind, data in (("output", body), ("log", body + b" log")):
+            assert upload(client, site, run, kind, data).status_code == 200
+        assert client.post(f"/api/site/runs/{run['id']}/finish", headers=site,
+                           json={"lease_id": run["lease_id"], "exit_code": 0}).status_code == 200
+    finish_with(client, sites[2], claim(client, sites[2]).json, b"third", b"third log")
     lost = task_with_results(client, alice, task_id)["runs"][0]
     app.extensions["pht"].blobs.path_of(lost["output_sha256"]).unlink()
 
     runs = task_with_results(client, alice, task_id)["runs"]
-    assert [("output_base64" in run, "log_base64" in run) for run in runs] == [(False, True), (True, True)]
+    assert [(run.get("output_base64"), run.get("log_base64")) for run in runs] == [
+        (None, "Zmlyc3QgbG9n"), ("c2Vjb25k", "c2Vjb25kIGxvZw=="), ("dGhpcmQ=", "dGhpcmQgbG9n")]
     assert f"the output of run {lost['id']} is not carried in its task" in caplog.text
+
+
+def test_a_finish_reports_results_are_kept_with_it_in_the_database_and_download(app, client, alice, hospital):  # noqa: F811,E501
+    task_id = post_task(client, alice).json["id"]
+    run = claim(client, hospital).json
+    finish_with(client, hospital, run, b"the output", b"the log")
+
+    blob_files = [path for path in app.extensions["pht"].blobs.root.rglob("*") if path.is_file()]
+    assert blob_files == []  # no file each in the result store: a row each, committed with the report
+    for kind, data in (("output", b"the output"), ("log", b"the log")):
+        answer = client.get(f"/api/runs/{run['id']}/{kind}", headers=alice)
+        assert answer.status_code == 200 and answer.data == data
+        assert answer.headers["X-Content-SHA256"] == hashlib.sha256(data).hexdigest()
+    assert task_with_results(client, alice, task_id)["runs"][0]["log_base64"] == "dGhlIGxvZw=="

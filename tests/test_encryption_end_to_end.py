@@ -15,6 +15,7 @@ from researcher import DecryptionFailed, Registry, generate_identity
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
 from tests.conftest import ROOT
 from tests.images import engine_or_fail, pushed_test_image
+from tests.registry_storage import stored_results
 from tests.test_fileservice import FileServiceProcess
 
 SITE = "hospital-a"
@@ -47,7 +48,7 @@ def identity(federation, tmp_path_factory):
 
 
 def stored_blobs(federation):
-    return [path.read_bytes() for path in (federation.folder / "registry" / "blobs").glob("??/*")]
+    return list(stored_results(federation.registry_data).values())
 
 
 def test_encrypted_results_are_ciphertext_at_the_registry_and_open_for_the_researcher(federation, identity, tmp_path):
@@ -58,8 +59,8 @@ def test_encrypted_results_are_ciphertext_at_the_registry_and_open_for_the_resea
     assert "23 patients" in result.log
 
     run = researcher.task(task["id"])["runs"][0]
-    blobs = {sha: path.read_bytes() for path in (federation.folder / "registry" / "blobs").glob("??/*")
-             for sha in [path.name] if sha in (run["output_sha256"], run["log_sha256"])}
+    blobs = {sha: blob for sha, blob in stored_results(federation.registry_data).items()
+             if sha in (run["output_sha256"], run["log_sha256"])}
     assert len(blobs) == 2
     for blob in blobs.values():
         assert blob.startswith(AGE_HEADER)  # on the registry's disk: ciphertext only

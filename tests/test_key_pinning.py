@@ -9,6 +9,7 @@ from master import store
 from researcher import Registry, generate_identity
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
 from tests.images import engine_or_fail, only_run
+from tests.registry_storage import stored_results
 
 SITE = "hospital-a"
 RESEARCHER = "researcher"  # the name LocalFederation registers its researcher under
@@ -47,7 +48,7 @@ def registry_key(federation, tmp_path):
 
 
 def stored_blobs(federation):
-    return {path.name: path.read_bytes() for path in (federation.folder / "registry" / "blobs").glob("??/*")}
+    return stored_results(federation.registry_data)
 
 
 def test_a_key_the_registry_added_is_refused_and_nothing_leaves(federation, registry_key):

@@ -229,7 +229,9 @@ def test_a_result_in_a_finish_report_after_a_cancel_is_not_kept(app, client, ali
     answer = client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital, json={
         "lease_id": run["lease_id"], "exit_code": 0, "output_base64": base64.b64encode(b"late").decode()})
     assert answer.status_code == 409
-    assert not app.extensions["pht"].blobs.path_of(hashlib.sha256(b"late").hexdigest()).exists()
+    late = hashlib.sha256(b"late").hexdigest()
+    assert store.small_results_of(app.extensions["pht"].engine, [late]) == {}
+    assert not app.extensions["pht"].blobs.path_of(late).exists()
 
 
 def test_non_zero_exit_fails_the_run_with_reason(client, alice, hospital):

@@ -279,7 +279,7 @@ def _log_tail(run, encrypted):
         return None, "The log is encrypted to your key: download it and open it with your identity file."
     size = run["log_size"]
     try:
-        blob = _registry().blobs.open(run["log_sha256"], size)
+        blob = _registry().open_result(run["log_sha256"], size)
     except (blobs.BlobMissing, blobs.StoreUnreachable) as error:
         log.error("dashboard: the log of run %s cannot be shown: %s", run["id"], error)
         return None, "The registry cannot read this log now; try again later."
