@@ -6,6 +6,7 @@ Used by the demo and by the tests. Everything started here is stopped by stop()
 engine, the image registry) is started by scripts/setup.sh instead.
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -31,6 +32,8 @@ OXIGRAPH = str(Path(sys.executable).parent / "oxigraph")
 IMAGE_REGISTRY = os.environ.get("PHT_IMAGE_REGISTRY", "127.0.0.1:5050")
 # One path segment under pht/, with a tag or a digest: the over-broad warning's own advice (client/image_policy.py).
 DEFAULT_WHITELIST = [IMAGE_REGISTRY.replace(".", r"\.") + r"/pht/[a-z0-9-]+(:[A-Za-z0-9_.-]+)?(@sha256:[0-9a-f]{64})?"]
+# The registry's operator commands a federation's start runs side by side (one per site, and the researcher's).
+ADMIN_COMMANDS_AT_ONCE = 4
 
 
 def free_port():
@@ -137,9 +140,14 @@ class LocalFederation:
             wait_until_answers(self.registry_url + "/health", self.balancer.process, "the balancer")
         else:
             self.registry_url = f"{scheme}://127.0.0.1:{self.registry_ports[0]}"
-        self.researcher_token = self.admin("create-researcher", "researcher")
-        for index, name in enumerate(self.site_names):
-            self.sites[name] = self._start_site(name, self.seed + index)
+        # Each command is a process start of most of a second, its imports: side by side, and while the sites'
+        # SPARQL endpoints start.
+        with concurrent.futures.ThreadPoolExecutor(ADMIN_COMMANDS_AT_ONCE) as pool:
+            researcher = pool.submit(self.admin, "create-researcher", "researcher")
+            registering = {name: pool.submit(self.admin, "create-site", name) for name in self.site_names}
+            for index, name in enumerate(self.site_names):
+                self.sites[name] = self._start_site(name, self.seed + index, registering[name])
+            self.researcher_token = researcher.result()
         if self.start_runners:
             for name in self.site_names:
                 self.start_runner(name)
@@ -186,7 +194,8 @@ class LocalFederation:
     def researcher(self):
         return Registry(self.registry_url, self.researcher_token, ca_bundle=self.ca_bundle)
 
-    def _start_site(self, name, seed):
+    def _start_site(self, name, seed, registering):
+        """registering: the site's create-site command (a future of its token)."""
         folder = self.folder / name
         store = folder / "oxigraph"
         patients = generate_cohort(name, self.patients_per_site, seed)
@@ -202,7 +211,7 @@ class LocalFederation:
         sparql_endpoint = f"http://127.0.0.1:{port}/query"
         wait_until_answers(f"http://127.0.0.1:{port}/", endpoint_process, f"{name}'s SPARQL endpoint")
         config_path = folder / "config.json"
-        token = self.admin("create-site", name)
+        token = registering.result()
         extra = dict(self.site_settings)
         config = {
             "registry_url": self.registry_url,

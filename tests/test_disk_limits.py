@@ -28,8 +28,10 @@ LIMITS = {"max_output_bytes": LIMIT_BYTES, "max_output_files": LIMIT_FILES,
 @pytest.fixture(scope="module")
 def federation():
     engine_or_fail()
+    # Long-polls of 2 s: a session's /temp is checked before each claim, and the tests wait for that.
     with LocalFederation(site_names=(FILESYSTEM_SITE, POLLING_SITE), patients_per_site=3, start_runners=False,
-                         site_settings={"max_concurrent_runs": 2, "container": LIMITS}) as federation:
+                         site_settings={"max_concurrent_runs": 2, "long_poll_seconds": 2,
+                                        "container": LIMITS}) as federation:
         federation.configure_site(POLLING_SITE, container={"disk_limits": "polling"}, session_idle_seconds=1)
         for name in federation.site_names:
             federation.start_runner(name)
@@ -132,7 +134,7 @@ def test_polling_stops_an_output_over_the_limit_but_only_after_it_was_written(fe
 def test_an_idle_session_temp_is_removed(federation, filler):
     _run, _wrote, session_id = fill(federation, filler, POLLING_SITE, "/temp", "many", at_most=3)
     folder = session_folder(federation, POLLING_SITE, session_id)
-    # Checked before every claim; this site long-polls for 10 s at a time.
+    # Checked before every claim; this site long-polls for 2 s at a time.
     wait_until(lambda: not folder.exists(), f"{folder} to be removed after a second unused", timeout=30)
     assert "removed its /temp (no run used it for 1 s" in federation.log_of(f"{POLLING_SITE}-runner")
 
