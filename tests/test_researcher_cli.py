@@ -36,17 +36,35 @@ def federation():
         yield fed
 
 
+def cli_environment(home, registry_url, token, **environment):
+    """The registry's URL and a token in the environment, and nothing else of ours."""
+    # The engine's login stays: the CLI pins tags by asking the image registry through it.
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "DOCKER_CONFIG": str(Path.home() / ".docker"),
+            "PHT_REGISTRY_URL": registry_url, "PHT_TOKEN": token, **environment}
+
+
 @pytest.fixture
 def cli(federation, tmp_path):
     """Run the CLI with the federation's URL and token in the environment, and nothing else of ours."""
     def run(*args, timeout=120, **environment):
-        # The engine's login stays: the CLI pins tags by asking the image registry through it.
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER_CONFIG": str(Path.home() / ".docker"),
-               "PHT_REGISTRY_URL": federation.registry_url,
-               "PHT_TOKEN": federation.researcher_token, **environment}
+        env = cli_environment(tmp_path, federation.registry_url, federation.researcher_token, **environment)
         return subprocess.run([sys.executable, "-m", "researcher", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout)
     return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unreachable(tmp_path_factory):
+    """`sites` against a registry that is not there, started before the module's federation: the library asks again
+    for about 15 s before it gives up (researcher/client.py, READS_RETRIED), so the federation starts and the
+    module's other tests run meanwhile; test_a_missing_or_wrong_token_is_one_line_naming_the_fix reads how it
+    ended. (No registry is reached, so the token is never looked at.)"""
+    env = cli_environment(tmp_path_factory.mktemp("unreachable"), "http://127.0.0.1:9", "pht_" + "x" * 43)
+    process = subprocess.Popen([sys.executable, "-m", "researcher", "sites"], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield process
+    process.kill()
+    process.communicate()
 
 
 @pytest.fixture
@@ -171,7 +189,7 @@ def test_the_token_can_come_from_a_config_file_instead_of_the_environment(cli, f
     assert "hospital-a" in table_rows(done.stdout)
 
 
-def test_a_missing_or_wrong_token_is_one_line_naming_the_fix(cli, tmp_path):
+def test_a_missing_or_wrong_token_is_one_line_naming_the_fix(cli, tmp_path, unreachable):
     missing = cli("sites", PHT_TOKEN="")
     assert missing.returncode == 1
     assert "no researcher token: set PHT_TOKEN or put token" in one_line_error(missing)
@@ -179,8 +197,9 @@ def test_a_missing_or_wrong_token_is_one_line_naming_the_fix(cli, tmp_path):
     wrong = cli("tasks", PHT_TOKEN="not-a-token")
     assert wrong.returncode == 1 and "401" in one_line_error(wrong) and "token" in wrong.stderr
 
-    unreachable = cli("sites", PHT_REGISTRY_URL="http://127.0.0.1:9")
-    assert unreachable.returncode == 1 and "cannot reach the registry" in one_line_error(unreachable)
+    stdout, stderr = unreachable.communicate(timeout=120)
+    answer = subprocess.CompletedProcess(unreachable.args, unreachable.returncode, stdout, stderr)
+    assert answer.returncode == 1 and "cannot reach the registry" in one_line_error(answer)
 
 
 def test_input_is_given_once(cli, tmp_path):
