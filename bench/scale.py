@@ -46,7 +46,7 @@ from master import store  # noqa: E402
 from scripts.balancer import Balancer  # noqa: E402
 from scripts.federation import free_port, register_directly, wait_until_answers  # noqa: E402
 
-LONG_POLL_SECONDS = 30  # the site runner's default
+LONG_POLL_SECONDS = 50  # the site runner's default
 POLL_INTERVAL_SECONDS = 5  # the site runner's default, also its wait after a failed claim
 SMALL_RESULT = b"{}" * 256
 SMALL_RESULT_SHA256 = hashlib.sha256(SMALL_RESULT).hexdigest()

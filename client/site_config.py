@@ -261,7 +261,8 @@ def parse_site_config(raw, source="config.json", base_dir=Path(".")):
     import_folder = take("image_import_folder", str)
     max_concurrent_runs = take("max_concurrent_runs", int, 1, at_least=1, at_most=64)
     max_input_bytes = take("max_input_bytes", int, 16 * 1024 ** 2, at_least=1, at_most=2 ** 40)
-    long_poll_seconds = take("long_poll_seconds", int, 30, at_least=0, at_most=120)
+    # 50 s: an idle site renews its wait as seldom as common 60-s proxy timeouts allow (docs/performance.md §9).
+    long_poll_seconds = take("long_poll_seconds", int, 50, at_least=0, at_most=120)
     # A fraction of a second is for tests, which wait on the runner's retries; a site has no use for it.
     poll_interval_seconds = take("poll_interval_seconds", float, 5, at_least=0.1, at_most=3600)
     session_idle_seconds = take("session_idle_seconds", int, 7 * 24 * 3600, at_least=1, at_most=10 * 365 * 24 * 3600)

@@ -68,7 +68,7 @@ def test_every_problem_is_reported_at_once():
 
 def test_defaults_are_safe_and_documented():
     config = parse_site_config(VALID)
-    assert (config.max_concurrent_runs, config.long_poll_seconds, config.poll_interval_seconds) == (1, 30, 5)
+    assert (config.max_concurrent_runs, config.long_poll_seconds, config.poll_interval_seconds) == (1, 50, 5)
     assert config.site_name == socket.gethostname()
     assert config.image_import_folder is None and config.require_digest is True
     assert (config.endpoint_type, config.endpoint_token) == ("sparql", "")
