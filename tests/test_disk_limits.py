@@ -28,9 +28,10 @@ LIMITS = {"max_output_bytes": LIMIT_BYTES, "max_output_files": LIMIT_FILES,
 @pytest.fixture(scope="module")
 def federation():
     engine_or_fail()
-    # Long-polls of 2 s: a session's /temp is checked before each claim, and the tests wait for that.
+    # A session's /temp is checked before each claim (the registry asked which sessions are closed at most every
+    # poll interval), and the tests wait for that: long-polls of 2 s, and the registry asked at each.
     with LocalFederation(site_names=(FILESYSTEM_SITE, POLLING_SITE), patients_per_site=3, start_runners=False,
-                         site_settings={"max_concurrent_runs": 2, "long_poll_seconds": 2,
+                         site_settings={"max_concurrent_runs": 2, "long_poll_seconds": 2, "poll_interval_seconds": 0.2,
                                         "container": LIMITS}) as federation:
         federation.configure_site(POLLING_SITE, container={"disk_limits": "polling"}, session_idle_seconds=1)
         for name in federation.site_names:
