@@ -20,6 +20,7 @@ registry confirms it. Nothing in here accepts inbound connections.
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -86,6 +87,7 @@ class SiteRunner:
         self.audit = AuditLog(config.work_dir / "audit.jsonl")
         self.audit_broken = None  # set when the audit log can take no more entries: the runner stops
         self._parked_asked_at = None  # when the registry was last asked whether parked runs were cancelled
+        self._runs_parked = False  # whether a run waits for a person at the site: claims then wait less
         self.config_source = None  # site_config.ConfigSource: the config file, taken up again when it changes
         self.config_changed = threading.Event()  # set on SIGHUP
         self.stopping = threading.Event()
@@ -228,6 +230,7 @@ class SiteRunner:
         now = time.time() if now is None else now
         parked = [folder for folder in unfinished_runs(self.runs_dir)
                   if folder.state.get("parked") and folder.run_id not in self._workers]
+        self._runs_parked = bool(parked)
         due = self._parked_asked_at is None or now - self._parked_asked_at >= self.config.poll_interval_seconds
         if parked and due:
             self._parked_asked_at = now
@@ -368,7 +371,8 @@ class SiteRunner:
 
     def claim_next_run(self, once=False):
         """The site's next run; None if none came within the long-poll, or the registry did not answer."""
-        wait_seconds = claim_wait_seconds(self.config.long_poll_seconds, self._online, once)
+        wait_seconds = claim_wait_seconds(self.config.long_poll_seconds, self._online, once,
+                                          self.config.poll_interval_seconds if self._runs_parked else None)
         try:
             run = self.registry.claim_run(wait_seconds, self.check_sparql_endpoint(), self.stopping)
         except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
@@ -946,11 +950,14 @@ def registry_problem(error, url):
     return request_problem(error, "registry", url)
 
 
-def claim_wait_seconds(long_poll_seconds, online, once):
+def claim_wait_seconds(long_poll_seconds, online, once, person_awaited_seconds=None):
     """How long a claim may wait for work at the registry: not at all until a claim came back since the start or
     the registry's last problem, so that the log says at once that the runner is online (an idle long-poll would
-    keep it quiet for long_poll_seconds); but --once polls once, as long as it may."""
-    return long_poll_seconds if online or once else 0
+    keep it quiet for long_poll_seconds); but --once polls once, as long as it may. While a run waits for a person
+    at the site (person_awaited_seconds: the poll interval), at most that, in whole seconds as the registry takes
+    them: the runner acts on their decision between claims."""
+    wait = long_poll_seconds if online or once else 0
+    return wait if person_awaited_seconds is None else min(wait, math.ceil(person_awaited_seconds))
 
 
 def certificate_refused(config):

@@ -102,7 +102,7 @@ def site(request, tmp_path, sparql_endpoint):
 
 
 # The config every runner gets but for what a test changes: the poll interval is as short as a site may set.
-RUNNER_SETTINGS = {"long_poll_seconds": 1, "poll_interval_seconds": 1, "max_input_bytes": 65536}
+RUNNER_SETTINGS = {"long_poll_seconds": 1, "poll_interval_seconds": 0.2, "max_input_bytes": 65536}
 
 
 class Site:

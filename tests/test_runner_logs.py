@@ -49,7 +49,7 @@ def test_the_summary_names_what_the_site_allows():
         "container": {"memory": "512m", "cpus": 2, "pids": 64, "timeout_seconds": 600,
                       "max_output_bytes": 5 * 1024 ** 2, "max_temp_bytes": 123456789}})
     assert startup_summary(config) == [
-        "site hospital-a: runner started (pht-runner/0.3), registry http://127.0.0.1:5000, long-poll 30 s",
+        "site hospital-a: runner started (pht-runner/0.3), registry http://127.0.0.1:5000, long-poll 50 s",
         'whitelist ["127\\\\.0\\\\.0\\\\.1:5050/pht/[a-z0-9-]+(:[A-Za-z0-9_.-]+)?(@sha256:[0-9a-f]{64})?"]: an image '
         "runs only if a pattern matches its whole reference; require_digest false: tags run too, pulled and then run "
         "by the digest pulled",
@@ -201,14 +201,19 @@ def test_a_problem_whose_words_change_at_every_attempt_is_said_at_most_once_a_mi
     assert said_at == [0, 1, *range(61, 600, 60)]
 
 
-@pytest.mark.parametrize("long_poll, online, once, wait", [
-    (30, False, False, 0),  # at start, and after a problem: the log says at once whether the registry answers
-    (30, True, False, 30),
-    (30, False, True, 30),  # --once polls once, as long as it may
-    (0, True, False, 0),
+@pytest.mark.parametrize("long_poll, online, once, person_awaited, wait", [
+    (30, False, False, None, 0),  # at start, and after a problem: the log says at once whether the registry answers
+    (30, True, False, None, 30),
+    (30, False, True, None, 30),  # --once polls once, as long as it may
+    (0, True, False, None, 0),
+    # While a run waits for the IT officer, their decision is acted on within the poll interval (whole seconds: the
+    # registry takes whole ones), not only once a long-poll ends.
+    (50, True, False, 5, 5),
+    (50, True, False, 0.2, 1),
+    (2, True, False, 5, 2),
 ])
-def test_a_claim_waits_once_the_runner_is_online(long_poll, online, once, wait):
-    assert claim_wait_seconds(long_poll, online, once) == wait
+def test_a_claim_waits_once_the_runner_is_online(long_poll, online, once, person_awaited, wait):
+    assert claim_wait_seconds(long_poll, online, once, person_awaited) == wait
 
 
 # --- the runner's own log ----------------------------------------------------------------------------------------
