@@ -67,8 +67,9 @@ def rss_mb(pid):
 
 
 class SimulatedSite:
-    def __init__(self, url, token, claimed_at, stop):
+    def __init__(self, url, token, claimed_at, stop, long_poll_seconds=LONG_POLL_SECONDS):
         self.url, self.claimed_at, self.stop = url, claimed_at, stop
+        self.long_poll_seconds = long_poll_seconds
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {token}"
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1)
@@ -78,7 +79,8 @@ class SimulatedSite:
     def work(self):
         while not self.stop[0]:
             try:
-                response = self.http.post(f"{self.url}/api/site/claim", json={"wait_seconds": LONG_POLL_SECONDS}, timeout=60)
+                response = self.http.post(f"{self.url}/api/site/claim", json={"wait_seconds": self.long_poll_seconds},
+                                          timeout=self.long_poll_seconds + 30)
                 if response.status_code == 204:
                     continue
                 response.raise_for_status()
@@ -126,7 +128,8 @@ def start_registries(count, database_url, folder, site_count=0):
     return started
 
 
-def measure(site_count, seconds, rate, database_url, folder, replica_count=1, balanced=False, idle_seconds=0):
+def measure(site_count, seconds, rate, database_url, folder, replica_count=1, balanced=False, idle_seconds=0,
+            long_poll_seconds=LONG_POLL_SECONDS):
     data_dir = folder / f"registry-{site_count}"
     data_dir.mkdir()
     database_url = database_url or f"sqlite:///{data_dir / 'registry.sqlite'}"
@@ -148,8 +151,8 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
         researcher = register_directly(database_url, store.RESEARCHER, ["bench"])["bench"]
         posted_at, claimed_at, stop = {}, {}, [False]
         # Without a balancer, site i polls replica i mod N.
-        sites = [SimulatedSite(balancer.url if balanced else registries[i % replica_count][1], token, claimed_at, stop)
-                 for i, token in enumerate(site_tokens.values())]
+        sites = [SimulatedSite(balancer.url if balanced else registries[i % replica_count][1], token, claimed_at, stop,
+                               long_poll_seconds) for i, token in enumerate(site_tokens.values())]
         remote_names = {name for i, name in enumerate(site_tokens) if not balanced and i % replica_count}
         workers = [gevent.spawn(site.work) for site in sites]
         gevent.sleep(3 + site_count / 500)  # every site has made its first claim and is parked
@@ -219,6 +222,8 @@ def main():
     parser.add_argument("--balancer", action="store_true", help="sites and poster go through HAProxy")
     parser.add_argument("--idle-seconds", type=float, default=0,
                         help="first measure the registry's CPU this long with every site parked and no task")
+    parser.add_argument("--long-poll-seconds", type=int, default=LONG_POLL_SECONDS,
+                        help="how long each site's claim waits (default: the site runner's default)")
     args = parser.parse_args()
     if args.replicas > 1 and not args.database_url.startswith("postgresql"):
         parser.error("--replicas needs --database-url postgresql+psycopg://...: replicas share one database")
@@ -228,7 +233,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="pht-scale-") as folder:
         for site_count in args.sites:
             r = measure(site_count, args.seconds, args.rate, args.database_url, Path(folder), args.replicas,
-                        args.balancer, args.idle_seconds)
+                        args.balancer, args.idle_seconds, args.long_poll_seconds)
             print(f"{r['sites']:>6} {r['posted']:>7} {r['dispatched']:>10} {r['per_second']:>7.1f} "
                   f"{r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['remote_p95_ms']:>10.1f} {r['rss_mb']:>7.1f} "
                   f"{r['cpu_percent']:>6.0f} {r['cpu_ms_per_run']:>10.1f} {r['idle_cpu_percent']:>10.1f} "

@@ -158,7 +158,8 @@ def test_small_results_uploaded_by_requests_of_their_own_are_carried_too_unless_
     assert f"the output of run {lost['id']} is not carried in its task" in caplog.text
 
 
-def test_a_finish_reports_results_are_kept_with_it_in_the_database_and_download(app, client, alice, hospital):  # noqa: F811,E501
+def test_a_finish_reports_results_are_kept_with_it_in_the_database_and_download(
+        app, client, alice, hospital):  # noqa: F811
     task_id = post_task(client, alice).json["id"]
     run = claim(client, hospital).json
     finish_with(client, hospital, run, b"the output", b"the log")
