@@ -20,6 +20,8 @@ _ALWAYS_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
 
 def printable(text):
+    if text.isascii() and text.isprintable():  # " " to "~" only: checked in C
+        return text
     return "".join(char if " " <= char <= "~" else "?" for char in text)
 
 
@@ -32,6 +34,8 @@ def shown(value, limit=80):
 def escaped(text, keep=""):
     """text for a terminal: every control character spelled out as \\xNN or \\uNNNN, except those in
     keep (a table cell or one-line message keeps none; a multi-line log keeps "\\n\\t")."""
+    if text.isascii() and text.isprintable():  # no control character at all: the common case, checked in C
+        return text
     return "".join(char if char in keep or not _is_control(char) else _spelled(char) for char in text)
 
 
