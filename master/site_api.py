@@ -56,9 +56,10 @@ def claim_run(json_data):
     site = auth.caller()
     registry.saw_site(site.id, json_data.get("runner_version"), json_data.get("sparql_ok"))
     deadline = time.monotonic() + json_data["wait_seconds"]
+    news = False
     while True:
         seen = registry.work_for_sites.generation(site.id)
-        run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds)
+        run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds, look_first=not news)
         if run is not None:
             log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)
             inline = run.pop("input")
@@ -71,12 +72,14 @@ def claim_run(json_data):
         # A parked claim costs nothing until news for its site: every change that gives a site a run is announced
         # (posting a task, the lease sweeper), here or by another replica through PostgreSQL. Only while that
         # relay is deaf does the claim look in the database again, as a safety net. A wait that heard nothing
-        # answers without looking again: nothing can have become the site's.
+        # answers without looking again: nothing can have become the site's; one that heard news goes straight to
+        # the lease.
         if registry.hears_every_announcement():
-            if not registry.work_for_sites.wait_for_news(site.id, seen, remaining):
+            news = registry.work_for_sites.wait_for_news(site.id, seen, remaining)
+            if not news:
                 return _nothing_claimed()
         else:
-            registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
+            news = registry.work_for_sites.wait_for_news(site.id, seen, min(remaining, wakeup.RECHECK_SECONDS))
 
 
 def _nothing_claimed():

@@ -760,13 +760,14 @@ _A_LEASE = (
     .returning(runs.c.id))
 
 
-def claim_next_run(engine, site_id, lease_seconds):
-    """Lease the site's oldest pending run to the caller; None if none."""
+def claim_next_run(engine, site_id, lease_seconds, look_first=True):
+    """Lease the site's oldest pending run to the caller; None if none. Most claims find nothing: with look_first a
+    read says so without taking the database's write lock (a claim woken by news for its site need not ask)."""
     now = time.time()
-    # Most claims find nothing; a read says so without taking the database's write lock.
-    with engine.connect() as conn:
-        if conn.execute(_A_PENDING_RUN, {"site_id": site_id}).first() is None:
-            return None
+    if look_first:
+        with engine.connect() as conn:
+            if conn.execute(_A_PENDING_RUN, {"site_id": site_id}).first() is None:
+                return None
     with engine.begin() as conn:
         run_id = conn.execute(_A_LEASE, {"site": site_id, "new_lease_id": secrets.token_hex(16),
                                          "new_expiry": now + lease_seconds, "now": now}).scalar()
