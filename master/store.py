@@ -7,12 +7,11 @@ compare them the same way. A database made by an older release is upgraded in
 place when the registry opens it (UPGRADES), in one transaction.
 """
 
+import hashlib
 import os
 import secrets
 import time
 from pathlib import Path
-
-import hashlib
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -923,8 +922,11 @@ def finish_run(engine, run_id, site_id, lease_id, exit_code, failure_reason, spa
             if row[f"{kind}_sha256"] not in (None, attached[f"{kind}_sha256"]):
                 raise Conflict(f"run {run_id} already has a different {kind}")
         if carried:
-            conn.execute(_KEEP_SMALL_RESULT[conn.dialect.name],
-                         [{"sha256": results[kind][0], "data": data} for kind, data in carried.items()])
+            # In sha256 order: on PostgreSQL an insert waits for another transaction's of the same key, and two
+            # reports of crossed results (output of one the log of the other) taken in their own orders deadlock.
+            kept = sorted({results[kind][0]: data for kind, data in carried.items()}.items())
+            conn.execute(_KEEP_SMALL_RESULT[conn.dialect.name], [{"sha256": sha256, "data": data}
+                                                                 for sha256, data in kept])
         _move(conn, row, status, now, reason, lease_expires_at=None, **values)
     return status, row["task_id"]
 

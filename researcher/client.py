@@ -285,6 +285,8 @@ class Registry:
         piece; hashed as it comes, never more than cap bytes."""
         carried = self._carried.pop((run_id, kind), None)
         if carried is not None and carried[0] == sha256:
+            if len(carried[1]) > 4 * math.ceil(cap / 3):  # refused before it is decoded, as a download at its cap
+                raise ResultTooLarge(subject, limit, cap)
             self._keep([_decoded(carried[1], subject)], target, sha256, subject, limit, cap)
             return
         # Identity: a body compressed on the way would be unpacked by urllib3 before the cap could count it.
@@ -357,8 +359,8 @@ def carried_results(task):
     for run in task["runs"]:
         for kind in ("output", "log") if isinstance(run, dict) else ():
             text = run.pop(f"{kind}_base64", None)
-            if isinstance(text, str):
-                carried[(run.get("id"), kind)] = (run.get(f"{kind}_sha256"), text)
+            if isinstance(text, str) and type(run.get("id")) is int:  # run_problem() names a run without one
+                carried[(run["id"], kind)] = (run.get(f"{kind}_sha256"), text)
     return carried
 
 

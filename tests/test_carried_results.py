@@ -5,13 +5,15 @@ import base64
 import hashlib
 import logging
 import re
+import tracemalloc
 
 import pytest
+from sqlalchemy import event
 
 from master import researcher_api
 from researcher import ChecksumMismatch, RegistryError, ResultLimits, ResultTooLarge
-from researcher.client import carried_results
-from tests.test_registry_api import alice, claim, hospital, post_task, start, upload  # noqa: F401 (fixtures)
+from researcher.client import Registry, carried_results
+from tests.test_registry_api import alice, claim, finish_carrying, hospital, post_task, start, upload  # noqa: F401,E501
 from tests.test_researcher_boundaries import archive_of, federation, files_below  # noqa: F401 (fixture)
 
 LARGER_THAN_CARRIED = 48 * 1024 + 1
@@ -171,3 +173,91 @@ def test_a_finish_reports_results_are_kept_with_it_in_the_database_and_download(
         assert answer.status_code == 200 and answer.data == data
         assert answer.headers["X-Content-SHA256"] == hashlib.sha256(data).hexdigest()
     assert task_with_results(client, alice, task_id)["runs"][0]["log_base64"] == "dGhlIGxvZw=="
+
+
+# --- found by an attacker's review -----------------------------------------------------------------------------
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# On PostgreSQL, INSERT ... ON CONFLICT DO NOTHING waits for another transaction's uncommitted row of the same key.
+# Run A reporting (output=P, log=Q) while run B reports (output=Q, log=P) -- two runs of one site at once, or two
+# sites -- lock P then Q and Q then P: a deadlock, which PostgreSQL ends by failing one report (an OperationalError:
+# 500). Rows taken in one order (by sha256) cannot wait on each other in a cycle.
+
+def test_a_finish_keeps_its_small_results_in_sha256_order_so_two_reports_cannot_deadlock(
+        app, client, alice, hospital):  # noqa: F811
+    first, second = sorted([b"alpha\n", b"beta\n"], key=sha)
+    post_task(client, alice)
+    run = claim(client, hospital).json
+    inserted = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO SMALL_RESULTS"):
+            # One statement of many VALUES (insertmanyvalues, flat parameters) or an executemany: the sha256s, in
+            # the order the database takes their rows.
+            rows = parameters if executemany else [parameters]
+            flat = [value for row in rows for value in (row.values() if isinstance(row, dict) else row)]
+            inserted.extend(value for value in flat if isinstance(value, str) and len(value) == 64)
+
+    engine = app.extensions["pht"].engine
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        # The output's sha256 sorts after the log's: the other run reports them the other way round.
+        assert finish_carrying(client, hospital, run, output=second, log=first).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    assert inserted == [sha(first), sha(second)], "rows locked in report order: two crossed reports deadlock"
+
+
+class _FailingRead:
+    """A blob whose body fails half-way, as an S3 body does when the connection resets (or a disk's EIO)."""
+
+    def read(self, *_):
+        raise OSError("Input/output error")
+
+    def close(self):
+        pass
+
+
+def test_a_result_store_that_fails_mid_read_leaves_that_result_out_of_the_task_not_500(
+        app, client, alice, hospital):  # noqa: F811
+    task_id = post_task(client, alice).json["id"]
+    run = claim(client, hospital).json
+    start(client, hospital, run)
+    # As a runner before API 1.4 reports: small results uploaded by PUT, so they live in the result store.
+    for kind, data in (("output", b"the output"), ("log", b"the log")):
+        assert upload(client, hospital, run, kind, data).status_code == 200
+    assert client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital,
+                       json={"lease_id": run["lease_id"], "exit_code": 0}).status_code == 200
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as the served registry does
+    app.extensions["pht"].blobs.open = lambda sha256, size: _FailingRead()
+
+    answer = client.get(f"/api/tasks/{task_id}", headers=alice, query_string={"with_results": "true"})
+    assert answer.status_code == 200, (answer.status_code, answer.get_data(as_text=True)[:200])
+    assert "output_base64" not in answer.json["runs"][0]  # left out: downloading it says what is wrong
+
+
+@pytest.mark.parametrize("odd_id", [[1], {"a": 1}])
+def test_a_carried_result_of_a_run_with_an_unhashable_id_is_left_out_not_a_type_error(odd_id):
+    task = {"runs": [{"id": odd_id, "status": "completed", "output_sha256": "a" * 64, "output_base64": "eA=="}]}
+    # wait() calls this on the ended task; a TypeError here escapes wait() where results() would have said
+    # RegistryError("the registry listed a run the library cannot use").
+    assert carried_results(task) == {}
+
+
+def test_a_carried_result_over_its_cap_is_refused_before_it_is_decoded_whole(tmp_path):
+    cap = 1000
+    text = base64.b64encode(b"x" * (4 * 1024 * 1024)).decode()  # what a hostile registry's answer carried
+    registry = Registry("http://127.0.0.1:9", "token")
+    registry._carried = {(1, "log"): ("a" * 64, text)}
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResultTooLarge):
+            registry._receive(1, "log", tmp_path / "log", "a" * 64, "the log of run 1", "max_log_bytes", cap)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"{peak} bytes held for a result capped at {cap}"
