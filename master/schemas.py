@@ -167,8 +167,8 @@ class DeliveryOut(Schema):
 
 
 CARRIED_RESULT = ("The run's {kind}, base64: only in `GET /api/tasks/{{id}}?with_results=true` once the task has "
-                  "ended, when it is at most 49,152 bytes and the answer's results stay within 8 MiB in all; else "
-                  "download it. Check it against its sha256, as a download.")
+                  f"ended, when it is at most {names.MAX_INLINE_BYTES:,} bytes and the answer's results stay within "
+                  "8 MiB in all; else download it. Check it against its sha256, as a download.")
 SPARQL_SUMMARY = ("What the run's algorithm read through the site's SPARQL gateway: number of queries, "
                   "bytes of results, queries refused.")
 
@@ -325,7 +325,8 @@ class ClaimedRunOut(Schema):
     lease_id = String(metadata={"description": "Send with every report on this run."})
     lease_seconds = Integer(metadata={"description": "Send a heartbeat well within this."})
     input_base64 = String(metadata={
-        "description": "The task's configuration file, base64, when it is at most 49,152 bytes; otherwise absent: "
+        "description": f"The task's configuration file, base64, when it is at most {names.MAX_INLINE_BYTES:,} bytes; "
+                       "otherwise absent: "
                        "GET /api/site/runs/{run_id}/input."})
     inline_result_bytes = Integer(metadata={
         "description": "The finish report may carry the output and the log (output_base64, log_base64) when each "
