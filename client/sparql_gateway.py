@@ -238,9 +238,11 @@ class RunGateway:
         goes wrong, the request is answered (if nothing was sent yet) and recorded: never a traceback."""
         started = time.monotonic()
         with self._lock:
-            if self._exhausted:
-                # The run's one over-the-limit request was refused and recorded; the gateway is closing, and any
-                # request it still accepted meanwhile is dropped unanswered and unrecorded, as a closed gateway would.
+            if self._exhausted or self._server is None:
+                # Closed (its run has ended), or the run's one over-the-limit request was refused and recorded and
+                # the gateway is closing: a request on a connection kept alive from before is dropped, unanswered and
+                # unrecorded, as a closed gateway would. (A relay kept for the session's next run cannot go on
+                # asking as this run.)
                 handler.close_connection = True
                 return
             self._in_flight += 1

@@ -347,6 +347,19 @@ def test_two_queries_on_one_kept_alive_connection(open_gateway):
     connection.close()
 
 
+def test_a_closed_gateway_answers_nothing_more_on_a_connection_kept_alive(open_gateway):
+    """Its run has ended: a relay kept for the session's next run must not go on asking through it."""
+    gateway = open_gateway()
+    connection = gateway.connection()
+    assert gateway.query(COUNT_ALL, connection=connection).status == 200
+    gateway.close()
+    connection.request("GET", "/sparql?" + urlencode({"query": COUNT_ALL}), headers={"Accept": JSON_TYPE})
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        connection.getresponse()
+    connection.close()
+    assert len(gateway.entries()) == 1, "a request after the close was recorded"
+
+
 # --- refusals: nothing reaches the store --------------------------------------------------
 
 INSERT = f'INSERT DATA {{ <{EX}x> <{EX}written> "through the gateway" }}'
