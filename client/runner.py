@@ -6,11 +6,12 @@ The main loop (one thread):
     answers) → refuse it (whitelist) or hand it to a worker.
 
 A worker (one thread per run, up to max_concurrent_runs):
-    fetch the image, pinned → report started → open the run's SPARQL gateway and start its
-    relay → create the contained, labelled container in the relay's network namespace →
-    run it while a heartbeat thread keeps the lease (and notices a cancel) → close the
-    gateway → pack /output → upload output and log → report how it ended, with what the
-    gateway saw → delete the run's folder.
+    fetch the image, pinned → report started → open the run's SPARQL gateway and take the
+    relay its session kept, or start one → create the contained, labelled container in the
+    relay's network namespace → run it while a heartbeat thread keeps the lease (and notices
+    a cancel) → close the gateway → pack /output → upload output and log → report how it
+    ended, with what the gateway saw → remove its container, keep its relay for the
+    session's next run (relay_pool.py) → delete the run's folder.
 
 Each step is recorded in the run's folder (run_folder.py) before the next one starts,
 so a runner killed at any moment carries on where it was at its next start: a
@@ -39,6 +40,7 @@ from common.printable import escaped, printable
 from common.transport import plain_http_warning
 from client.registry_client import (RUNNER_VERSION, TRANSIENT_ERRORS, InputTooLarge, LeaseLost, Outage, RegistryRefused,
                                     TokenRefused, Unreachable, request_problem, sha256_of)
+from client.relay_pool import RelayPool
 from client.run_folder import RunFolder, parked_run, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
@@ -106,6 +108,7 @@ class SiteRunner:
         self._gateways_lock = threading.Lock()
         self.parser = ParserPool()
         self._relay_image = None
+        self.relays = RelayPool(engine, config.work_dir / "relays", config.max_concurrent_runs)
 
     # --- the main loop -------------------------------------------------------
 
@@ -116,6 +119,7 @@ class SiteRunner:
         self.check_identity()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
+        self.relays.remove_left_over()
         if uses_gateway(self.config):
             self.parser.start()
             self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
@@ -126,6 +130,7 @@ class SiteRunner:
             self.take_runs(once)
         finally:
             self.parser.close()
+            self.relays.close()
 
     def size_disks(self):
         """The filesystems' sizes for the site's limits, found by making one of each (disk_limits.calibrate)."""
@@ -320,6 +325,7 @@ class SiteRunner:
                                        self.config.max_sessions)
         for session_id, why in removable.items():
             self.sessions.remove(session_id, why)
+        self.relays.remove_unused(removable)
 
     def check_sparql_endpoint(self):
         """Whether the endpoint answers a query sent as the gateway sends algorithms' queries (before every poll;
@@ -586,6 +592,11 @@ class SiteRunner:
         127.0.0.1 leads to the gateway and nowhere else. None if the relay could not be started (the run failed)."""
         if not uses_gateway(self.config):
             return self.config.container.network
+        if "relay_container_id" not in folder.state:
+            # Taken before the gateway's socket is in the folder: the kept relay's folder becomes the run's.
+            kept = self.relays.take(folder.claim.session_id, folder.gateway_dir)
+            if kept:
+                folder.record(relay_container_id=kept)
         self.open_gateway(folder)
         relay_id = folder.state.get("relay_container_id")
         if relay_id is None or not containers.is_running(self.engine, relay_id):
@@ -869,9 +880,11 @@ class SiteRunner:
 
     def clean_up(self, folder):
         self.close_gateway(folder.run_id)
-        for name in ("container_id", "relay_container_id"):
-            if name in folder.state:
-                containers.remove(self.engine, folder.state[name])
+        if "container_id" in folder.state:
+            containers.remove(self.engine, folder.state["container_id"])
+        if "relay_container_id" in folder.state:
+            # Only now that nothing of the run is left in its namespace is its relay kept for the session's next run.
+            self.relays.keep(folder.claim.session_id, folder.state["relay_container_id"], folder.gateway_dir)
         try:
             folder.remove()
         except disk_limits.DiskProblem as error:

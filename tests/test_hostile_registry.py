@@ -43,7 +43,7 @@ from scripts.federation import DEFAULT_WHITELIST, IMAGE_REGISTRY, OXIGRAPH, PYTH
 from client.officer_commands import Officer
 from client.site_config import load_site_config
 from tests.fake_registry import Answer, FakeRegistry
-from tests.images import engine_or_fail, pinned_test_image
+from tests.images import algorithm_containers, engine_or_fail, pinned_test_image
 
 SITE = "hospital-h"
 OFF_WHITELIST = f"{IMAGE_REGISTRY}/evil/pht/contract-probe:latest"
@@ -241,8 +241,7 @@ class RunnerPool:
 
     def idle(self, index):
         runs = self.work_dirs[index] / "runs"
-        return not (runs.exists() and any(runs.iterdir())) and not containers.containers_of(
-            docker.from_env(), SITE, self.work_dirs[index])
+        return not (runs.exists() and any(runs.iterdir())) and not algorithm_containers(SITE, self.work_dirs[index])
 
     def release(self, runners):
         """After a test: a runner still busy (its test failed half-way) is killed and its work_dir emptied, so that
@@ -913,8 +912,7 @@ def test_a_run_handed_out_again_while_it_runs(site, probe):
         if request.kind in ("output", "log", "finish"):
             assert "first-lease" not in (request.headers.get("X-Lease-Id"), (request.json or {}).get("lease_id"))
     assert "the registry handed the run out again" in runner.output
-    runner.wait_for(lambda: not containers.containers_of(docker.from_env(), SITE, site.work_dir),
-                    "both runs' containers are removed")
+    runner.wait_for(lambda: not algorithm_containers(SITE, site.work_dir), "both runs' containers are removed")
     site.assert_unharmed(allowed_runs=[901])
     assert runner.stop() == 0
 

@@ -7,13 +7,11 @@ import socket
 import threading
 import time
 
-import docker
 import pytest
 
-from client import containers
 from scripts.federation import LocalFederation, free_port
-from tests.images import (engine_or_fail, only_run, output_json, pushed_test_image, run_of, site_status, states,
-                          wait_until)
+from tests.images import (algorithm_containers, engine_or_fail, only_run, output_json, pushed_test_image, run_of,
+                          site_status, states, wait_until)
 
 SITE = "hospital-a"
 LEASE_SECONDS = 4
@@ -45,9 +43,7 @@ def runner_with_its_own_endpoint(federation):
 
 
 def site_containers(federation):
-    """The site's algorithm containers (not their SPARQL relays)."""
-    return [container for container in containers.containers_of(docker.from_env(), SITE, federation.folder / SITE / "work")
-            if containers.ROLE_LABEL not in container.labels]
+    return algorithm_containers(SITE, federation.folder / SITE / "work")
 
 
 class Tarpit:

@@ -24,6 +24,13 @@ FOLDER = Path(__file__).resolve().parent
 BASE_IMAGE = os.environ.get("PHT_BASE_IMAGE", "pht-base:bookworm")
 
 
+def algorithm_containers(site_name, work_dir):
+    """A runner's algorithm containers, not its SPARQL relays (a relay may be kept for its session's next run)."""
+    from client import containers
+    return [container for container in containers.containers_of(engine_or_fail(), site_name, work_dir)
+            if containers.ROLE_LABEL not in container.labels]
+
+
 def engine_or_fail():
     try:
         engine = docker.from_env()

@@ -17,6 +17,9 @@ each one, so a run that is stopped midway still tells how far it got. What a ste
   parallel      run "step" in "threads" threads at once (all released together); a list of what each saw
   loop          query ("query") every "interval" seconds, and try each of "reach", until "stop_file"
                 exists or "seconds" passed; each attempt is appended to "progress_file" as a JSON line
+  netns         which network namespace this is (the link /proc/self/ns/net)
+  linger        leave a process behind that listens on 127.0.0.1:"port" and on the abstract Unix socket
+                "unix_name", detached from this one (its own session), for a later run in the namespace to find
 
 The gateway is the host and port of $SPARQL_ENDPOINT. Nothing here has a fixed address of its own.
 """
@@ -186,6 +189,16 @@ def listening():
     return sorted(found)
 
 
+def abstract_unix_sockets():
+    """The abstract Unix socket names bound in this network namespace."""
+    names = []
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and fields[7].startswith("@"):
+            names.append(fields[7][1:])
+    return sorted(names)
+
+
 def do_net(_step):
     try:
         ipv6_devices = sorted({line.split()[-1] for line in open("/proc/net/ipv6_route") if line.strip()})
@@ -196,7 +209,33 @@ def do_net(_step):
         "route": open("/proc/net/route").read().splitlines(),
         "ipv6_route_devices": ipv6_devices,
         "listening": listening(),
+        "abstract_unix": abstract_unix_sockets(),
     }
+
+
+def do_netns(_step):
+    return os.readlink("/proc/self/ns/net")
+
+
+def do_linger(step):
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("127.0.0.1", step["port"]))
+    tcp.listen(8)
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind("\0" + step["unix_name"])
+    unix.listen(8)
+    child = os.fork()
+    if child == 0:  # its child leaves this session and would outlive this process, holding both sockets
+        os.setsid()
+        if os.fork() == 0:
+            while True:
+                time.sleep(3600)
+        os._exit(0)
+    os.waitpid(child, 0)
+    tcp.close()
+    unix.close()
+    return {"listening": listening(), "abstract_unix": abstract_unix_sockets()}
 
 
 def do_raw(step):
@@ -307,7 +346,8 @@ def do_loop(step):
 
 
 STEPS = {"http": do_http, "sparqlwrapper": do_sparqlwrapper, "tcp": do_tcp, "net": do_net, "raw": do_raw,
-         "slowloris": do_slowloris, "parallel": do_parallel, "loop": do_loop}
+         "slowloris": do_slowloris, "parallel": do_parallel, "loop": do_loop,
+         "netns": do_netns, "linger": do_linger}
 
 
 def run_step(step):
