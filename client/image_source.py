@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import docker
 
+from client.containers import image_details
 from client.image_policy import InvalidReference, parse_image_reference
 
 log = logging.getLogger("pht.runner")
@@ -33,6 +34,7 @@ class ImageUnavailable(Exception):
 class PinnedImage:
     run_reference: str  # what the container is created from: name@sha256:... or the image id
     digest: str  # reported to the registry as the image that ran
+    details: dict  # containers.image_details
 
 
 class ImageSource:
@@ -101,12 +103,12 @@ class ImageSource:
         if image_id is None:
             return None
         try:
-            self.engine.images.get(image_id)
+            image = self.engine.images.get(image_id)
         except docker.errors.ImageNotFound:
             log.warning("image import: %s was imported but is gone from Docker; drop its archive in again",
                         reference.normalised)
             return None
-        return PinnedImage(run_reference=image_id, digest=image_id)
+        return PinnedImage(run_reference=image_id, digest=image_id, details=image_details(image))
 
     def _record(self):
         """Normalised name -> image id, for every image loaded from the import folder."""
@@ -138,9 +140,9 @@ def pinned_by_registry_digest(image, reference):
     for repo_digest in image.attrs.get("RepoDigests") or []:
         name, _, digest = repo_digest.partition("@")
         if name in (reference.name, reference.repository, reference.repository.removeprefix("library/")):
-            return PinnedImage(run_reference=f"{reference.name}@{digest}", digest=digest)
+            return PinnedImage(run_reference=f"{reference.name}@{digest}", digest=digest, details=image_details(image))
     # No registry digest under this name (unusual); the content id pins the image just as well.
-    return PinnedImage(run_reference=image.id, digest=image.id)
+    return PinnedImage(run_reference=image.id, digest=image.id, details=image_details(image))
 
 
 def _write_json(path, data):

@@ -533,7 +533,7 @@ class SiteRunner:
                 return
             heartbeat.check()  # a long pull gives the researcher time to cancel
             folder.record(image=pinned.run_reference, digest=pinned.digest,
-                          image_details=containers.image_details(self.engine, pinned.run_reference))
+                          image_details=pinned.details)
             self.record("image_pulled", run.id, reference=run.image, digest=pinned.digest)
         if "container_id" not in folder.state and "input_sha256" not in folder.state:
             try:
@@ -592,16 +592,17 @@ class SiteRunner:
         127.0.0.1 leads to the gateway and nowhere else. None if the relay could not be started (the run failed)."""
         if not uses_gateway(self.config):
             return self.config.container.network
-        if "relay_container_id" not in folder.state:
-            # Taken before the gateway's socket is in the folder: the kept relay's folder becomes the run's.
-            kept = self.relays.take(folder.claim.session_id, folder.gateway_dir)
-            if kept:
-                folder.record(relay_container_id=kept)
-        self.open_gateway(folder)
         relay_id = folder.state.get("relay_container_id")
-        if relay_id is None or not containers.is_running(self.engine, relay_id):
+        if relay_id is None:
+            # Taken before the gateway's socket is in the folder: the kept relay's folder becomes the run's.
+            relay_id = self.relays.take(folder.claim.session_id, folder.gateway_dir)  # a running one, or None
             if relay_id:
-                containers.remove(self.engine, relay_id)
+                folder.record(relay_container_id=relay_id)
+        elif not containers.is_running(self.engine, relay_id):  # the runner restarted, and its relay went meanwhile
+            containers.remove(self.engine, relay_id)
+            relay_id = None
+        self.open_gateway(folder)
+        if relay_id is None:
             relay = containers.create_relay(self.engine, self._relay_image, folder.gateway_dir,
                                             containers.labels_for(self.config.site_name, self.config.work_dir,
                                                                   folder.claim.task_id, folder.run_id))
@@ -676,7 +677,6 @@ class SiteRunner:
             folder.record(outcome={"exit_code": None,
                                    "failure_reason": "its container was removed while the runner was not running"})
             return
-        container.reload()
         if uses_gateway(self.config) and containers.has_not_ended(container):
             # An algorithm that already ended needs no gateway: only one still to run or running does.
             if not containers.is_running(self.engine, folder.state.get("relay_container_id")):
