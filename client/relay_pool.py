@@ -7,9 +7,10 @@ has ended is kept for the session's next run here instead of removed, and that r
 
 What a kept relay could carry from one run to the next, were an algorithm to subvert it, crosses no line the
 session's /temp does not cross already: the relay is used by runs of its session only, by one at a time, and once
-its run's algorithm container is removed (nothing of that run is left in the namespace); it is removed when the
-session's /temp is (closed, idle or beyond max_sessions: session_folders.py), after KEEP_SECONDS unused, or when
-more than the site's max_concurrent_runs are kept (the least recently used goes).
+its run's algorithm container is removed (nothing of that run is left in the namespace), and only one that was
+seen listening; it is removed when the session's /temp is (closed, idle or beyond max_sessions:
+session_folders.py), and not kept if that went first (a run held for review outlives its session's /temp), after
+KEEP_SECONDS unused, or when more than the site's max_concurrent_runs are kept (the least recently used goes).
 
 A kept relay's socket folder moves with it: from its run's gateway folder to relays/ in the work_dir, then to the
 next run's gateway folder (the relay's bind mount is of the folder, not of its path). The pool is in memory only:
@@ -51,6 +52,7 @@ class RelayPool:
         self.engine, self.folder, self.max_kept, self._clock = engine, Path(folder), max_kept, clock
         self._kept = {}  # session id -> KeptRelay
         self._lock = threading.Lock()
+        self._closed = False  # the runner stops: a relay whose run ends now is removed, not kept
 
     def remove_left_over(self):
         """The socket folders an earlier runner kept (their relays were removed as unrecorded)."""
@@ -88,6 +90,8 @@ class RelayPool:
         with self._lock:
             unkept = [relay for relay in [self._kept.pop(session_id, None)] if relay]
             self._kept[session_id] = KeptRelay(session_id, container_id, folder, self._clock())
+            if self._closed:
+                unkept.append(self._kept.pop(session_id))
             while len(self._kept) > self.max_kept:
                 unkept.append(self._kept.pop(min(self._kept, key=lambda kept: self._kept[kept].kept_at)))
         self._remove(unkept)
@@ -103,7 +107,7 @@ class RelayPool:
     def close(self):
         """Remove every kept relay (the runner stops)."""
         with self._lock:
-            unkept, self._kept = list(self._kept.values()), {}
+            unkept, self._kept, self._closed = list(self._kept.values()), {}, True
         self._remove(unkept)
 
     def _remove(self, relays):

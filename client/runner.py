@@ -595,10 +595,11 @@ class SiteRunner:
         relay_id = folder.state.get("relay_container_id")
         if relay_id is None:
             # Taken before the gateway's socket is in the folder: the kept relay's folder becomes the run's.
-            relay_id = self.relays.take(folder.claim.session_id, folder.gateway_dir)  # a running one, or None
+            relay_id = self.relays.take(folder.claim.session_id, folder.gateway_dir)  # a listening one, or None
             if relay_id:
-                folder.record(relay_container_id=relay_id)
-        elif not containers.is_running(self.engine, relay_id):  # the runner restarted, and its relay went meanwhile
+                folder.record(relay_container_id=relay_id, relay_ready=True)
+        elif not (containers.is_running(self.engine, relay_id) and folder.gateway_dir.is_dir()):
+            # The runner restarted, and the relay (or the socket folder bound into it) went meanwhile.
             containers.remove(self.engine, relay_id)
             relay_id = None
         self.open_gateway(folder)
@@ -606,13 +607,18 @@ class SiteRunner:
             relay = containers.create_relay(self.engine, self._relay_image, folder.gateway_dir,
                                             containers.labels_for(self.config.site_name, self.config.work_dir,
                                                                   folder.claim.task_id, folder.run_id))
-            folder.record(relay_container_id=relay.id)
+            relay_id = relay.id
+            folder.record(relay_container_id=relay_id, relay_ready=False)
             containers.start(relay)
+        if not folder.state.get("relay_ready"):  # and after a restart, if it was not seen listening before
             try:
-                containers.wait_until_listening(relay)
-            except containers.RelayFailed as error:
-                folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
+                containers.wait_until_listening(self.engine.containers.get(relay_id))
+            except (containers.RelayFailed, docker.errors.NotFound) as error:
+                containers.remove(self.engine, relay_id)
+                del folder.state["relay_container_id"]  # so that no later run is given it
+                folder.record(outcome={"exit_code": None, "failure_reason": f"{error}"})
                 return None
+            folder.record(relay_ready=True)
         return f"container:{folder.state['relay_container_id']}"
 
     def open_gateway(self, folder):
@@ -697,7 +703,7 @@ class SiteRunner:
             folder.record(started_at=time.time())
         container_log = LogFollower(container, folder.log_file).start()
         self.record("container_started", run.id, container=container.id, image=folder.state["image"],
-                    digest=folder.state["digest"])
+                    digest=folder.state["digest"], relay=folder.state.get("relay_container_id"))
         containers.start(container)
         timeout = timeout_for(run, limits)
         output_checked = [time.monotonic()]
@@ -882,9 +888,14 @@ class SiteRunner:
         self.close_gateway(folder.run_id)
         if "container_id" in folder.state:
             containers.remove(self.engine, folder.state["container_id"])
-        if "relay_container_id" in folder.state:
-            # Only now that nothing of the run is left in its namespace is its relay kept for the session's next run.
-            self.relays.keep(folder.claim.session_id, folder.state["relay_container_id"], folder.gateway_dir)
+        relay_id = folder.state.get("relay_container_id")
+        if relay_id:
+            # Kept for the session's next run only now that nothing of this run is left in its namespace, only if it
+            # was seen listening, and only while the session's /temp is here (a kept relay goes with it).
+            if folder.state.get("relay_ready") and self.sessions.holds(folder.claim.session_id):
+                self.relays.keep(folder.claim.session_id, relay_id, folder.gateway_dir)
+            else:
+                containers.remove(self.engine, relay_id)
         try:
             folder.remove()
         except disk_limits.DiskProblem as error:

@@ -47,6 +47,10 @@ class SessionFolders:
         if last_used.parent.is_dir():
             last_used.touch()
 
+    def holds(self, session_id):
+        """Whether the session's folder is here."""
+        return (self.sessions_dir / str(session_id)).is_dir()
+
     def held(self):
         """Session id -> when a run last used its folder, for every session folder here."""
         held = {}

@@ -28,7 +28,8 @@ LINGER_NAME = "pht-left-behind"
 @pytest.fixture(scope="module")
 def federation():
     engine_or_fail()
-    with LocalFederation(site_names=(SITE,), patients_per_site=10, container_network="none",
+    # A short lease: a run the registry gives to the parked claim of a runner the test stopped comes back soon.
+    with LocalFederation(site_names=(SITE,), patients_per_site=10, container_network="none", lease_seconds=6,
                          site_settings={"max_concurrent_runs": 2, "long_poll_seconds": 2,
                                         "poll_interval_seconds": 0.2}) as federation:
         yield federation
