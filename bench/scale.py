@@ -4,9 +4,10 @@
         [--database-url URL] [--replicas N [--balancer]] [--idle-seconds 30]
 
 Each simulated site is a greenlet that does what a runner does over HTTP, without containers: long-poll for
-a run (which carries the small input), report it started, and report it finished with its small output and
-log (uploaded by requests of their own instead when the claim does not offer that: a registry before API
-1.4). It sends no heartbeat: a runner's first comes a third of the lease after the start, and these runs end
+a run (which carries the small input and is started with the claim, its image being pinned by digest as the
+researcher library posts it), and report it finished with its small output and log. A registry before API
+1.6 cannot start a claimed run, so the site reports the start; before 1.4 it uploads output and log by
+requests of their own. It sends no heartbeat: a runner's first comes a third of the lease after the start, and these runs end
 at once. A poster sends tasks to random sites at --rate per second. For each site count it prints tasks
 dispatched per second, dispatch latency (POST sent -> the site holds the run: median, p95), the registry's RSS
 and CPU (of all its replicas together), and its CPU milliseconds per dispatched run, the poster's post and the
@@ -75,12 +76,15 @@ class SimulatedSite:
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1)
         self.http.mount("http://", adapter)
         self.errors = collections.Counter()
+        self.starts_claimed_runs = False
 
     def work(self):
         while not self.stop[0]:
             try:
-                response = self.http.post(f"{self.url}/api/site/claim", json={"wait_seconds": self.long_poll_seconds},
-                                          timeout=self.long_poll_seconds + 30)
+                # Asked once the registry's claims say it can (as the runner does): an older one refuses the field.
+                asked = {"start_pinned": True} if self.starts_claimed_runs else {}
+                response = self.http.post(f"{self.url}/api/site/claim", timeout=self.long_poll_seconds + 30,
+                                          json={"wait_seconds": self.long_poll_seconds, **asked})
                 if response.status_code == 204:
                     continue
                 response.raise_for_status()
@@ -88,6 +92,7 @@ class SimulatedSite:
                 # Joined with the post times afterwards: the run may arrive before the poster has
                 # even read the task id from its own response.
                 self.claimed_at[run["task_id"]] = time.monotonic()
+                self.starts_claimed_runs = "started" in run
                 self.report(run)
             except requests.RequestException as error:
                 self.errors[type(error).__name__ if error.response is None else error.response.status_code] += 1
@@ -96,8 +101,9 @@ class SimulatedSite:
     def report(self, run):
         base = f"{self.url}/api/site/runs/{run['id']}"
         lease = {"lease_id": run["lease_id"]}
-        self.http.post(f"{base}/start", json={**lease, "image_digest": "sha256:" + "0" * 64},
-                       timeout=60).raise_for_status()
+        if not run.get("started"):
+            self.http.post(f"{base}/start", json={**lease, "image_digest": "sha256:" + "0" * 64},
+                           timeout=60).raise_for_status()
         carried = {}
         for kind in ("output", "log"):
             if len(SMALL_RESULT) <= run.get("inline_result_bytes", 0):
@@ -172,7 +178,7 @@ def measure(site_count, seconds, rate, database_url, folder, replica_count=1, ba
             sent = time.monotonic()
             name = random.choice(names)
             response = poster.post(f"{poster_url}/api/tasks", timeout=60, json={
-                "image": "bench/scale:1", "input": "{}", "sites": [name]})
+                "image": "bench/scale:1@sha256:" + "0" * 64, "input": "{}", "sites": [name]})
             response.raise_for_status()
             posted_at[response.json()["id"]] = sent
             if name in remote_names:

@@ -58,6 +58,9 @@ class Claim:
     researcher: str | None  # who posted the task (None from a registry too old to say)
     # How large an output or log the finish report may carry (0: none; a registry before API 1.4).
     inline_result_bytes: int = 0
+    # The registry started the run with the claim (the site asked it to: start_pinned), so no start report is sent.
+    # None: a registry before API 1.6, which cannot be asked.
+    started: bool | None = None
     # The task's input when the claim carried it; None: download it. Kept in the run's folder as its input file,
     # not with the claim.
     input: bytes | None = field(default=None, repr=False)
@@ -103,6 +106,7 @@ def parse_claim(raw):
         name=take("name", _name, optional=True),
         researcher=take("researcher", _researcher, optional=True),
         inline_result_bytes=take("inline_result_bytes", _whole_number(0, MAX_INLINE_BYTES), optional=True),
+        started=take("started", _boolean, optional=True),
         input=take("input_base64", _inline_input, optional=True),
     )
     if problems:
@@ -164,6 +168,10 @@ def _inline_input(value):
     except binascii.Error:
         return problem
     return None
+
+
+def _boolean(value):
+    return None if isinstance(value, bool) else "must be true or false"
 
 
 def _researcher(value):

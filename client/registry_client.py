@@ -93,14 +93,19 @@ class RegistryClient:
         self.http.headers["User-Agent"] = RUNNER_VERSION
         self.http.max_redirects = 0  # the registry answers for itself: a redirect is an error, never followed
         self.http.trust_env = False  # no proxy or .netrc from the environment changes where requests go
+        # Whether the registry can start a claimed run (API 1.6): learned from its claims' answers, since an older
+        # one refuses a claim that asks.
+        self.starts_claimed_runs = False
 
-    def claim_run(self, wait_seconds, sparql_ok, stopping=None):
+    def claim_run(self, wait_seconds, sparql_ok, stopping=None, start_pinned=False):
         """The next run for this site as a checked Claim, waiting up to wait_seconds; None if none came.
         Raises InvalidClaim for an answer the runner must not act on. Once stopping (an Event) is set, the
-        claim is given up within STOP_GRACE_SECONDS: a run it may have leased returns when its lease runs out."""
+        claim is given up within STOP_GRACE_SECONDS: a run it may have leased returns when its lease runs out.
+        start_pinned: ask the registry to start a run whose image is pinned by digest (if it can)."""
+        asked = {"start_pinned": True} if start_pinned and self.starts_claimed_runs else {}
         try:
             response = self._answer("POST", "/api/site/claim", wait_seconds + 30, stopping=stopping, json={
-                "wait_seconds": wait_seconds, "runner_version": RUNNER_VERSION, "sparql_ok": sparql_ok})
+                "wait_seconds": wait_seconds, "runner_version": RUNNER_VERSION, "sparql_ok": sparql_ok, **asked})
         except GarbledAnswer as error:
             raise InvalidClaim([f"the registry's answer to a claim could not be read: {error}"]) from None
         if response.status_code == 204:
@@ -109,7 +114,9 @@ class RegistryClient:
         answer = _json_or_none(response)
         if answer is None:
             raise InvalidClaim(["the registry's answer to a claim is not a JSON object"])
-        return parse_claim(answer)
+        claim = parse_claim(answer)
+        self.starts_claimed_runs = claim.started is not None
+        return claim
 
     def site_name(self):
         """One try: the name the registry knows this token by; None from a registry too old to say."""

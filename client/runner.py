@@ -380,7 +380,9 @@ class SiteRunner:
         wait_seconds = claim_wait_seconds(self.config.long_poll_seconds, self._online, once,
                                           self.config.poll_interval_seconds if self._runs_parked else None)
         try:
-            run = self.registry.claim_run(wait_seconds, self.check_sparql_endpoint(), self.stopping)
+            # Where no run waits for the IT officer's approval, the registry may start it with the claim.
+            run = self.registry.claim_run(wait_seconds, self.check_sparql_endpoint(), self.stopping,
+                                          start_pinned=self.config.approval_policy == approvals.WHITELIST)
         except TokenRefused as error:  # revoked while the runner ran: claim nothing more, say why at the end
             self.wrong_identity = WrongIdentity(token_refused(self.config, error))
             self.stopping.set()
@@ -543,8 +545,11 @@ class SiteRunner:
                 return
             folder.record(input_sha256=sha256_of(folder.input_file))
         if not folder.state.get("start_reported"):
-            self.wait_for_approval(folder)
-            self.report_started(folder)
+            if not self.wait_for_approval(folder):
+                return
+            if not run.started:
+                self.report_started(folder)
+            folder.record(start_reported=True)
         if "container_id" not in folder.state:
             try:
                 mounts = folder.prepare_mounts(self.mount_disks(folder))
@@ -646,15 +651,23 @@ class SiteRunner:
             gateway.close()
 
     def wait_for_approval(self, folder, now=None):
-        """Go on if the site's approval policy lets the run's image digest (or task) run; else park the run at the
-        registry, awaiting approval, and raise RunParked."""
+        """True if the site's approval policy lets the run's image digest (or task) run; else park the run at the
+        registry, awaiting approval, and raise RunParked. False (and the run failed) if the registry started the run
+        with its claim although the policy makes it wait: it may have been asked when the policy was another, or not
+        asked at all, and either way no approval is skipped."""
         run, digest = folder.claim, folder.state["digest"]
         waiting, approval = self.approval_wait(folder, now)
         self.record("policy", run.id, policy=self.config.approval_policy, digest=digest,
                     input_sha256=folder.state.get("input_sha256"), decision="waits" if waiting else "goes ahead",
                     approval=approval.describe() if approval else None)
         if waiting is None:
-            return
+            return True
+        if run.started:
+            folder.record(outcome={"exit_code": None, "failure_reason": (
+                f"the registry started the run with its claim, but this site's approval policy "
+                f"({self.config.approval_policy}) makes it wait for the IT officer ({waiting.reason}); it did not run: "
+                "post it again")})
+            return False
         self.registry.park(run.id, run.lease_id, lifecycle.AWAITING_APPROVAL, waiting.reason, digest)
         folder.record(parked=lifecycle.AWAITING_APPROVAL, parked_at=time.time(), waits_for=waiting.reason)
         raise RunParked(waiting.reason)
@@ -674,7 +687,6 @@ class SiteRunner:
             # A runner killed right after reporting cannot have recorded that it did.
             if self.registry.run_status(run.id, run.lease_id) != lifecycle.RUNNING:
                 raise
-        folder.record(start_reported=True)
 
     def run_container(self, folder, heartbeat):
         run, limits = folder.claim, self.config.container

@@ -20,6 +20,13 @@ FILE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or d
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # What a pinned reference names an image by (…@sha256:…), and what a site reports it ran.
 IMAGE_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+PINNED = re.compile(rf"@({IMAGE_DIGEST.pattern})\Z")  # \Z: "$" would also match before a final newline
+
+
+def pinned_digest(reference):
+    """The digest an image reference is pinned to (name…@sha256:…), or None."""
+    found = PINNED.search(reference)
+    return found.group(1) if found else None
 
 
 def principal_name_problem(name, role):

@@ -21,7 +21,7 @@ from master.wakeup import Announcements, PostgresRelay
 
 log = logging.getLogger("pht.registry")
 
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 
 @dataclass(frozen=True)

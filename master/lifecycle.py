@@ -15,6 +15,10 @@ so every rule is covered by plain unit tests; the store refuses any move TRANSIT
        ├──(any state that has not ended)──cancel──> cancelled (by the researcher, or the researcher was revoked)
        └──(any state that has not ended)──────────> failed (the site was revoked)
 
+A site that needs no approval before a run may ask its claim to start a run whose image is pinned by digest:
+the claim moves it to claimed and on to running, with that digest, and the site sends no start report. The site
+may still refuse such a run (from running), before its container starts.
+
 "expired" is recorded in a run's history at the moment its lease ran out; the run itself moves on
 at once (back to pending, or to failed), so listings never show it as a current state.
 
@@ -57,7 +61,7 @@ TRANSITIONS = {
     PENDING: {CLAIMED, CANCELLED, FAILED},
     CLAIMED: {RUNNING, AWAITING_APPROVAL, REFUSED, FAILED, CANCELLED, EXPIRED},
     AWAITING_APPROVAL: {CLAIMED, REFUSED, CANCELLED, FAILED},
-    RUNNING: {COMPLETED, FAILED, HELD_FOR_REVIEW, CANCELLED, EXPIRED},
+    RUNNING: {COMPLETED, FAILED, HELD_FOR_REVIEW, CANCELLED, EXPIRED, REFUSED},
     HELD_FOR_REVIEW: {RUNNING, CANCELLED, FAILED},
     EXPIRED: {PENDING, FAILED},
     COMPLETED: set(), FAILED: set(), REFUSED: set(), CANCELLED: set(),

@@ -309,6 +309,10 @@ class ClaimIn(Schema):
     runner_version = Text(allow_none=True, validate=Matches(
         PRINTABLE_ASCII_64, "must be at most 64 printable ASCII characters"))
     sparql_ok = Boolean(allow_none=True)
+    start_pinned = Boolean(load_default=False, metadata={
+        "description": "Start the claimed run at once if its image is pinned by digest (name@sha256:...): it is "
+                       "running, with that digest, when the claim answers (started: true), and the site sends no "
+                       "start report. For a site that needs no approval before a run. From API version 1.6."})
 
 
 class ClaimedRunOut(Schema):
@@ -331,6 +335,8 @@ class ClaimedRunOut(Schema):
     inline_result_bytes = Integer(metadata={
         "description": "The finish report may carry the output and the log (output_base64, log_base64) when each "
                        "is at most this many bytes; larger ones go by PUT."})
+    started = Boolean(metadata={
+        "description": "true: the claim started the run (start_pinned): send no start report."})
 
 
 # How many sessions a site may ask about in one request; it asks about the others in the next.

@@ -59,9 +59,11 @@ def claim_run(json_data):
     news = False
     while True:
         seen = registry.work_for_sites.generation(site.id)
-        run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds, look_first=not news)
+        run = store.claim_next_run(registry.engine, site.id, registry.settings.lease_seconds, look_first=not news,
+                                   start_pinned=json_data["start_pinned"])
         if run is not None:
-            log.info("run %s (task %s) claimed by site %s", run["id"], run["task_id"], site.name)
+            log.info("run %s (task %s) claimed by site %s%s", run["id"], run["task_id"], site.name,
+                     ", and started" if run["started"] else "")
             inline = run.pop("input")
             if inline is not None:
                 run["input_base64"] = base64.b64encode(inline).decode()

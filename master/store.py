@@ -759,9 +759,10 @@ _A_LEASE = (
     .returning(runs.c.id))
 
 
-def claim_next_run(engine, site_id, lease_seconds, look_first=True):
+def claim_next_run(engine, site_id, lease_seconds, look_first=True, start_pinned=False):
     """Lease the site's oldest pending run to the caller; None if none. Most claims find nothing: with look_first a
-    read says so without taking the database's write lock (a claim woken by news for its site need not ask)."""
+    read says so without taking the database's write lock (a claim woken by news for its site need not ask). With
+    start_pinned, a run whose image is pinned by digest is also started, with that digest ("started" says so)."""
     now = time.time()
     if look_first:
         with engine.connect() as conn:
@@ -773,9 +774,12 @@ def claim_next_run(engine, site_id, lease_seconds, look_first=True):
         if run_id is None:
             return None
         _record_event(conn, run_id, lifecycle.CLAIMED, now)
-        row = conn.execute(_A_CLAIMED_RUN, {"run_id": run_id}).mappings().one()
-    claimed = dict(row)
+        claimed = dict(conn.execute(_A_CLAIMED_RUN, {"run_id": run_id}).mappings().one())
+        digest = names.pinned_digest(claimed["image"]) if start_pinned else None
+        if digest:
+            _move(conn, {"id": run_id, "status": lifecycle.CLAIMED}, lifecycle.RUNNING, now, image_digest=digest)
     claimed["recipients"] = claimed["recipients"].split()
+    claimed["started"] = digest is not None
     return claimed
 
 
@@ -950,8 +954,12 @@ def refuse_run(engine, run_id, site_id, lease_id, reason):
     """Record that the site will not run it; returns the task id."""
     now = time.time()
     with engine.begin() as conn:
-        row = _leased_run(conn, run_id, site_id, lease_id, (lifecycle.CLAIMED, lifecycle.AWAITING_APPROVAL))
-        _move(conn, row, lifecycle.REFUSED, now, reason, lease_expires_at=None)
+        # From running too: a run its claim started (start_pinned) is refused before its container starts. It ran
+        # nothing, so it keeps no digest of an image that ran.
+        row = _leased_run(conn, run_id, site_id, lease_id,
+                          (lifecycle.CLAIMED, lifecycle.AWAITING_APPROVAL, lifecycle.RUNNING))
+        ran_nothing = {"image_digest": None} if row["status"] == lifecycle.RUNNING else {}
+        _move(conn, row, lifecycle.REFUSED, now, reason, lease_expires_at=None, **ran_nothing)
     return row["task_id"]
 
 

@@ -5,7 +5,6 @@ The digest comes from the image registry, through this machine's Docker engine a
 login`), so a private registry answers as it does to `docker pull`; nothing is pulled.
 """
 
-import re
 from contextlib import closing
 
 import docker
@@ -13,7 +12,6 @@ import requests
 
 from common import names
 
-PINNED = re.compile(rf"@{names.IMAGE_DIGEST.pattern}\Z")  # \Z: "$" would also match before a final newline
 
 
 class ImageNotPinned(Exception):
@@ -33,7 +31,7 @@ class ImageNotPinned(Exception):
 
 
 def is_pinned(reference):
-    return PINNED.search(reference) is not None
+    return names.pinned_digest(reference) is not None
 
 
 def pin_to_digest(reference):

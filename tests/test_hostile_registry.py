@@ -1028,6 +1028,39 @@ def test_a_run_handed_out_again_while_it_waits_gets_none_of_the_officers_decisio
     assert runner.stop() == 0
 
 
+def test_a_run_the_registry_says_it_started_skips_no_approval(site, probe):
+    """The site approves every task, so its claims never ask the registry to start a run (start_pinned, API 1.6).
+    A registry that answers "started" anyway has the run fail at the site before anything of it runs: no start
+    report, no park, no container, and no approval skipped."""
+    runner = site.start_runner(approval_policy="approve_every_task")
+    site.registry.offer_claim(claim(981, probe, started=True))
+    report = wait_for_finish(runner, 981, timeout=60)
+    assert report["exit_code"] is None
+    assert "approval policy (approve_every_task)" in report["failure_reason"], report
+    assert not site.registry.requests("start", run_id=981) and not site.registry.requests("park", run_id=981)
+    assert not any("start_pinned" in body for body in site.registry.bodies("claim"))
+    site.assert_unharmed(allowed_runs=[])
+    assert runner.stop() == 0
+
+
+def test_a_site_that_needs_no_approval_has_its_claims_start_pinned_runs(site, probe):
+    """Under the whitelist policy the runner asks its claims to start a run once the registry's answers say it can
+    (a "started" field: an older registry refuses a claim that asks), and reports no start for a run so started."""
+    runner = site.start_runner()
+    site.registry.offer_claim(claim(982, probe, started=False))
+    assert wait_for_finish(runner, 982, timeout=60)["exit_code"] == 0
+    assert site.registry.requests("start", run_id=982), "a run its claim did not start was not reported started"
+    assert not any("start_pinned" in body for body in site.registry.bodies("claim")[:1])
+    runner.wait_for(lambda: site.registry.bodies("claim")[-1].get("start_pinned") is True,
+                    "the runner asks its claims to start pinned runs")
+    site.registry.offer_claim(claim(983, probe, started=True))
+    report = wait_for_finish(runner, 983, timeout=60)
+    assert (report["exit_code"], report["failure_reason"]) == (0, None)
+    assert not site.registry.requests("start", run_id=983), "a run its claim started was reported started again"
+    site.assert_unharmed(allowed_runs=[982, 983])
+    assert runner.stop() == 0
+
+
 # Last of the pooled runner's tests, since it stops the runner (a test run after it would start another).
 @pytest.mark.shared_runner
 def test_a_claim_answer_that_trickles_does_not_keep_the_runner_from_stopping(site):

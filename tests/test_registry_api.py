@@ -90,6 +90,40 @@ def test_a_claim_names_the_researcher_so_a_site_can_check_their_keys(client, ali
     assert run["recipients"] == []
 
 
+PINNED = IMAGE + "@sha256:" + "c" * 64
+
+
+def test_a_claim_asked_to_start_a_pinned_run_starts_it_with_the_digest_it_is_pinned_to(client, alice, hospital):
+    post_task(client, alice, image=PINNED)
+    run = client.post("/api/site/claim", json={"start_pinned": True}, headers=hospital).json
+    assert run["started"] is True
+    [listed] = client.get(f"/api/tasks/{run['task_id']}", headers=alice).json["runs"]
+    assert (listed["status"], listed["image_digest"]) == ("running", "sha256:" + "c" * 64)
+    assert start(client, hospital, run).status_code == 409, "a started run was started again"
+    assert client.post(f"/api/site/runs/{run['id']}/finish", headers=hospital,
+                       json={"lease_id": run["lease_id"], "exit_code": 0}).status_code == 200
+    history = [e["status"] for e in client.get(f"/api/runs/{run['id']}/history", headers=alice).json]
+    assert history == ["pending", "claimed", "running", "completed"]
+
+
+@pytest.mark.parametrize("image, start_pinned", [(IMAGE, True), (PINNED, False)])
+def test_a_claim_starts_nothing_but_a_pinned_run_it_was_asked_to(client, alice, hospital, image, start_pinned):
+    post_task(client, alice, image=image)
+    run = client.post("/api/site/claim", json={"start_pinned": start_pinned}, headers=hospital).json
+    assert run["started"] is False
+    [listed] = client.get(f"/api/tasks/{run['task_id']}", headers=alice).json["runs"]
+    assert listed["status"] == "claimed"
+
+
+def test_a_run_its_claim_started_can_still_be_refused(client, alice, hospital):
+    post_task(client, alice, image=PINNED)
+    run = client.post("/api/site/claim", json={"start_pinned": True}, headers=hospital).json
+    assert client.post(f"/api/site/runs/{run['id']}/refuse", headers=hospital,
+                       json={"lease_id": run["lease_id"], "reason": "not on this site's whitelist"}).status_code == 204
+    [listed] = client.get(f"/api/tasks/{run['task_id']}", headers=alice).json["runs"]
+    assert (listed["status"], listed["image_digest"]) == ("refused", None)
+
+
 @pytest.mark.parametrize("fields, complaint", [
     ({"image": "Not An Image!"}, "image"),
     ({"sites": ["nowhere"]}, "unknown site"),
