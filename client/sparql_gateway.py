@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socketserver
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -433,6 +434,12 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.slots.release()
 
     def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            # The algorithm's end went away before its answer (a broken pipe, a reset): its doing, not a runner bug,
+            # and one it can repeat at will, so no traceback in the site's log for it.
+            log.debug("run %s: SPARQL gateway: a connection ended early: %s", self.gateway.run_id, error)
+            return
         log.exception("run %s: SPARQL gateway: a request failed", self.gateway.run_id)
 
 

@@ -12,6 +12,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -345,6 +346,18 @@ def test_two_queries_on_one_kept_alive_connection(open_gateway):
     assert connection.sock is sock and sock is not None, "the gateway closed a kept-alive connection"
     assert json.loads(second.body)["results"]["bindings"][0]["n"]["value"] == str(3 * len(PATIENTS) + FILLER)
     connection.close()
+
+
+def test_connections_that_go_before_their_answer_leave_no_traceback(open_gateway, caplog):
+    """An algorithm that sends a bad request and hangs up at once leaves the gateway an answer it cannot send (a
+    broken pipe): its doing, not a runner bug, so no traceback in the site's log, whatever the number of them."""
+    gateway = open_gateway()
+    for _ in range(20):
+        sock = connect_unix(gateway.socket_path)
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        sock.close()
+    assert gateway.query(COUNT_ALL).status == 200  # the gateway answers on, each of those connections over
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.text[:3000]
 
 
 def test_a_closed_gateway_answers_nothing_more_on_a_connection_kept_alive(open_gateway):
