@@ -110,6 +110,10 @@ class RegistryClient:
             raise InvalidClaim([f"the registry's answer to a claim could not be read: {error}"]) from None
         if response.status_code == 204:
             return None
+        if asked and 400 <= response.status_code < 500:
+            # A registry before API 1.6 (rolled back, or a replica not upgraded yet) refuses the field: the next
+            # claim asks without it.
+            self.starts_claimed_runs = False
         _raise_for(response)
         answer = _json_or_none(response)
         if answer is None:

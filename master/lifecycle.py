@@ -17,7 +17,8 @@ so every rule is covered by plain unit tests; the store refuses any move TRANSIT
 
 A site that needs no approval before a run may ask its claim to start a run whose image is pinned by digest:
 the claim moves it to claimed and on to running, with that digest, and the site sends no start report. The site
-may still refuse such a run (from running), before its container starts.
+may still refuse such a run from running, as long as nothing else happened to it: no other move, no result or
+delivery of it (master/store.py, started_by_claim).
 
 "expired" is recorded in a run's history at the moment its lease ran out; the run itself moves on
 at once (back to pending, or to failed), so listings never show it as a current state.

@@ -188,7 +188,8 @@ class RunOut(Schema):
     attempts = Integer()
     exit_code = Integer(allow_none=True)
     image_digest = String(allow_none=True, metadata={
-        "description": "Digest of the image the site ran, or whose approval it waits for."})
+        "description": "Digest of the image the site ran, or whose approval it waits for; for a run its claim "
+                       "started (start_pinned), the digest the task's image is pinned to."})
     output_sha256 = String(allow_none=True)
     output_size = Integer(allow_none=True)
     log_sha256 = String(allow_none=True)

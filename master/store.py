@@ -121,6 +121,9 @@ runs = sa.Table(
     sa.Column("sparql_queries", sa.BigInteger),
     sa.Column("sparql_bytes", sa.BigInteger),
     sa.Column("sparql_refused", sa.BigInteger),
+    # Running because its claim started it (start_pinned), and not moved since (every move clears it): only such a
+    # run, with no result or delivery yet, may still be refused from running.
+    sa.Column("started_by_claim", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.UniqueConstraint("task_id", "site_id"),
     sa.Index("ix_runs_site_status", "site_id", "status"),
     sa.Index("ix_runs_status_lease", "status", "lease_expires_at"),
@@ -211,6 +214,7 @@ UPGRADES = {
     3: _widen_status_columns,
     # small_results, which create_all makes: a registry before it would not find the results kept there.
     4: lambda conn: None,
+    5: lambda conn: _add_columns(conn, runs, ("started_by_claim",)),
 }
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
@@ -777,7 +781,8 @@ def claim_next_run(engine, site_id, lease_seconds, look_first=True, start_pinned
         claimed = dict(conn.execute(_A_CLAIMED_RUN, {"run_id": run_id}).mappings().one())
         digest = names.pinned_digest(claimed["image"]) if start_pinned else None
         if digest:
-            _move(conn, {"id": run_id, "status": lifecycle.CLAIMED}, lifecycle.RUNNING, now, image_digest=digest)
+            _move(conn, {"id": run_id, "status": lifecycle.CLAIMED}, lifecycle.RUNNING, now, image_digest=digest,
+                  started_by_claim=True)
     claimed["recipients"] = claimed["recipients"].split()
     claimed["started"] = digest is not None
     return claimed
@@ -823,7 +828,7 @@ def _move(conn, row, status, now, reason=None, **values):
     except lifecycle.NotAllowed as error:
         raise Conflict(f"run {row['id']}: {error}") from None
     moved = conn.execute(_A_MOVE, {"run": row["id"], "from_status": row["status"], "status": status,
-                                   "reason": reason, "updated_at": now, **values}).rowcount
+                                   "reason": reason, "updated_at": now, "started_by_claim": False, **values}).rowcount
     if not moved:
         raise LeaseLost(f"run {row['id']} changed meanwhile; it is no longer {row['status']}")
     _record_event(conn, row["id"], status, now, reason)
@@ -950,14 +955,20 @@ def small_results_of(engine, sha256s):
         return dict(conn.execute(_SMALL_RESULTS, {"wanted": list(sha256s)}).all())
 
 
+_A_DELIVERY_OF_RUN = sa.select(deliveries.c.id).where(deliveries.c.run_id == sa.bindparam("run")).limit(1)
+
+
 def refuse_run(engine, run_id, site_id, lease_id, reason):
     """Record that the site will not run it; returns the task id."""
     now = time.time()
     with engine.begin() as conn:
-        # From running too: a run its claim started (start_pinned) is refused before its container starts. It ran
-        # nothing, so it keeps no digest of an image that ran.
-        row = _leased_run(conn, run_id, site_id, lease_id,
-                          (lifecycle.CLAIMED, lifecycle.AWAITING_APPROVAL, lifecycle.RUNNING))
+        row = _site_run(conn, run_id, site_id)
+        # From running only if its claim started it and nothing came of it since (no result, no delivery): a run
+        # that ran cannot be hidden as refused. It ran nothing, so it keeps no digest of an image that ran.
+        refusable_running = row["started_by_claim"] and row["output_sha256"] is None and row["log_sha256"] is None \
+            and conn.execute(_A_DELIVERY_OF_RUN, {"run": run_id}).first() is None
+        row = _leased(row, lease_id, (lifecycle.CLAIMED, lifecycle.AWAITING_APPROVAL)
+                      + ((lifecycle.RUNNING,) if refusable_running else ()))
         ran_nothing = {"image_digest": None} if row["status"] == lifecycle.RUNNING else {}
         _move(conn, row, lifecycle.REFUSED, now, reason, lease_expires_at=None, **ran_nothing)
     return row["task_id"]
@@ -982,8 +993,11 @@ def expire_overdue_leases(engine):
             reason = None if status == lifecycle.PENDING else f"lease ran out {attempts} times"
             # Checked again as it is written: SQLite locks no rows, so a revocation or cancellation may
             # have ended the run since it was read, and must not be undone.
+            # A digest its claim recorded (start_pinned) is none of an image that ran: the next claim starts afresh.
             if not conn.execute(runs.update().where(runs.c.id == run_id, overdue_condition).values(
-                    status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now)).rowcount:
+                    status=status, reason=reason, lease_id=None, lease_expires_at=None, updated_at=now,
+                    image_digest=sa.case((runs.c.started_by_claim == sa.true(), sa.null()), else_=runs.c.image_digest),
+                    started_by_claim=False)).rowcount:
                 continue
             _record_event(conn, run_id, lifecycle.EXPIRED, now, "lease ran out")
             _record_event(conn, run_id, status, now, reason)

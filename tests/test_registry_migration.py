@@ -24,6 +24,8 @@ def tables_of_version(version):
         frozen.update(sessions=_sessions_before_version_3, tasks=_tasks_before_version_3)
     if version == 1:
         frozen["runs"] = _runs_of_version_1
+    elif version < 6:
+        frozen["runs"] = _runs_before_version_6
     tables = sa.MetaData()
     for table in store.metadata.sorted_tables:
         if table.name not in frozen:
@@ -36,8 +38,16 @@ def tables_of_version(version):
     return tables
 
 
+def _runs_before_version_6(tables):
+    """Version 1's, with the SPARQL columns of version 2, and the status as wide as today's (from version 4)."""
+    runs = _runs_of_version_1(tables)
+    for name in sorted(SPARQL_COLUMNS):
+        runs.append_column(sa.Column(name, sa.BigInteger))
+    runs.c.status.type = sa.String(store.STATUS_LENGTH)
+
+
 def _runs_of_version_1(tables):
-    sa.Table(
+    return sa.Table(
         "runs", tables,
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("task_id", sa.Integer, sa.ForeignKey("tasks.id"), nullable=False),
