@@ -6,12 +6,12 @@ The main loop (one thread):
     answers) → refuse it (whitelist) or hand it to a worker.
 
 A worker (one thread per run, up to max_concurrent_runs):
-    fetch the image, pinned → report started → open the run's SPARQL gateway and take the
-    relay its session kept, or start one → create the contained, labelled container in the
-    relay's network namespace → run it while a heartbeat thread keeps the lease (and notices
-    a cancel) → close the gateway → pack /output → upload output and log → report how it
-    ended, with what the gateway saw → remove its container, keep its relay for the
-    session's next run (relay_pool.py) → delete the run's folder.
+    fetch the image, pinned → report started (unless the claim started it) → open the run's
+    SPARQL gateway and take the relay its session kept, or start one → create the contained,
+    labelled container in the relay's network namespace → run it while a heartbeat thread
+    keeps the lease (and notices a cancel) → close the gateway → pack /output → upload output
+    and log → report how it ended, with what the gateway saw → remove its container, keep its
+    relay for the session's next run (relay_pool.py) → delete the run's folder.
 
 Each step is recorded in the run's folder (run_folder.py) before the next one starts,
 so a runner killed at any moment carries on where it was at its next start: a
@@ -621,7 +621,7 @@ class SiteRunner:
             except (containers.RelayFailed, docker.errors.NotFound) as error:
                 containers.remove(self.engine, relay_id)
                 del folder.state["relay_container_id"]  # so that no later run is given it
-                folder.record(outcome={"exit_code": None, "failure_reason": f"{error}"})
+                folder.record(outcome={"exit_code": None, "failure_reason": str(error)})
                 return None
             folder.record(relay_ready=True)
         return f"container:{folder.state['relay_container_id']}"
