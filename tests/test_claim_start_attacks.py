@@ -5,7 +5,6 @@ Registry side through Flask's test client (fast); the runner's registry client a
 """
 
 import hashlib
-import time
 
 import pytest
 
@@ -14,21 +13,12 @@ from client.registry_client import RegistryClient, RegistryRefused
 from common import names
 from master import store
 from tests.fake_registry import Answer, FakeRegistry
+from tests.test_registry_api import alice, expire_leases, hospital  # noqa: F401 (fixtures)
 
 IMAGE = "127.0.0.1:5050/pht/patient-count:latest"
 DIGEST = "sha256:" + "c" * 64
 PINNED = IMAGE + "@" + DIGEST
 SITE_DIGEST = "sha256:" + "d" * 64  # what a site reports it ran
-
-
-@pytest.fixture
-def alice(make_researcher):
-    return make_researcher("alice")
-
-
-@pytest.fixture
-def hospital(make_site):
-    return make_site("hospital-a")
 
 
 def post_task(client, researcher, image=PINNED, sites=("hospital-a",)):
@@ -65,13 +55,6 @@ def listed(client, researcher, run):
 
 def history(client, researcher, run):
     return [event["status"] for event in client.get(f"/api/runs/{run['id']}/history", headers=researcher).json]
-
-
-def expire_leases(app):
-    engine = app.extensions["pht"].engine
-    with engine.begin() as conn:
-        conn.execute(store.runs.update().values(lease_expires_at=time.time() - 1))
-    app.extensions["pht"].expire_lapsed_leases()
 
 
 # --- defects: a run that ran can be refused, and so hidden ---------------------------------------------------

@@ -432,7 +432,7 @@ def test_cancel_reaches_pending_and_running_runs(client, alice, make_site):
 def test_expired_lease_returns_the_run_to_the_queue(app, client, alice, hospital):
     post_task(client, alice)
     first = claim(client, hospital).json
-    _expire_leases(app)
+    expire_leases(app)
     second = claim(client, hospital).json
     assert second["id"] == first["id"] and second["lease_id"] != first["lease_id"]
     # The runner that lost the lease may no longer report.
@@ -445,13 +445,13 @@ def test_run_fails_after_too_many_expired_leases(app, client, alice, hospital):
     post_task(client, alice)
     for _ in range(3):
         assert claim(client, hospital).status_code == 200
-        _expire_leases(app)
+        expire_leases(app)
     assert claim(client, hospital).status_code == 204
     run = client.get("/api/tasks/1", headers=alice).json["runs"][0]
     assert run["status"] == "failed" and "lease ran out 3 times" in run["reason"]
 
 
-def _expire_leases(app):
+def expire_leases(app):
     """Every lease runs out, and the registry's lease sweeper comes by."""
     engine = app.extensions["pht"].engine
     with engine.begin() as conn:
@@ -633,7 +633,7 @@ def test_a_run_awaiting_approval_keeps_its_lease_and_attempts_until_the_site_goe
     assert waiting["status"] == "active"
     assert {key: waiting["runs"][0][key] for key in ("status", "reason", "image_digest", "attempts")} == {
         "status": "awaiting_approval", "reason": "waits for the IT officer", "image_digest": DIGEST, "attempts": 1}
-    _expire_leases(app)
+    expire_leases(app)
     assert claim(client, hospital).status_code == 204  # the sweeper left this one alone: it waits, not lapsed
     beat = client.post(f"/api/site/runs/{run['id']}/heartbeat", headers=hospital, json={"lease_id": run["lease_id"]})
     assert beat.json == {"status": "awaiting_approval"}
