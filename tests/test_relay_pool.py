@@ -7,7 +7,6 @@ when the runner restarts, or is replaced when it died.
 """
 
 import json
-import os
 import signal
 
 import docker
@@ -16,7 +15,8 @@ import pytest
 from client import containers
 from client.relay_pool import KEEP_SECONDS, RelayPool
 from scripts.federation import LocalFederation
-from tests.images import BASE_IMAGE, engine_or_fail, only_run, output_json, pushed_test_image, wait_until
+from tests.images import (BASE_IMAGE, engine_or_fail, netns_of_container, only_run, output_json, pushed_test_image,
+                          relay_ids, wait_until, wait_until_cleaned_up)
 
 SITE = "hospital-a"
 ASK = {"name": "ask", "do": "http", "params": {"query": "ASK { ?s ?p ?o }"},
@@ -45,10 +45,7 @@ def work_dir(federation):
 
 
 def relays(federation):
-    """The site's relay containers, by id."""
-    return {container.id: container for container in containers.containers_of(docker.from_env(), SITE,
-                                                                                 work_dir(federation))
-            if containers.ROLE_LABEL in container.labels}
+    return relay_ids(SITE, work_dir(federation))
 
 
 def run_probe(federation, probe, steps, session_id=None):
@@ -63,23 +60,14 @@ def run_probe(federation, probe, steps, session_id=None):
 
 
 def settled(federation):
-    """Once the runner has cleaned up after its runs (a run's relay is kept a moment after its result is in)."""
-    runs = work_dir(federation) / "runs"
-    wait_until(lambda: not any(runs.iterdir()), "the runner has cleaned up after its runs")
+    wait_until_cleaned_up(work_dir(federation))
 
 
 def kept_relay_of(federation, netns):
-    """The one kept relay whose network namespace is netns (the relays' main processes' /proc links)."""
-    engine = docker.from_env()
-    found = [relay_id for relay_id, relay in relays(federation).items()
-             if relay.status == "running" and engine.api.inspect_container(relay_id)["State"]["Pid"]
-             and _netns_of(engine.api.inspect_container(relay_id)["State"]["Pid"]) == netns]
+    """The one running relay whose network namespace is netns."""
+    found = [relay_id for relay_id in relays(federation) if netns_of_container(relay_id) == netns]
     assert len(found) == 1, (netns, found)
     return found[0]
-
-
-def _netns_of(pid):
-    return os.readlink(f"/proc/{pid}/ns/net")
 
 
 # --- the pool's own rules, with relay containers created (not started) in a work dir of the test's own --------

@@ -8,18 +8,15 @@ network namespace it was in and what it found there.
 
 import io
 import json
-import os
 import tarfile
 
-import docker
 import pytest
 
-from client import containers
 from client.officer_commands import Officer
 from client.run_folder import parked_run
 from client.site_config import load_site_config
 from tests.fake_registry import Answer, FakeRegistry
-from tests.images import BASE_IMAGE, engine_or_fail, pinned_test_image, wait_until
+from tests.images import BASE_IMAGE, engine_or_fail, pinned_test_image, relay_ids, wait_until_cleaned_up
 from tests.test_hostile_registry import SITE, Site, claim, sparql_endpoint, wait_for_finish  # noqa: F401
 
 ASK = {"name": "ask", "do": "http", "params": {"query": "ASK { ?s ?p ?o }"},
@@ -70,21 +67,12 @@ def report_on_disk(site, run_id):
         return None
 
 
-def relay_ids(site):
-    """The site's relay containers (running or not)."""
-    return {container.id for container in containers.containers_of(docker.from_env(), SITE, site.work_dir)
-            if containers.ROLE_LABEL in container.labels}
-
-
-def netns_of_container(container_id):
-    """The network namespace of a running container's main process, as the probe names it (None if not running)."""
-    state = docker.from_env().api.inspect_container(container_id)["State"]
-    return os.readlink(f"/proc/{state['Pid']}/ns/net") if state.get("Running") else None
+def relays(site):
+    return relay_ids(SITE, site.work_dir)
 
 
 def settled(site):
-    runs = site.work_dir / "runs"
-    wait_until(lambda: runs.exists() and not any(runs.iterdir()), "the runner has cleaned up after its runs", 60)
+    wait_until_cleaned_up(site.work_dir)
 
 
 # --- defects ---------------------------------------------------------------------------------------------------
@@ -106,7 +94,7 @@ def test_a_relay_is_not_kept_for_a_session_whose_temp_was_removed_before_its_run
     wait_for_finish(runner, 1101, timeout=60)
     settled(site)
     assert uploaded_report(site, 1101)["ask"]["status"] == 200
-    assert not relay_ids(site), "run 1101's relay was kept for session 1100 after its /temp was removed"
+    assert not relays(site), "run 1101's relay was kept for session 1100 after its /temp was removed"
 
 
 def stuck_relay_base_image():
@@ -143,7 +131,7 @@ def test_a_relay_that_never_listened_is_not_handed_to_the_sessions_next_run(site
     assert "did not start listening" in (failed["failure_reason"] or ""), failed
     settled(site)
 
-    assert not relay_ids(site), "the relay that never listened was kept"
+    assert not relays(site), "the relay that never listened was kept"
     offer(site, 1202, probe, [ASK, NETNS], session_id=1200)
     report = wait_for_finish(runner, 1202, timeout=120)
     assert report["failure_reason"] is None, report

@@ -26,9 +26,34 @@ BASE_IMAGE = os.environ.get("PHT_BASE_IMAGE", "pht-base:bookworm")
 
 def algorithm_containers(site_name, work_dir):
     """A runner's algorithm containers, not its SPARQL relays (a relay may be kept for its session's next run)."""
+    return _containers_of(site_name, work_dir, relays=False)
+
+
+def relay_ids(site_name, work_dir):
+    """The ids of a runner's SPARQL relay containers (its runs', and those kept for their sessions' next runs)."""
+    return {container.id for container in _containers_of(site_name, work_dir, relays=True)}
+
+
+def _containers_of(site_name, work_dir, relays):
     from client import containers
     return [container for container in containers.containers_of(engine_or_fail(), site_name, work_dir)
-            if containers.ROLE_LABEL not in container.labels]
+            if (containers.ROLE_LABEL in container.labels) == relays]
+
+
+def netns_of_container(container_id):
+    """The network namespace of a running container's main process, as the sparql-probe names it (None if it is
+    not running, or gone: a runner removes relays as it goes)."""
+    try:
+        state = engine_or_fail().api.inspect_container(container_id)["State"]
+    except docker.errors.NotFound:
+        return None
+    return os.readlink(f"/proc/{state['Pid']}/ns/net") if state.get("Running") else None
+
+
+def wait_until_cleaned_up(work_dir, timeout=60):
+    """Until the runner has cleaned up after its runs (a run's relay is kept a moment after its result is in)."""
+    runs = Path(work_dir) / "runs"
+    wait_until(lambda: runs.exists() and not any(runs.iterdir()), "the runner has cleaned up after its runs", timeout)
 
 
 def engine_or_fail():
