@@ -2,14 +2,13 @@
 
     .venv/bin/python -m bench.round_overhead [--rounds 10] [--sites 3]
 
-A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks
-of a trivial algorithm (patient-count) in one session, one after the other, as an iterative
-analysis does; each of its runs goes through the site's SPARQL gateway (a relay container, kept from
-the session's round before after the first, then the query checked and forwarded). In the same run, the same image is started
-with a bare `docker run` (docker SDK) ROUNDS times, alone and N at once (as the N sites of a round
-run it on this one machine), querying the same endpoint directly: host networking, the only way a
-bare container reaches loopback, and what the PHT did before the gateway. Printed: the median
-wall time of a round, of the bare runs, and the ratios.
+A local federation (registry, N sites with their runners and SPARQL endpoints) runs ROUNDS tasks of a trivial
+algorithm (patient-count) in one session, one after the other, as an iterative analysis does; each of its runs
+goes through the site's SPARQL gateway (a relay container, kept from the session's round before after the
+first, then the query checked and forwarded). In the same run, the same image is started with a bare `docker
+run` (docker SDK) ROUNDS times, alone and N at once (as the N sites of a round run it on this one machine),
+querying the same endpoint directly: host networking, the only way a bare container reaches loopback, and what
+the PHT did before the gateway. Printed: the median wall time of a round, of the bare runs, and the ratios.
 Target (issue 18): the ratio to N bare runs at once <= 1.25. Needs scripts/setup.sh to have run.
 """
 
@@ -70,7 +69,8 @@ def main():
           f"max {max(bare) * 1000:7.0f} ms")
     print(f"  {args.sites} bare docker runs at once:                 median {side_by_side_median * 1000:7.0f} ms")
     print(f"  ratio round / bare docker run:                {round_median / bare_median:.2f}")
-    print(f"  ratio round / {args.sites} bare docker runs at once:     {round_median / side_by_side_median:.2f} (target <= 1.25)")
+    print(f"  ratio round / {args.sites} bare docker runs at once:     {round_median / side_by_side_median:.2f} "
+          "(target <= 1.25)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
     .venv/bin/python -m bench.scale [--sites 250 500 1000 2000] [--seconds 20] [--rate 50]
         [--database-url URL] [--replicas N [--balancer]] [--idle-seconds 30]
 
-Each simulated site is a greenlet that does what a runner does over HTTP, without containers: long-poll for
-a run (which carries the small input and is started with the claim, its image being pinned by digest as the
-researcher library posts it), and report it finished with its small output and log. A registry before API
-1.6 cannot start a claimed run, so the site reports the start; before 1.4 it uploads output and log by
-requests of their own. It sends no heartbeat: a runner's first comes a third of the lease after the start, and these runs end
-at once. A poster sends tasks to random sites at --rate per second. For each site count it prints tasks
+Each simulated site is a greenlet that does what a runner does over HTTP, without containers: long-poll for a
+run (which carries the small input and is started with the claim, its image being pinned by digest as the
+researcher library posts it), and report it finished with its small output and log. A registry before API 1.6
+cannot start a claimed run, so the site reports the start; before 1.4 it uploads output and log by requests of
+their own. It sends no heartbeat: a runner's first comes a third of the lease after the start, and these runs
+end at once. A poster sends tasks to random sites at --rate per second. For each site count it prints tasks
 dispatched per second, dispatch latency (POST sent -> the site holds the run: median, p95), the registry's RSS
 and CPU (of all its replicas together), and its CPU milliseconds per dispatched run, the poster's post and the
 site's reports included. Targets at 1,000 sites: p95 < 250 ms, RSS < 500 MB. The simulated sites share the

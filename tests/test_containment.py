@@ -12,8 +12,8 @@ import pytest
 
 from client import containers
 from scripts.federation import IMAGE_REGISTRY, LocalFederation
-from tests.images import (algorithm_containers, engine_or_fail, history, output_files, output_json, pushed_test_image, run_log,
-                          wait_for_runs, wait_until)
+from tests.images import (algorithm_containers, engine_or_fail, history, output_files, output_json, pushed_test_image,
+                          run_log, wait_for_runs, wait_until)
 
 SITE = "hospital-a"
 LIMITS = {"network": "none", "memory": "64m", "pids": 32, "max_output_bytes": 1024 ** 2, "timeout_seconds": 60}
@@ -151,8 +151,9 @@ def test_network_cannot_be_reached(federation, runs):
 def test_nothing_is_left_behind(federation, runs):
     engine = docker.from_env()
     work_dir = federation.folder / SITE / "work"
-    # A run's container and folder go right after its result is reported: the registry may hear of it a moment before.
-    # Its relay may stay, kept for its session's next run: at most max_concurrent_runs of them (tests/test_relay_pool.py).
+    # A run's container and folder go right after its result is reported: the registry may hear of it a moment
+    # before. Its relay may stay, kept for its session's next run: at most max_concurrent_runs of them
+    # (tests/test_relay_pool.py).
     wait_until(lambda: not algorithm_containers(SITE, work_dir), "every algorithm's container is removed")
     assert len(containers.containers_of(engine, SITE, work_dir)) <= 4
     wait_until(lambda: not list((work_dir / "runs").iterdir()), "every run's folder is removed")
