@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from itsdangerous import URLSafeSerializer
 
-from master import auth, lifecycle, store
+from master import auth, lifecycle, store, wakeup
 from master.TaskMaster import cli
 from master.dashboard import live, login, looks
 from tests.browser_sites import SimulatedSite, post_task
@@ -593,6 +593,39 @@ def test_a_log_tail_keeps_the_last_lines_and_spells_out_control_characters():
 def test_a_session_waits_on_the_news_of_its_newest_active_task():
     tasks = [{"id": 3, "status": "completed"}, {"id": 5, "status": "active"}, {"id": 4, "status": "active"}]
     assert live.news_key(tasks) == 5 and live.news_key(tasks[:1]) is None
+
+
+class _NewsDuringTheRead(wakeup.Announcements):
+    """News for a task arrives (and the page changes) just as the wait reads the task's generation."""
+
+    def __init__(self, page):
+        super().__init__("test")
+        self.page = page
+        self.waits = []
+
+    def generation(self, key):
+        if self.page["fingerprint"] == "before":
+            self.page["fingerprint"] = "after"
+            self.announce([key])
+        return super().generation(key)
+
+    def wait_for_news(self, key, seen_generation, timeout):
+        self.waits.append(seen_generation)
+        return super().wait_for_news(key, seen_generation, 0)
+
+
+def test_a_live_wait_sees_news_that_arrives_while_it_reads_the_generation():
+    page = {"fingerprint": "before"}
+    looks_made = []
+
+    def look():
+        looks_made.append(page["fingerprint"])
+        return page["fingerprint"], 7
+
+    announcements = _NewsDuringTheRead(page)
+    shown = live.answer_when_changed(look, "before", announcements, recheck_seconds=600, wait_seconds=600)
+    assert shown == "after" and looks_made == ["before", "after"]
+    assert announcements.waits == [], "it waited for news that had already come (and would until the recheck)"
 
 
 def test_csrf_tokens_compare_whole():

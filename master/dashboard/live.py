@@ -52,15 +52,20 @@ def answer_when_changed(look, since, announcements, recheck_seconds, wait_second
 
     look() returns (fingerprint, news key or None). With a key, the wait also ends at news for it."""
     deadline = time.monotonic() + wait_seconds
+    key = seen = None
     while True:
-        fingerprint, key = look()
-        # News between the look and this read shows at the next look, recheck_seconds later at most.
-        seen = None if key is None else announcements.generation(key)
+        fingerprint, looked_key = look()
         remaining = deadline - time.monotonic()
         if fingerprint != since or remaining <= 0:
             return fingerprint
+        if looked_key != key:
+            # A key's generation guards only the looks made after it was read: read it, then look once more.
+            key = looked_key
+            seen = None if key is None else announcements.generation(key)
+            continue
         pause = min(remaining, recheck_seconds)
         if key is None:
             time.sleep(pause)
         else:
             announcements.wait_for_news(key, seen, pause)
+            seen = announcements.generation(key)
