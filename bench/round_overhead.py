@@ -8,7 +8,9 @@ goes through the site's SPARQL gateway (a relay container, kept from the session
 first, then the query checked and forwarded). In the same run, the same image is started with a bare `docker
 run` (docker SDK) ROUNDS times, alone and N at once (as the N sites of a round run it on this one machine),
 querying the same endpoint directly: host networking, the only way a bare container reaches loopback, and what
-the PHT did before the gateway. Printed: the median wall time of a round, of the bare runs, and the ratios.
+the PHT did before the gateway. The image is pinned to its digest once, before the first round, as an iterative
+analysis does (README: every round runs the same image); a round is then a post, the sites' runs and the downloads.
+Printed: the median wall time of a round, of the bare runs, and the ratios.
 Target (issue 18): the ratio to N bare runs at once <= 1.25. Needs scripts/setup.sh to have run.
 """
 
@@ -19,6 +21,7 @@ import time
 
 import docker
 
+from researcher import pin_to_digest
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
 IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
@@ -52,10 +55,10 @@ def main():
                 started = time.perf_counter()
                 list(pool.map(lambda _: bare_docker_run(engine, endpoint), range(args.sites)))
                 side_by_side.append(time.perf_counter() - started)
-        rounds, session_id = [], None
+        rounds, session_id, image = [], None, pin_to_digest(IMAGE)
         for number in range(args.rounds):
             started = time.perf_counter()
-            task = researcher.submit(IMAGE, {"label": f"round {number}"}, session_id=session_id)
+            task = researcher.submit(image, {"label": f"round {number}"}, session_id=session_id)
             session_id = task["session_id"]
             researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
             rounds.append(time.perf_counter() - started)

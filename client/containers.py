@@ -198,8 +198,8 @@ def is_running(engine, container_id):
 
 
 def start(container):
-    """Start it unless it already was (a restarted runner may find it either way)."""
-    container.reload()
+    """Start it if it is still to start, as last looked at (created, found, or reloaded by LogFollower.start): a
+    restarted runner may find it running or ended, and an ended one must not run twice."""
     if container.status == "created":
         container.start()
 

@@ -550,6 +550,7 @@ class SiteRunner:
             if not run.started:
                 self.report_started(folder)
             folder.record(start_reported=True)
+        container = None  # one created before the runner restarted is looked for by run_container
         if "container_id" not in folder.state:
             try:
                 mounts = folder.prepare_mounts(self.mount_disks(folder))
@@ -567,7 +568,7 @@ class SiteRunner:
                 network_mode)
             folder.record(container_id=container.id)
             log.info("run %s: container %s of %s", run.id, container.short_id, folder.state["image"])
-        self.run_container(folder, heartbeat)
+        self.run_container(folder, heartbeat, container)
 
     def take_input(self, folder):
         """Write the task's input to the run's input file: the claim's, or (when the claim did not carry it, or
@@ -688,13 +689,14 @@ class SiteRunner:
             if self.registry.run_status(run.id, run.lease_id) != lifecycle.RUNNING:
                 raise
 
-    def run_container(self, folder, heartbeat):
-        run, limits = folder.claim, self.config.container
+    def container_left_behind(self, folder):
+        """The run's container as a restarted runner finds it, its gateway open again if it is still to run; None
+        (and the run failed) if it, or the relay it needs, went while the runner was not running."""
         container = containers.find(self.engine, folder.state["container_id"])
         if container is None:
             folder.record(outcome={"exit_code": None,
                                    "failure_reason": "its container was removed while the runner was not running"})
-            return
+            return None
         if uses_gateway(self.config) and containers.has_not_ended(container):
             # An algorithm that already ended needs no gateway: only one still to run or running does.
             if not containers.is_running(self.engine, folder.state.get("relay_container_id")):
@@ -702,8 +704,19 @@ class SiteRunner:
                 folder.record(outcome={"exit_code": None, "failure_reason": "its SPARQL relay container was "
                                        "stopped or removed while the runner was not running, so it could not "
                                        "reach its data"})
-                return
+                return None
             self.open_gateway(folder)
+        return container
+
+    def run_container(self, folder, heartbeat, container=None):
+        """Run the run's container to its end and pack what it left; container: as created by this runner, or None
+        to find it (the runner restarted since it was created). The container is removed by clean_up, after the
+        report: nothing of it is needed any more, and the researcher need not wait for its removal."""
+        run, limits = folder.claim, self.config.container
+        if container is None:
+            container = self.container_left_behind(folder)
+            if container is None:
+                return
         try:
             session_temp = self.mount_disks(folder)  # after a reboot they are images only, not mounted
         except disk_limits.DiskProblem as error:
@@ -776,7 +789,6 @@ class SiteRunner:
         self.record("container_ended", run.id, container=container.id, exit_code=exit_code, reason=reason,
                     sparql=sparql)
         log.info("run %s: container ended: %s", run.id, reason or f"exit code {exit_code}")
-        containers.remove(self.engine, container.id)
 
     def airlock_veto(self, folder):
         """The site's automatic checks of the output (airlock in its config), before any of it leaves: None if it
@@ -805,6 +817,8 @@ class SiteRunner:
         run = folder.claim
         reason = (f"held for review at {self.config.site_name}: its output and log leave once the site's IT officer "
                   "has released them")
+        if "container_id" in state:
+            containers.remove(self.engine, state["container_id"])  # it ended: what it left is packed beside it
         self.registry.park(run.id, run.lease_id, lifecycle.HELD_FOR_REVIEW, reason)
         folder.record(parked=lifecycle.HELD_FOR_REVIEW, parked_at=time.time(), waits_for=reason)
         try:

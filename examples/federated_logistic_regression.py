@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from researcher import RegistryError, SettingsError, TaskFailed, TaskTimeout, connect  # noqa: E402
+from researcher import (ImageNotPinned, RegistryError, SettingsError, TaskFailed, TaskTimeout,  # noqa: E402
+                        connect, pin_to_digest)
 
 COVARIATES = ["age", "sex=female", "stage", "smoker"]  # name=value: 1 for that value, else 0
 OUTCOME = "outcome"
@@ -41,6 +42,7 @@ def fit_federated(registry, image, covariates=COVARIATES, outcome=OUTCOME, sites
     terms = ["intercept", *covariates]
     coefficients = np.zeros(len(terms))
     session_id = None
+    image = pin_to_digest(image)  # once: every round runs the same algorithm, whatever happens to its tag meanwhile
     show(f"{'round':>5} {'log-likelihood':>15} " + " ".join(f"{term:>11}" for term in terms)
          + f" {'max change':>11} {'seconds':>7}")
     for round_number in range(1, max_rounds + 1):
@@ -107,5 +109,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (SettingsError, RegistryError, TaskFailed, TaskTimeout) as error:
+    except (SettingsError, RegistryError, ImageNotPinned, TaskFailed, TaskTimeout) as error:
         sys.exit(f"error: {error}")

@@ -49,6 +49,8 @@ def test_federated_logistic_regression_equals_statsmodels_on_the_pooled_data(fed
 
     rounds = list(registry.tasks(session_id=fit.session_id))
     assert len(rounds) == fit.rounds and all(task["status"] == "completed" for task in rounds)
+    assert len({task["image"] for task in rounds}) == 1 and "@sha256:" in rounds[0]["image"], \
+        "every round runs the image its tag named when the fit began"
 
 
 def test_federated_summary_counts_and_means_equal_the_pooled_ones_exactly(federation, pooled_patients):

@@ -13,7 +13,7 @@ from client.officer_commands import Officer
 from client.site_config import load_site_config
 from master import lifecycle
 from scripts.federation import ROOT, LocalFederation
-from tests.images import engine_or_fail, output_files, pushed_test_image, run_log, run_of, wait_until
+from tests.images import algorithm_containers, engine_or_fail, output_files, pushed_test_image, run_log, run_of, wait_until
 
 REVIEWING, PLAIN = "hospital-a", "hospital-b"
 
@@ -78,6 +78,8 @@ def test_a_round_is_held_at_the_reviewing_site_until_released_and_each_site_tell
     held = run_at(federation, task, REVIEWING)
     assert held["reason"].startswith(f"held for review at {REVIEWING}")
     assert not_at_registry(federation, held, "output") and not_at_registry(federation, held, "log")
+    assert not algorithm_containers(REVIEWING, federation.folder / REVIEWING / "work"), \
+        "a held run's container waits with it, though what it left is packed"
 
     shown = []
     Officer(load_site_config(federation.sites[REVIEWING].config_path), out=shown.append).show_output(held["id"])
