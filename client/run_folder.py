@@ -14,6 +14,7 @@
                           /disk.img        the session's filesystem of fixed size
                           /last-used       touched whenever a run of the session starts or ends
     work_dir/sparql-queries/<run id>.jsonl every query of the run (sparql_gateway.py); kept
+    work_dir/spare-run/                    the next run's folder, made ahead (SpareRunFolder)
 
 state.json is replaced atomically after each step, so after a crash the runner
 knows how far each run got and carries on from there (runner.py); the folder is
@@ -28,6 +29,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -72,12 +74,15 @@ class RunFolder:
         return self.state.get("claim_key") or f"{self.run_id}:{self.claim.lease_id}"  # folders from before it
 
     @classmethod
-    def create(cls, runs_dir, claim):
-        """A new folder for a checked claim (client.claim.Claim)."""
+    def create(cls, runs_dir, claim, spare=None):
+        """A new folder for a checked claim (client.claim.Claim): the spare folder (SpareRunFolder) if one is
+        ready, else an empty one."""
         path = Path(runs_dir) / str(claim.id)
         # A folder left from an earlier claim of this run that the registry took back is stale.
         disk_limits.remove_folder(path)
-        path.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if spare is None or not spare.take(path):
+            path.mkdir()
         folder = cls(path, {"run": claim.as_dict(), "claim_key": secrets.token_hex(16)})
         folder.save()
         folder.claim = claim  # with the input it may carry, which state.json does not keep
@@ -152,6 +157,47 @@ class RunFolder:
         # state.json first: a folder without it is a left-over, whatever else could not be deleted.
         (self.path / STATE_FILE).unlink(missing_ok=True)
         disk_limits.remove_folder(self.path)
+
+
+class SpareRunFolder:
+    """A run folder made before its run is claimed, its filesystem (disk_limits) made and mounted: a claimed run
+    takes it by renaming it, and need not wait for mkfs and mount (two processes, ~15 ms) on its way to its
+    container. It is never given back: each run's filesystem is new, and holds nothing an earlier run wrote.
+
+        work_dir/spare-run/      /disk.img and /disk/, as in a run's folder; ready once it has this name
+        work_dir/spare-run.new/  while it is made
+    """
+
+    def __init__(self, path, size):
+        self.path, self.size = Path(path), size
+        self._making = self.path.with_name(self.path.name + ".new")
+        self._lock = threading.Lock()
+
+    def make(self):
+        """Make one unless one is ready. Raises disk_limits.DiskProblem (then runs make their own)."""
+        with self._lock:
+            if self.path.exists():
+                return
+            disk_limits.remove_folder(self._making)
+            self._making.mkdir(parents=True)
+            disk_limits.mount(self._making / disk_limits.IMAGE_NAME, self._making / "disk", self.size)
+            os.rename(self._making, self.path)
+
+    def take(self, destination):
+        """Move the ready one to destination (which must not exist); False if none is ready. A rename, and so
+        given to one run only."""
+        try:
+            os.rename(self.path, destination)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self):
+        """At the runner's start and stop: nothing is left mounted but runs' and sessions' filesystems. Raises
+        disk_limits.DiskProblem."""
+        with self._lock:
+            for path in (self._making, self.path):
+                disk_limits.remove_folder(path)
 
 
 def unfinished_runs(runs_dir):

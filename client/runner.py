@@ -41,7 +41,7 @@ from common.transport import plain_http_warning
 from client.registry_client import (RUNNER_VERSION, TRANSIENT_ERRORS, InputTooLarge, LeaseLost, Outage, RegistryRefused,
                                     TokenRefused, Unreachable, request_problem, sha256_of)
 from client.relay_pool import RelayPool
-from client.run_folder import RunFolder, parked_run, unfinished_runs
+from client.run_folder import RunFolder, SpareRunFolder, parked_run, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 from client.sparql_gateway import (CONNECTIONS_PER_RUN, ENDPOINT_IN_CONTAINER, SELF_TEST_SCRIPT, QueryLog, RunGateway,
                                    Upstream, endpoint_problem, query_log_path, read_query_log, summarize)
@@ -82,6 +82,7 @@ class SiteRunner:
         self.registry = registry
         self.runs_dir = config.work_dir / "runs"
         self.output_disk = None  # disk_limits.DiskSize of each run's filesystem; None: polled (disk_limits polling)
+        self.spare_folder = None  # the next run's folder, its filesystem made ahead (with output_disk only)
         self.sessions = SessionFolders(config.work_dir / "sessions", temp_size=None)
         self._sessions_asked_at = None  # when the registry was last asked which sessions are closed
         self.images = ImageSource(engine, config.image_import_folder, config.work_dir / "imported-images.json")
@@ -120,6 +121,7 @@ class SiteRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
         self.relays.remove_left_over()
+        self.make_spare_folder()
         if uses_gateway(self.config):
             self.parser.start()
             self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
@@ -131,6 +133,7 @@ class SiteRunner:
         finally:
             self.parser.close()
             self.relays.close()
+            self.remove_spare_folder()
 
     def size_disks(self):
         """The filesystems' sizes for the site's limits, found by making one of each (disk_limits.calibrate)."""
@@ -143,11 +146,30 @@ class SiteRunner:
         self.output_disk = disk_limits.calibrate(scratch, limits.max_output_bytes, limits.max_output_files)
         temp_disk = disk_limits.calibrate(scratch, limits.max_temp_bytes, limits.max_temp_files)
         self.sessions = SessionFolders(self.sessions.sessions_dir, temp_disk)
+        self.spare_folder = SpareRunFolder(self.config.work_dir / "spare-run", self.output_disk)
+        self.remove_spare_folder()  # one an earlier runner left was made for the limits it had
         for where, size in (("/output", self.output_disk), ("/temp", temp_disk)):
             log.info("%s: a filesystem of %d bytes per %s, for %d bytes in %d files (at most %d bytes over the limit "
                      "on this machine's disk)",
                      where, size.image_bytes, "run" if where == "/output" else "session", size.max_bytes,
                      size.max_files, size.overshoot_bytes)
+
+    def make_spare_folder(self):
+        """The next run's folder, made while no run waits for it (SpareRunFolder); without one, a run makes its own."""
+        if self.spare_folder is None or self.stopping.is_set():
+            return
+        try:
+            self.spare_folder.make()
+        except (disk_limits.DiskProblem, OSError) as error:
+            log.warning("the next run's filesystem could not be made ahead (%s); the run makes it", error)
+
+    def remove_spare_folder(self):
+        if self.spare_folder is None:
+            return
+        try:
+            self.spare_folder.remove()
+        except disk_limits.DiskProblem as error:
+            log.warning("the spare run folder could not be removed (%s); it is removed at the next start", error)
 
     def take_runs(self, once):
         """The main loop, until stopped (or one claim with once)."""
@@ -454,7 +476,7 @@ class SiteRunner:
                   or keys_for(run, self.config.researcher_keys)[1] or self.parked_already(run))
         if reason is None:
             try:
-                self.start_worker(RunFolder.create(self.runs_dir, run))
+                self.start_worker(RunFolder.create(self.runs_dir, run, self.spare_folder))
                 return
             except (disk_limits.DiskProblem, OSError) as error:
                 # A folder left from an earlier claim of this run that cannot be removed, say: not this loop's end.
@@ -927,6 +949,7 @@ class SiteRunner:
         except disk_limits.DiskProblem as error:
             log.warning("run %s: its filesystem could not be unmounted (%s); its folder is removed at the next start",
                         folder.run_id, error)
+        self.make_spare_folder()  # for the next run, now that this one is done
 
 
 @dataclass

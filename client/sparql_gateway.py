@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import socket
 import socketserver
 import sys
 import threading
@@ -213,9 +214,8 @@ class RunGateway:
                 os.chmod(SOCKET_NAME, 0o600, dir_fd=folder)
         finally:
             os.close(folder)
-        # A short poll interval: closing waits for the serving loop to notice, and a run's report waits for that.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name=f"gateway-{self.run_id}", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"gateway-{self.run_id}",
+                                        daemon=True)
         self._thread.start()
 
     def close(self):
@@ -225,7 +225,13 @@ class RunGateway:
         if server is None:
             return
         server.closing = True
-        server.shutdown()
+        # shutdown() waits until the serving loop sees its flag, which it looks at when its poll returns: shutting
+        # the listening socket down (no connection is accepted after it) makes the poll return at once, so a run's
+        # report does not wait for a poll interval.
+        stopping = threading.Thread(target=server.shutdown, name=f"gateway-{self.run_id}-stop")
+        stopping.start()
+        server.socket.shutdown(socket.SHUT_RDWR)
+        stopping.join()
         server.server_close()
         try:
             (self.socket_dir / SOCKET_NAME).unlink()

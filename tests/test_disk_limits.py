@@ -149,3 +149,20 @@ def test_a_closed_sessions_temp_is_unmounted_and_removed(federation, filler):
     assert disk_limits.mounted_under(folder) == []
     assert f"session {session_id}: removed its /temp (the researcher closed the session)" in federation.log_of(
         f"{FILESYSTEM_SITE}-runner")
+
+
+def test_the_next_runs_filesystem_is_made_ahead_and_none_is_left_when_the_runner_stops(federation, filler):
+    work = federation.sites[FILESYSTEM_SITE].config_path.parent / "work"
+    spare_disk = work / "spare-run" / "disk"
+    wait_until(lambda: os.path.ismount(spare_disk), "the next run's filesystem is made ahead")
+    (spare_disk / "made-before-the-run").touch()
+    run, wrote, _session_id = fill(federation, filler, FILESYSTEM_SITE, "/output", "many", at_most=3)
+    assert run["status"] == "completed" and wrote["files"] == 3, run
+    # The run took it, and a new one is made for the next (never the run's, given back); the polling site has none.
+    wait_until(lambda: os.path.ismount(spare_disk) and os.listdir(spare_disk) == [], "a new one is made after the run")
+    assert not (federation.sites[POLLING_SITE].config_path.parent / "work" / "spare-run").exists()
+    assert federation.stop_runner(FILESYSTEM_SITE) == 0
+    try:
+        assert not spare_disk.parent.exists() and str(spare_disk) not in disk_limits.mounted_under(work)
+    finally:
+        federation.start_runner(FILESYSTEM_SITE)

@@ -7,7 +7,7 @@ import pytest
 from client import disk_limits
 from client.claim import parse_claim
 from client.disk_limits import FULL_MARGIN_BYTES, MIB, STEP_BYTES, DiskSize, next_guess
-from client.run_folder import RunFolder
+from client.run_folder import RunFolder, SpareRunFolder
 from client.session_folders import SessionFolders, sessions_to_remove
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
@@ -86,10 +86,45 @@ def test_an_image_left_unmounted_by_a_reboot_is_mounted_again_with_its_files(tmp
     disk_limits.release(tmp_path / "temp")
 
 
+def claim_of_run(run_id):
+    return parse_claim({"id": run_id, "task_id": 5, "session_id": 3, "image": "127.0.0.1:5050/pht/x:1",
+                        "lease_id": "l", "lease_seconds": 30, "timeout_seconds": None, "recipients": []})
+
+
+@needs_root
+def test_a_spare_run_folder_goes_to_one_run_and_holds_nothing_an_earlier_run_wrote(tmp_path):
+    spare = SpareRunFolder(tmp_path / "spare-run", DiskSize(MIB, 10, 8 * MIB))
+    spare.make()
+    first = RunFolder.create(tmp_path / "runs", claim_of_run(7), spare)
+    assert disk_limits.mounted_under(tmp_path) == [str(first.disk)], "the spare's filesystem is the run's now"
+    (first.disk / "output").mkdir()
+    (first.disk / "output" / "row-level.csv").write_text("patient 1")
+    second = RunFolder.create(tmp_path / "runs", claim_of_run(8), spare)
+    assert [path.name for path in second.path.iterdir()] == ["state.json"], "none was ready: a folder of its own"
+    spare.make()
+    spare.make()  # one is ready: nothing happens
+    third = RunFolder.create(tmp_path / "runs", claim_of_run(9), spare)
+    assert os.listdir(third.disk) == [], "a new filesystem, not one given back"
+    assert not spare.path.exists()
+    spare.make()
+    spare.remove()
+    for folder in (first, second, third):
+        folder.remove()
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs"] and disk_limits.mounted_under(tmp_path) == []
+
+
+@needs_root
+def test_a_spare_run_folder_left_half_made_or_mounted_by_a_killed_runner_is_removed(tmp_path):
+    size = DiskSize(MIB, 10, 8 * MIB)
+    for left in ("spare-run", "spare-run.new"):
+        (tmp_path / left).mkdir()
+        disk_limits.mount(tmp_path / left / "disk.img", tmp_path / left / "disk", size)
+    SpareRunFolder(tmp_path / "spare-run", size).remove()
+    assert list(tmp_path.iterdir()) == [] and disk_limits.mounted_under(tmp_path) == []
+
+
 def test_a_run_begun_before_disk_limits_keeps_its_output_where_its_container_writes(tmp_path):
-    claim = parse_claim({"id": 7, "task_id": 5, "session_id": 3, "image": "127.0.0.1:5050/pht/x:1",
-                         "lease_id": "l", "lease_seconds": 30, "timeout_seconds": None, "recipients": []})
-    new = RunFolder.create(tmp_path / "runs", claim)
+    new = RunFolder.create(tmp_path / "runs", claim_of_run(7))
     assert new.output_dir == new.path / "disk" / "output" and not new.older_layout
     (new.path / "output").mkdir()  # as a runner from before disk limits left it
     older = RunFolder.load(new.path)
