@@ -10,6 +10,7 @@ run` (docker SDK) ROUNDS times, alone and N at once (as the N sites of a round r
 querying the same endpoint directly: host networking, the only way a bare container reaches loopback, and what
 the PHT did before the gateway. The image is pinned to its digest once, before the first round, as an iterative
 analysis does (README: every round runs the same image); a round is then a post, the sites' runs and the downloads.
+A first round, not counted, starts the session's relays. Bare runs and rounds take turns, half a second apart.
 Printed: the median wall time of a round, of the bare runs, and the ratios.
 Target (issue 18): the ratio to N bare runs at once <= 1.25. Needs scripts/setup.sh to have run.
 """
@@ -25,6 +26,7 @@ from researcher import pin_to_digest
 from scripts.federation import IMAGE_REGISTRY, LocalFederation  # noqa: E402
 
 IMAGE = f"{IMAGE_REGISTRY}/pht/patient-count:latest"
+SETTLE_SECONDS = 0.5
 
 
 def bare_docker_run(engine, sparql_endpoint):
@@ -47,25 +49,32 @@ def main():
     with LocalFederation(site_names=names, patients_per_site=100) as federation:
         researcher = federation.researcher()
         endpoint = next(iter(federation.sites.values())).sparql_endpoint
-        bare_docker_run(engine, endpoint)  # warm the page cache as the federation's first round does
-        bare = [bare_docker_run(engine, endpoint) for _ in range(args.rounds)]
-        side_by_side = []
+        image = pin_to_digest(IMAGE)
+        bare_docker_run(engine, endpoint)  # warm the page cache
+        task = researcher.submit(image, {"label": "warm-up"})  # each site's first run starts its session's relay
+        researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
+        session_id = task["session_id"]
+        rounds, bare, side_by_side = [], [], []
         with concurrent.futures.ThreadPoolExecutor(args.sites) as pool:
-            for _ in range(args.rounds):
+            # Interleaved, so that a machine busier for a while slows both alike; each after a pause in which
+            # what the one before left behind (the runners' clean-up, containers' removal) is done.
+            for number in range(args.rounds):
+                time.sleep(SETTLE_SECONDS)
+                bare.append(bare_docker_run(engine, endpoint))
+                time.sleep(SETTLE_SECONDS)
                 started = time.perf_counter()
                 list(pool.map(lambda _: bare_docker_run(engine, endpoint), range(args.sites)))
                 side_by_side.append(time.perf_counter() - started)
-        rounds, session_id, image = [], None, pin_to_digest(IMAGE)
-        for number in range(args.rounds):
-            started = time.perf_counter()
-            task = researcher.submit(image, {"label": f"round {number}"}, session_id=session_id)
-            session_id = task["session_id"]
-            researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
-            rounds.append(time.perf_counter() - started)
+                time.sleep(SETTLE_SECONDS)
+                started = time.perf_counter()
+                task = researcher.submit(image, {"label": f"round {number}"}, session_id=session_id)
+                researcher.wait_for_results(task["id"], timeout_seconds=120, progress=False)
+                rounds.append(time.perf_counter() - started)
 
     round_median, bare_median = statistics.median(rounds), statistics.median(bare)
     side_by_side_median = statistics.median(side_by_side)
     print(f"round overhead, {args.sites} sites, {args.rounds} rounds, image {IMAGE}")
+    print("  rounds:", " ".join(f"{seconds * 1000:.0f}" for seconds in rounds), "ms")
     print(f"  round (post -> all {args.sites} results downloaded): median {round_median * 1000:7.0f} ms, "
           f"max {max(rounds) * 1000:7.0f} ms")
     print(f"  bare docker run (one container):                median {bare_median * 1000:7.0f} ms, "

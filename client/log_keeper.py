@@ -88,10 +88,13 @@ class LogFollower:
         self._keeping = threading.Lock()  # a reader that outlived finish() must not feed while it writes
         self._thread = threading.Thread(target=self._read, name=f"log-{container.short_id}", daemon=True)
 
-    def start(self):
-        """Attach (call it before the container starts, so no byte comes before), then read on a thread."""
+    def start(self, just_created=False):
+        """Attach (call it before the container starts, so no byte comes before), then read on a thread.
+        just_created: the container was created a moment ago, and nothing has started it since; else its state is
+        asked first (attached to a container that has ended, the stream would never end)."""
         try:
-            self.container.reload()
+            if not just_created:
+                self.container.reload()
             if containers.has_not_ended(self.container):
                 self._stream = self.container.attach(stdout=True, stderr=True, stream=True, logs=True)
             else:  # it ended while the runner was not running: attached, the stream would never end

@@ -271,7 +271,7 @@ class SiteRunner:
                     self.clean_up(folder)
                     continue
                 decision = self.decision_on(folder, now)
-                if decision is not None and len(self._workers) < self.config.max_concurrent_runs:
+                if decision is not None and self.slots_taken() < self.config.max_concurrent_runs:
                     self.go_on_with(folder, *decision)
             except LeaseLost as error:
                 log.info("run %s: %s; its files are removed", folder.run_id, error)
@@ -457,11 +457,15 @@ class SiteRunner:
             log.info("online at %s, waiting for work", escaped(self.config.registry_url))
             self._said_online = True
 
+    def slots_taken(self):
+        """Worker slots (max_concurrent_runs) in use: by every worker but those only removing their run's folder."""
+        return sum(not worker.removing_folder for worker in list(self._workers.values()))
+
     def wait_for_free_slot(self, timeout=1):
         with self._workers_changed:
             self._workers_changed.wait_for(
-                lambda: len(self._workers) < self.config.max_concurrent_runs or self.stopping.is_set(), timeout)
-            return len(self._workers) < self.config.max_concurrent_runs and not self.stopping.is_set()
+                lambda: self.slots_taken() < self.config.max_concurrent_runs or self.stopping.is_set(), timeout)
+            return self.slots_taken() < self.config.max_concurrent_runs and not self.stopping.is_set()
 
     def take_on(self, run):
         log.info("run %s (task %s, session %s): image %s", run.id, run.task_id, run.session_id, run.image)
@@ -735,7 +739,8 @@ class SiteRunner:
         to find it (the runner restarted since it was created). The container is removed by clean_up, after the
         report: nothing of it is needed any more, and the researcher need not wait for its removal."""
         run, limits = folder.claim, self.config.container
-        if container is None:
+        found = container is None
+        if found:
             container = self.container_left_behind(folder)
             if container is None:
                 return
@@ -748,10 +753,11 @@ class SiteRunner:
             return
         if "started_at" not in folder.state:
             folder.record(started_at=time.time())
-        container_log = LogFollower(container, folder.log_file).start()
+        container_log = LogFollower(container, folder.log_file).start(just_created=not found)
         self.record("container_started", run.id, container=container.id, image=folder.state["image"],
                     digest=folder.state["digest"], relay=folder.state.get("relay_container_id"))
         containers.start(container)
+        self.make_spare_folder()  # for the next run, while this one's algorithm runs and the runner only waits
         timeout = timeout_for(run, limits)
         output_checked = [time.monotonic()]
 
@@ -932,6 +938,14 @@ class SiteRunner:
             log.warning("run %s: could not report the failure either (%s)", run.id, error)
         self.clean_up(folder)
 
+    def free_slot_of(self, run_id):
+        """See Worker.removing_folder; nothing for a run no worker carries (a parked one the main loop ends)."""
+        with self._workers_changed:
+            worker = self._workers.get(run_id)
+            if worker is not None:
+                worker.removing_folder = True
+                self._workers_changed.notify_all()
+
     def clean_up(self, folder):
         self.close_gateway(folder.run_id)
         if "container_id" in folder.state:
@@ -944,12 +958,12 @@ class SiteRunner:
                 self.relays.keep(folder.claim.session_id, relay_id, folder.gateway_dir)
             else:
                 containers.remove(self.engine, relay_id)
+        self.free_slot_of(folder.run_id)
         try:
             folder.remove()
         except disk_limits.DiskProblem as error:
             log.warning("run %s: its filesystem could not be unmounted (%s); its folder is removed at the next start",
                         folder.run_id, error)
-        self.make_spare_folder()  # for the next run, now that this one is done
 
 
 @dataclass
@@ -957,6 +971,10 @@ class Worker:
     session_id: int
     thread: threading.Thread
     heartbeat: "Heartbeat"
+    # Its run is over and its containers are gone (a kept relay back in the pool): the folder's removal (an unmount
+    # and a deletion) holds no slot, so the next claim need not wait for it. The worker is still known by its run
+    # id, so a claim of the same run waits for it (take_on).
+    removing_folder: bool = False
 
 
 class Heartbeat:
