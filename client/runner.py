@@ -695,6 +695,7 @@ class SiteRunner:
                 f"({self.config.approval_policy}) makes it wait for the IT officer ({waiting.reason}); it did not run: "
                 "post it again")})
             return False
+        self.let_go_while_waiting(folder)  # its filesystem, mounted with its folder (SpareRunFolder)
         self.registry.park(run.id, run.lease_id, lifecycle.AWAITING_APPROVAL, waiting.reason, digest)
         folder.record(parked=lifecycle.AWAITING_APPROVAL, parked_at=time.time(), waits_for=waiting.reason)
         raise RunParked(waiting.reason)
@@ -757,7 +758,6 @@ class SiteRunner:
         self.record("container_started", run.id, container=container.id, image=folder.state["image"],
                     digest=folder.state["digest"], relay=folder.state.get("relay_container_id"))
         containers.start(container)
-        self.make_spare_folder()  # for the next run, while this one's algorithm runs and the runner only waits
         timeout = timeout_for(run, limits)
         output_checked = [time.monotonic()]
 
@@ -845,15 +845,9 @@ class SiteRunner:
         run = folder.claim
         reason = (f"held for review at {self.config.site_name}: its output and log leave once the site's IT officer "
                   "has released them")
-        if "container_id" in state:
-            containers.remove(self.engine, state["container_id"])  # it ended: what it left is packed beside it
+        self.let_go_while_waiting(folder)  # what leaves is packed beside it
         self.registry.park(run.id, run.lease_id, lifecycle.HELD_FOR_REVIEW, reason)
         folder.record(parked=lifecycle.HELD_FOR_REVIEW, parked_at=time.time(), waits_for=reason)
-        try:
-            # What leaves is packed beside it: a wait of days need not hold a loop device and a mount.
-            disk_limits.release(folder.disk)
-        except disk_limits.DiskProblem as error:
-            log.warning("run %s: its filesystem stays mounted while it is held (%s)", run.id, error)
         self.record(lifecycle.HELD_FOR_REVIEW, run.id)
         raise RunParked(reason)
 
@@ -946,24 +940,43 @@ class SiteRunner:
                 worker.removing_folder = True
                 self._workers_changed.notify_all()
 
-    def clean_up(self, folder):
+    def let_go_while_waiting(self, folder):
+        """A run that waits for a person (approval, review) holds no container, relay, gateway or mount meanwhile,
+        however long that takes (its relay is not kept either): made again if it goes on."""
+        self.remove_containers(folder, keep_relay=False)
+        try:
+            disk_limits.release(folder.disk)
+        except disk_limits.DiskProblem as error:
+            log.warning("run %s: its filesystem stays mounted while it waits (%s)", folder.run_id, error)
+
+    def remove_containers(self, folder, keep_relay=True):
+        """Remove the run's container and close its gateway; its relay is kept for the session's next run (if
+        keep_relay), or removed. Forgotten first: a runner killed meanwhile removes at its start what no run
+        records."""
+        container_id = folder.state.pop("container_id", None)
+        relay_id = folder.state.pop("relay_container_id", None)
+        relay_ready = folder.state.pop("relay_ready", False)
+        folder.save()
         self.close_gateway(folder.run_id)
-        if "container_id" in folder.state:
-            containers.remove(self.engine, folder.state["container_id"])
-        relay_id = folder.state.get("relay_container_id")
+        if container_id:
+            containers.remove(self.engine, container_id)
         if relay_id:
             # Kept for the session's next run only now that nothing of this run is left in its namespace, only if it
             # was seen listening, and only while the session's /temp is here (a kept relay goes with it).
-            if folder.state.get("relay_ready") and self.sessions.holds(folder.claim.session_id):
+            if keep_relay and relay_ready and self.sessions.holds(folder.claim.session_id):
                 self.relays.keep(folder.claim.session_id, relay_id, folder.gateway_dir)
             else:
                 containers.remove(self.engine, relay_id)
+
+    def clean_up(self, folder):
+        self.remove_containers(folder)
         self.free_slot_of(folder.run_id)
         try:
             folder.remove()
         except disk_limits.DiskProblem as error:
             log.warning("run %s: its filesystem could not be unmounted (%s); its folder is removed at the next start",
                         folder.run_id, error)
+        self.make_spare_folder()  # for the next run; this worker holds no slot any more (free_slot_of)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import sys
 import docker
 import pytest
 
-from client import containers
+from client import containers, disk_limits
 from client.audit_log import entries_of_run
 from client.officer_commands import CommandFailed, Officer
 from client.site_config import load_site_config
@@ -71,6 +71,7 @@ def test_a_new_digest_waits_for_approval_without_holding_the_only_slot(federatio
     assert waiting["image_digest"] == digest
     assert digest in waiting["reason"] and "IT officer" in waiting["reason"]
     assert not site_containers(federation), "nothing runs while it waits"
+    assert not disk_limits.mounted_under(federation.folder / SITE / "work" / "runs"), "nor holds a filesystem"
 
     # Another image, approved beforehand: it runs in the one slot while the first still waits.
     other_image = pushed_test_image("contract-probe", VERSION="approval-other")
