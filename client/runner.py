@@ -225,9 +225,15 @@ class SiteRunner:
                          container.short_id, container.labels.get(containers.RUN_LABEL))
                 containers.remove(self.engine, container.id)
 
+    def runs_without_worker(self):
+        """unfinished_runs but those a worker has."""
+        with self._workers_changed:
+            busy = set(self._workers)
+        return unfinished_runs(self.runs_dir, busy)
+
     def carry_on_unfinished_runs(self):
-        for folder in unfinished_runs(self.runs_dir):
-            if folder.run_id not in self._workers and not folder.state.get("parked"):
+        for folder in self.runs_without_worker():
+            if not folder.state.get("parked"):
                 log.info("run %s: carrying on where it was (%s)", folder.run_id, progress_of(folder.state))
                 self.start_worker(folder)
 
@@ -255,8 +261,7 @@ class SiteRunner:
         them, as far as worker slots allow, or end them; and let go of those the researcher cancelled meanwhile
         (the registry is asked at most once per poll interval)."""
         now = time.time() if now is None else now
-        parked = [folder for folder in unfinished_runs(self.runs_dir)
-                  if folder.state.get("parked") and folder.run_id not in self._workers]
+        parked = [folder for folder in self.runs_without_worker() if folder.state.get("parked")]
         self._runs_parked = bool(parked)
         due = self._parked_asked_at is None or now - self._parked_asked_at >= self.config.poll_interval_seconds
         if parked and due:

@@ -7,7 +7,7 @@ import pytest
 from client import disk_limits
 from client.claim import parse_claim
 from client.disk_limits import FULL_MARGIN_BYTES, MIB, STEP_BYTES, DiskSize, next_guess
-from client.run_folder import RunFolder, SpareRunFolder
+from client.run_folder import RunFolder, SpareRunFolder, unfinished_runs
 from client.session_folders import SessionFolders, sessions_to_remove
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
@@ -139,3 +139,12 @@ def test_sizing_after_a_runner_killed_while_sizing_finds_its_way(tmp_path):
     disk_limits.mount(tmp_path / "check" / "disk.img", tmp_path / "check" / "mounted", left)  # as a kill left it
     assert disk_limits.calibrate(tmp_path / "check", MIB, 10).max_bytes == MIB
     assert disk_limits.mounted_under(tmp_path) == []
+
+
+def test_a_folder_a_worker_removes_is_left_to_it_by_the_look_for_left_overs(tmp_path):
+    runs = tmp_path / "runs"
+    going, left_over, unfinished = (RunFolder.create(runs, claim_of_run(run_id)) for run_id in (7, 8, 9))
+    for folder in (going, left_over):
+        (folder.path / "state.json").unlink()  # as removing a folder begins, and as a killed runner may leave it
+    assert [folder.run_id for folder in unfinished_runs(runs, busy={7})] == [9]
+    assert going.path.exists() and not left_over.path.exists()
