@@ -18,12 +18,14 @@ after a restart, no run records a kept relay, so it is removed as unrecorded (Si
 and its folder with the rest of relays/ (remove_left_over).
 """
 
+import collections
 import logging
 import os
 import secrets
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from client import containers
 log = logging.getLogger("pht.runner")
 
 KEEP_SECONDS = 15 * 60  # longer than the pause between two rounds of an analysis that is still going on
+RETURN_WAIT_SECONDS = 30  # a container's removal takes milliseconds; an engine that hangs longer is not waited for
 ENGINE_PROBLEMS = (docker.errors.DockerException, requests.RequestException)
 
 
@@ -47,21 +50,41 @@ class KeptRelay:
 
 
 class RelayPool:
-    def __init__(self, engine, folder, max_kept, clock=time.time):
+    def __init__(self, engine, folder, max_kept, clock=time.time, return_wait_seconds=RETURN_WAIT_SECONDS):
         """folder: where kept relays' socket folders wait, on the runs' filesystem (they move by renaming)."""
         self.engine, self.folder, self.max_kept, self._clock = engine, Path(folder), max_kept, clock
+        self.return_wait_seconds = return_wait_seconds
         self._kept = {}  # session id -> KeptRelay
         self._lock = threading.Lock()
+        self._returning = collections.Counter()  # session id -> its runs removing their containers (returning)
+        self._returned = threading.Condition(self._lock)
         self._closed = False  # the runner stops: a relay whose run ends now is removed, not kept
 
     def remove_left_over(self):
         """The socket folders an earlier runner kept (their relays were removed as unrecorded)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    @contextmanager
+    def returning(self, session_id):
+        """Around a run's removal of its container and keep (or removal) of its relay: a take for the session waits
+        for it meanwhile (at most return_wait_seconds), so that the session's next run can be claimed before the
+        removal is done and still joins the relay."""
+        with self._lock:
+            self._returning[session_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._returning[session_id] -= 1
+                if not self._returning[session_id]:
+                    del self._returning[session_id]
+                self._returned.notify_all()
+
     def take(self, session_id, socket_dir):
         """The container id of the relay kept for the session, once its socket folder is socket_dir (which must
         not exist, or be empty); None if none is kept, or it stopped meanwhile (the run starts a relay of its own)."""
         with self._lock:
+            self._returned.wait_for(lambda: not self._returning[session_id], self.return_wait_seconds)
             relay = self._kept.pop(session_id, None)
         if relay is None:
             return None

@@ -463,8 +463,8 @@ class SiteRunner:
             self._said_online = True
 
     def slots_taken(self):
-        """Worker slots (max_concurrent_runs) in use: by every worker but those only removing their run's folder."""
-        return sum(not worker.removing_folder for worker in list(self._workers.values()))
+        """Worker slots (max_concurrent_runs) in use: by every worker but those that only clean up (slot_freed)."""
+        return sum(not worker.slot_freed for worker in list(self._workers.values()))
 
     def wait_for_free_slot(self, timeout=1):
         with self._workers_changed:
@@ -938,11 +938,11 @@ class SiteRunner:
         self.clean_up(folder)
 
     def free_slot_of(self, run_id):
-        """See Worker.removing_folder; nothing for a run no worker carries (a parked one the main loop ends)."""
+        """See Worker.slot_freed; nothing for a run no worker carries (a parked one the main loop ends)."""
         with self._workers_changed:
             worker = self._workers.get(run_id)
-            if worker is not None:
-                worker.removing_folder = True
+            if worker is not None and not worker.slot_freed:
+                worker.slot_freed = True
                 self._workers_changed.notify_all()
 
     def let_go_while_waiting(self, folder):
@@ -974,7 +974,12 @@ class SiteRunner:
                 containers.remove(self.engine, relay_id)
 
     def clean_up(self, folder):
-        self.remove_containers(folder)
+        with self.relays.returning(folder.claim.session_id):
+            if "outcome" in folder.state:
+                # Its container has ended: the next claim need not wait for its removal, and a next run of the
+                # session waits for the relay (RelayPool.returning).
+                self.free_slot_of(folder.run_id)
+            self.remove_containers(folder)
         self.free_slot_of(folder.run_id)
         try:
             folder.remove()
@@ -989,10 +994,10 @@ class Worker:
     session_id: int
     thread: threading.Thread
     heartbeat: "Heartbeat"
-    # Its run is over and its containers are gone (a kept relay back in the pool): the folder's removal (an unmount
-    # and a deletion) holds no slot, so the next claim need not wait for it. The worker is still known by its run
-    # id, so a claim of the same run waits for it (take_on).
-    removing_folder: bool = False
+    # Its run is over, its container ended (or removed): what is left to do (the container's removal, the folder's)
+    # holds no slot, so the next claim need not wait for it. The worker is still known by its run id, so a claim of
+    # the same run waits for it (take_on).
+    slot_freed: bool = False
 
 
 class Heartbeat:

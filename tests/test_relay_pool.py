@@ -8,6 +8,7 @@ when the runner restarts, or is replaced when it died.
 
 import json
 import signal
+import threading
 
 import docker
 import pytest
@@ -150,6 +151,41 @@ def test_a_relay_that_is_not_running_is_not_handed_out(pool, tmp_path):
     assert relay_pool.take(1, tmp_path / "gateway") is None
     assert not exists(created_only)
     assert not (tmp_path / "gateway").exists()
+
+
+def test_a_take_waits_for_the_relay_its_session_is_returning(pool, tmp_path):
+    relay_pool, relay, _clock = pool
+    container_id, folder = relay()
+    docker.from_env().containers.get(container_id).start()  # a run's relay runs
+    inside, go = threading.Event(), threading.Event()
+
+    def returning_run():
+        with relay_pool.returning(1):
+            inside.set()
+            go.wait(30)
+            relay_pool.keep(1, container_id, folder)
+
+    returner = threading.Thread(target=returning_run)
+    returner.start()
+    inside.wait(30)
+    taken = []
+    taker = threading.Thread(target=lambda: taken.append(relay_pool.take(1, tmp_path / "gateway")))
+    taker.start()
+    taker.join(0.2)  # a take that does not wait has long returned (None: nothing is kept yet) by now
+    assert taker.is_alive(), f"the take did not wait for the relay on its way back: {taken}"
+    go.set()
+    returner.join(30)
+    taker.join(30)
+    assert taken == [container_id]
+
+
+def test_a_take_waits_no_longer_than_the_return_or_its_bound(tmp_path):
+    relay_pool = RelayPool(engine_or_fail(), tmp_path / "relays", max_kept=2, return_wait_seconds=0.3)
+    with relay_pool.returning(1):
+        pass  # its relay was removed, not kept
+    assert relay_pool.take(1, tmp_path / "gateway") is None
+    with relay_pool.returning(2):  # a removal that does not end (the engine hangs, say): the take gives up
+        assert relay_pool.take(2, tmp_path / "gateway") is None
 
 
 # --- a site's runs ---------------------------------------------------------------------------------------------
