@@ -190,6 +190,9 @@ class SpareRunFolder:
             os.rename(self.path, destination)
         except FileNotFoundError:
             return False
+        except OSError as error:  # runs/ on another filesystem than the work folder, say: the run makes its own
+            log.warning("the spare run folder %s could not be taken (%s); the run makes its own", self.path, error)
+            return False
         return True
 
     def remove(self):

@@ -114,6 +114,17 @@ def test_a_spare_run_folder_goes_to_one_run_and_holds_nothing_an_earlier_run_wro
 
 
 @needs_root
+def test_a_spare_run_folder_that_cannot_be_moved_is_no_run_s_failure(tmp_path):
+    spare = SpareRunFolder(tmp_path / "spare-run", DiskSize(MIB, 10, 8 * MIB))
+    spare.make()
+    (tmp_path / "taken" / "by something").mkdir(parents=True)
+    assert spare.take(tmp_path / "taken") is False  # the caller makes the run's folder itself
+    assert os.path.ismount(spare.path / "disk")
+    spare.remove()
+    assert disk_limits.mounted_under(tmp_path) == []
+
+
+@needs_root
 def test_a_spare_run_folder_left_half_made_or_mounted_by_a_killed_runner_is_removed(tmp_path):
     size = DiskSize(MIB, 10, 8 * MIB)
     for left in ("spare-run", "spare-run.new"):
