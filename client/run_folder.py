@@ -168,7 +168,8 @@ class SpareRunFolder:
         work_dir/spare-run.new/  while it is made
     """
 
-    def __init__(self, path, size):
+    def __init__(self, path, size=None):
+        """size: disk_limits.DiskSize of the filesystem make() makes (None: make() cannot be called)."""
         self.path, self.size = Path(path), size
         self._making = self.path.with_name(self.path.name + ".new")
         self._lock = threading.Lock()

@@ -82,7 +82,8 @@ class SiteRunner:
         self.registry = registry
         self.runs_dir = config.work_dir / "runs"
         self.output_disk = None  # disk_limits.DiskSize of each run's filesystem; None: polled (disk_limits polling)
-        self.spare_folder = None  # the next run's folder, its filesystem made ahead (with output_disk only)
+        # The next run's folder, its filesystem made ahead (with output_disk only; one left from before goes at start).
+        self.spare_folder = SpareRunFolder(config.work_dir / "spare-run")
         self.sessions = SessionFolders(config.work_dir / "sessions", temp_size=None)
         self._sessions_asked_at = None  # when the registry was last asked which sessions are closed
         self.images = ImageSource(engine, config.image_import_folder, config.work_dir / "imported-images.json")
@@ -121,14 +122,14 @@ class SiteRunner:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.remove_unrecorded_containers()
         self.relays.remove_left_over()
-        self.make_spare_folder()
-        if uses_gateway(self.config):
-            self.parser.start()
-            self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
-            self.note_sparql_problem(self.gateway_self_test())
-        else:
-            self.check_sparql_endpoint()
-        try:
+        try:  # whatever stops the runner from here leaves no spare filesystem mounted and no parser running
+            self.make_spare_folder()
+            if uses_gateway(self.config):
+                self.parser.start()
+                self._relay_image = containers.relay_image(self.engine, self.config.sparql_gateway.relay_base_image)
+                self.note_sparql_problem(self.gateway_self_test())
+            else:
+                self.check_sparql_endpoint()
             self.take_runs(once)
         finally:
             self.parser.close()
@@ -137,6 +138,7 @@ class SiteRunner:
 
     def size_disks(self):
         """The filesystems' sizes for the site's limits, found by making one of each (disk_limits.calibrate)."""
+        self.remove_spare_folder()  # one an earlier runner left was made for the limits it had, if it had any
         limits = self.config.container
         if limits.disk_limits != "filesystem":
             log.warning("container.disk_limits is polling: an algorithm's output is measured every %d s, so it can "
@@ -146,8 +148,7 @@ class SiteRunner:
         self.output_disk = disk_limits.calibrate(scratch, limits.max_output_bytes, limits.max_output_files)
         temp_disk = disk_limits.calibrate(scratch, limits.max_temp_bytes, limits.max_temp_files)
         self.sessions = SessionFolders(self.sessions.sessions_dir, temp_disk)
-        self.spare_folder = SpareRunFolder(self.config.work_dir / "spare-run", self.output_disk)
-        self.remove_spare_folder()  # one an earlier runner left was made for the limits it had
+        self.spare_folder.size = self.output_disk
         for where, size in (("/output", self.output_disk), ("/temp", temp_disk)):
             log.info("%s: a filesystem of %d bytes per %s, for %d bytes in %d files (at most %d bytes over the limit "
                      "on this machine's disk)",
@@ -156,7 +157,7 @@ class SiteRunner:
 
     def make_spare_folder(self):
         """The next run's folder, made while no run waits for it (SpareRunFolder); without one, a run makes its own."""
-        if self.spare_folder is None or self.stopping.is_set():
+        if self.spare_folder.size is None or self.stopping.is_set():  # None: disk_limits polling
             return
         try:
             self.spare_folder.make()
@@ -164,8 +165,6 @@ class SiteRunner:
             log.warning("the next run's filesystem could not be made ahead (%s); the run makes it", error)
 
     def remove_spare_folder(self):
-        if self.spare_folder is None:
-            return
         try:
             self.spare_folder.remove()
         except disk_limits.DiskProblem as error:
@@ -956,22 +955,24 @@ class SiteRunner:
 
     def remove_containers(self, folder, keep_relay=True):
         """Remove the run's container and close its gateway; its relay is kept for the session's next run (if
-        keep_relay), or removed. Forgotten first: a runner killed meanwhile removes at its start what no run
-        records."""
-        container_id = folder.state.pop("container_id", None)
-        relay_id = folder.state.pop("relay_container_id", None)
-        relay_ready = folder.state.pop("relay_ready", False)
-        folder.save()
+        keep_relay), or removed. Each is forgotten once it is gone: a removal that failed is tried again by the next
+        clean-up (give_up's), and what a runner killed meanwhile leaves is found by its id or removed at the start."""
         self.close_gateway(folder.run_id)
-        if container_id:
-            containers.remove(self.engine, container_id)
+        if "container_id" in folder.state:
+            containers.remove(self.engine, folder.state["container_id"])
+            del folder.state["container_id"]
+            folder.save()
+        relay_id = folder.state.get("relay_container_id")
         if relay_id:
             # Kept for the session's next run only now that nothing of this run is left in its namespace, only if it
             # was seen listening, and only while the session's /temp is here (a kept relay goes with it).
-            if keep_relay and relay_ready and self.sessions.holds(folder.claim.session_id):
+            if keep_relay and folder.state.get("relay_ready") and self.sessions.holds(folder.claim.session_id):
                 self.relays.keep(folder.claim.session_id, relay_id, folder.gateway_dir)
             else:
                 containers.remove(self.engine, relay_id)
+            for key in ("relay_container_id", "relay_ready"):
+                folder.state.pop(key, None)
+            folder.save()
 
     def clean_up(self, folder):
         with self.relays.returning(folder.claim.session_id):
