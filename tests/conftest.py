@@ -61,6 +61,11 @@ def postgres_url():
 
 def _drop_all_tables(url):
     engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        # An earlier test's registry may still answer a long-poll (a dashboard page's live wait, say) in a thread of
+        # its own, its connection reading these tables: the drop would deadlock with it. Its test is over.
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
     store.metadata.drop_all(engine)
     engine.dispose()
 
