@@ -4,6 +4,7 @@ connection yet."""
 import asyncio
 import importlib.util
 import socket
+import types
 
 import pytest
 
@@ -36,12 +37,20 @@ def full_gateway(path):
         queued.append(connection)
 
 
-def test_a_connection_waits_for_room_in_a_full_gateway_backlog_instead_of_being_dropped(relay):
+def test_a_connection_waits_for_room_in_a_full_gateway_backlog_instead_of_being_dropped(relay, monkeypatch):
     gateway, queued = full_gateway(relay.GATEWAY_SOCKET)
 
     async def scenario():
+        met_the_full_backlog = asyncio.Event()
+
+        async def pause(seconds):  # the relay's wait before it tries again, seen by the test
+            met_the_full_backlog.set()
+            await asyncio.sleep(seconds)
+
+        monkeypatch.setattr(relay, "asyncio", types.SimpleNamespace(
+            get_running_loop=asyncio.get_running_loop, sleep=pause, open_unix_connection=asyncio.open_unix_connection))
         connecting = asyncio.ensure_future(relay.connect_to_gateway())
-        await asyncio.sleep(0.05)  # its first try meets the full backlog
+        await asyncio.wait_for(met_the_full_backlog.wait(), 30)
         for connection in queued:  # the gateway takes what waited before it, and room is made
             gateway.accept()[0].close()
             connection.close()
